@@ -1,0 +1,227 @@
+# The printer's Polar Cloud identity: RSA key, serial number, state files
+#
+# Everything here does file I/O or crypto and therefore runs on the cloud
+# session's thread, never on klippy's reactor.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+KEY_FILE = "key.pem"
+IDENTITY_FILE = "identity.json"
+
+# RSA key generation holds the GIL for tens of milliseconds (seconds on a
+# Raspberry Pi), long enough to starve klippy's reactor: do it in a child.
+KEYGEN_SCRIPT = """
+import sys
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+sys.stdout.buffer.write(key.private_bytes(
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption()))
+"""
+
+
+class IdentityError(Exception):
+    """The state folder or its files cannot be used."""
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write atomically with mode 0600 from the first byte on."""
+    dirname = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(dirname, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_private_file(path, json.dumps(obj, indent=1, sort_keys=True)
+                       .encode("utf-8"))
+
+
+def read_json(path: str) -> Optional[Any]:
+    """None when the file does not exist; IdentityError when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise IdentityError("cannot read %s: %s" % (path, e.strerror)) from e
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise IdentityError("%s is corrupt (not JSON)" % (path,)) from e
+
+
+def ensure_state_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise IdentityError("cannot create state folder %s: %s"
+                            % (path, e.strerror)) from e
+
+
+def stable_mac() -> str:
+    node = uuid.getnode()
+    return ":".join("%02X" % ((node >> s) & 0xff)
+                    for s in range(40, -8, -8))
+
+
+@dataclass
+class Identity:
+    serial: str
+    mac: str
+    mfg_sn: str
+    server: str
+    key_fingerprint: str
+
+
+class IdentityStore:
+    """The files in state_path: key.pem (0600) and identity.json."""
+
+    def __init__(self, state_dir: str, mfg: str):
+        self.state_dir = state_dir
+        self.mfg = mfg
+        self.key_path = os.path.join(state_dir, KEY_FILE)
+        self.identity_path = os.path.join(state_dir, IDENTITY_FILE)
+        self._key = None
+    # Key handling
+    def load_key(self):
+        from cryptography.hazmat.primitives import serialization
+        try:
+            with open(self.key_path, "rb") as f:
+                pem = f.read(64 * 1024)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise IdentityError("cannot read the printer key %s: %s"
+                                % (self.key_path, e.strerror)) from e
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise IdentityError("the printer key %s is corrupt"
+                                % (self.key_path,)) from e
+        self._key = key
+        return key
+    def create_key(self):
+        from cryptography.hazmat.primitives import serialization
+        ensure_state_dir(self.state_dir)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", KEYGEN_SCRIPT], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=300,
+                check=True)
+            # PKCS#1 PEM: readable by every RSA library (protocol.md 11.15)
+            pem = proc.stdout
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            raise IdentityError("cannot generate the printer key: %s"
+                                % (e,)) from e
+        write_private_file(self.key_path, pem)
+        self._key = key
+        return key
+    def key(self):
+        if self._key is None:
+            self.load_key()
+        return self._key
+    def public_pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+        return self.key().public_key().public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.public_pem().encode("ascii")).hexdigest()
+    def sign(self, challenge: str) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        sig = self.key().sign(challenge.encode("utf-8"), padding.PKCS1v15(),
+                              hashes.SHA256())
+        return base64.b64encode(sig).decode("ascii")
+    # Identity file
+    def machine(self) -> dict:
+        """MAC and maker serial, persisted once so they never change."""
+        data = read_json(self.identity_path) or {}
+        mac = data.get("mac")
+        if not isinstance(mac, str) or len(mac) != 17:
+            mac = stable_mac()
+        mfg_sn = "%s-%s" % (self.mfg.upper(), mac.replace(":", ""))
+        return {"mac": mac, "mfg_sn": mfg_sn}
+    def load(self) -> Optional[Identity]:
+        """The registered identity, or None when unregistered."""
+        data = read_json(self.identity_path)
+        if not data or not data.get("serial"):
+            return None
+        if not isinstance(data, dict) or not isinstance(data["serial"], str):
+            raise IdentityError("%s is corrupt" % (self.identity_path,))
+        if self.load_key() is None:
+            raise IdentityError(
+                "the printer key %s is missing; delete the printer in Polar"
+                " Cloud and register again" % (self.key_path,))
+        fp = self.fingerprint()
+        if data.get("key_fingerprint") not in (None, fp):
+            raise IdentityError(
+                "the printer key does not match the registered identity;"
+                " delete the printer in Polar Cloud and register again")
+        machine = self.machine()
+        return Identity(serial=data["serial"], mac=machine["mac"],
+                        mfg_sn=machine["mfg_sn"],
+                        server=str(data.get("server", "")),
+                        key_fingerprint=fp)
+    def save(self, serial: str, server: str) -> Identity:
+        machine = self.machine()
+        fp = self.fingerprint()
+        write_json(self.identity_path, {
+            "serial": serial, "mac": machine["mac"], "server": server,
+            "key_fingerprint": fp})
+        return Identity(serial, machine["mac"], machine["mfg_sn"], server, fp)
+    def save_machine(self) -> None:
+        data = read_json(self.identity_path) or {}
+        if data.get("mac"):
+            return
+        ensure_state_dir(self.state_dir)
+        data.update(mac=self.machine()["mac"])
+        write_json(self.identity_path, data)
+    def wipe(self) -> None:
+        """Forget the registration and the key (after unregister/delete)."""
+        machine = self.machine()
+        self._key = None
+        for path in (self.key_path,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if os.path.isdir(self.state_dir):
+            write_json(self.identity_path, {"mac": machine["mac"]})

@@ -1,0 +1,97 @@
+# The [polar_cloud] options, read once from printer.cfg
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+DEFAULT_SERVER = "https://printer4.polar3d.com"
+MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_server_url(url: str) -> str:
+    """Return an error text for an unusable server_url, '' when fine."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an https:// URL"
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return "must not carry credentials, a query or a fragment"
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        return "must use https (http is only for a local test cloud)"
+    return ""
+
+
+def default_state_path(config_file: str) -> str:
+    # Beside the folder holding printer.cfg (~/printer_data/polar_cloud),
+    # which Moonraker does not serve.
+    config_dir = os.path.dirname(os.path.abspath(config_file))
+    return os.path.join(os.path.dirname(config_dir), "polar_cloud")
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+@dataclass(frozen=True)
+class Options:
+    server_url: str
+    state_path: str
+    manufacturer: str
+    printer_make: str
+    machine_type: str
+    status_interval: float
+    active_interval: float
+    verbose: bool
+
+
+def read_options(config) -> Options:
+    printer = config.get_printer()
+    error = config.error
+    server_url = config.get("server_url", DEFAULT_SERVER).strip().rstrip("/")
+    problem = check_server_url(server_url)
+    if problem:
+        raise error("Option 'server_url' in section 'polar_cloud' %s"
+                    % (problem,))
+    config_file = printer.get_start_args().get("config_file", "printer.cfg")
+    state_path = config.get("state_path", None)
+    if state_path is None:
+        state_path = default_state_path(config_file)
+    state_path = os.path.normpath(os.path.expanduser(state_path))
+    if _inside(state_path, os.path.dirname(os.path.abspath(config_file))):
+        raise error("Option 'state_path' in section 'polar_cloud' must not be"
+                    " inside the printer config folder (it is served to the"
+                    " network by Moonraker)")
+    manufacturer = config.get("manufacturer", "kl").strip()
+    if not re.match(r"^[A-Za-z]{1,16}$", manufacturer):
+        raise error("Option 'manufacturer' in section 'polar_cloud' must be"
+                    " a Polar manufacturer code such as 'kl'")
+    printer_make = config.get("printer_make", "Cartesian").strip()
+    if not re.match(r"^[\w .+()/-]{1,64}$", printer_make):
+        raise error("Option 'printer_make' in section 'polar_cloud' must be"
+                    " a printer model name of up to 64 plain characters")
+    machine_type = config.getchoice("machine_type", MACHINE_TYPES,
+                                    "cartesian")
+    status_interval = config.getfloat("status_interval", 60., minval=10.,
+                                      maxval=3600.)
+    verbose = config.getboolean("verbose", False)
+    return Options(server_url=server_url, state_path=state_path,
+                   manufacturer=manufacturer, printer_make=printer_make,
+                   machine_type=machine_type, status_interval=status_interval,
+                   active_interval=10., verbose=verbose)

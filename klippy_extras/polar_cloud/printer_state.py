@@ -1,0 +1,80 @@
+# Reading printer state from Klipper objects, on the reactor thread only
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+
+def heater_key(name: str) -> Optional[str]:
+    """Cloud field name for a Klipper heater object, if it has one."""
+    if name == "extruder":
+        return "tool0"
+    if name.startswith("extruder") and name[8:].isdigit():
+        return "tool%d" % (int(name[8:]),)
+    if name == "heater_bed":
+        return "bed"
+    if name.split()[-1] == "chamber" or name == "heater_chamber":
+        return "chamber"
+    return None
+
+
+class PrinterSampler:
+    """Builds a small, JSON-safe snapshot of the printer for the cloud."""
+
+    def __init__(self, printer):
+        self.printer = printer
+        self.print_stats = None
+        self.sdcard = None
+        self.heaters: dict[str, object] = {}
+        self.last_key = None
+    def find_objects(self) -> None:
+        lookup = self.printer.lookup_object
+        self.print_stats = lookup("print_stats", None)
+        self.sdcard = lookup("virtual_sdcard", None)
+        heaters = {}
+        pheaters = lookup("heaters", None)
+        names = []
+        if pheaters is not None:
+            status = pheaters.get_status(0.)
+            names = list(status.get("available_heaters", []))
+            # A plain chamber sensor reports a temperature without a target
+            names += [n for n in status.get("available_sensors", [])
+                      if heater_key(n) == "chamber"]
+        for name in names:
+            key = heater_key(name)
+            obj = lookup(name, None)
+            if key is not None and key not in heaters and obj is not None:
+                heaters[key] = obj
+        self.heaters = heaters
+    def sample(self, eventtime: float) -> tuple[dict, bool]:
+        """Return (snapshot, changed since the last sample)."""
+        message, category = self.printer.get_state_message()
+        snap = {"klippy_state": category, "wall_time": time.time(),
+                "state_message": message.strip().split("\n")[0][:200]
+                if category in ("shutdown", "error") else ""}
+        if self.print_stats is not None:
+            ps = self.print_stats.get_status(eventtime)
+            snap.update(print_state=ps["state"], filename=ps["filename"],
+                        print_duration=ps["print_duration"],
+                        total_duration=ps["total_duration"],
+                        filament_used=ps["filament_used"],
+                        print_message=ps["message"])
+        if self.sdcard is not None:
+            sd = self.sdcard.get_status(eventtime)
+            snap.update(progress=sd["progress"], is_active=sd["is_active"],
+                        file_position=sd["file_position"],
+                        file_size=sd["file_size"],
+                        file_path=sd["file_path"] or "")
+        heaters = {}
+        for key, heater in self.heaters.items():
+            hs = heater.get_status(eventtime)
+            heaters[key] = (hs.get("temperature", 0.), hs.get("target", 0.))
+        snap["heaters"] = heaters
+        key = (category, snap.get("print_state"), snap.get("filename"),
+               snap.get("is_active"),
+               tuple(round(t[1], 1) for t in heaters.values()))
+        changed = key != self.last_key
+        self.last_key = key
+        return snap, changed

@@ -1,0 +1,622 @@
+# The cloud session: one supervisor thread owns the Socket.IO connection
+#
+# Socket.IO handlers only enqueue; this thread handles every event in
+# order, owns every state transition, and is the only one that emits.
+# Klipper is reached only through the bridge (reactor async callbacks).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+import time
+import urllib.parse
+from typing import Any, Callable, Optional
+
+from . import protocol
+from .backoff import Backoff
+from .identity import Identity, IdentityError, IdentityStore
+
+WELCOME_TIMEOUT = 15.
+REPLY_TIMEOUT = 30.
+CONNECT_TIMEOUT = 20.
+STABLE_AFTER = 60.
+LIVENESS_TIMEOUT = 90.
+VERSION_INTERVAL = 24 * 3600.
+AUTH_RETRY_DELAY = 30 * 60.
+MAX_NETWORK_QUEUE = 256
+
+# Session states, as shown by POLAR_STATUS and printer.polar_cloud.state
+DISABLED = "disabled"
+UNREGISTERED = "unregistered"
+CONNECTING = "connecting"
+REGISTERING = "registering"
+AUTHENTICATING = "authenticating"
+ONLINE = "online"
+BACKOFF = "backoff"
+AUTH_FAILED = "auth_failed"
+STOPPED = "stopped"
+
+# Events the cloud may send; anything else is logged once and dropped
+CLOUD_EVENTS = {
+    "welcome", "registerResponse", "helloResponse", "unregisterResponse",
+    "getUrlResponse", "capabilitiesResponse", "print", "pause", "resume",
+    "cancel", "delete", "temperature", "command", "customCommand",
+    "jogPrinter", "connectPrinter", "update", "sendNextPrintResponse",
+    "getQueueResponse", "keyPair",
+}
+
+log = logging.getLogger("polar_cloud")
+
+
+class RateLimitedLog:
+    """One line per distinct message per period; repeats are counted."""
+
+    def __init__(self, period: float = 600.):
+        self.period = period
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = collections.Counter()
+    def __call__(self, key: str, msg: str, *args, level=logging.INFO):
+        now = time.monotonic()
+        last = self.last.get(key)
+        if last is not None and now - last < self.period:
+            self.suppressed[key] += 1
+            return
+        self.last[key] = now
+        count = self.suppressed.pop(key, 0)
+        if count:
+            msg += " (%d similar suppressed)" % (count,)
+        log.log(level, "polar_cloud: " + msg, *args)
+
+
+class Inbox:
+    """Events for the supervisor: network events bounded, local ones not."""
+
+    def __init__(self, limit: int = MAX_NETWORK_QUEUE):
+        self.cond = threading.Condition()
+        self.network: collections.deque = collections.deque()
+        self.local: collections.deque = collections.deque()
+        self.limit = limit
+        self.dropped = 0
+    def put_network(self, name: str, data: Any) -> None:
+        with self.cond:
+            if len(self.network) >= self.limit:
+                self.dropped += 1
+                return
+            self.network.append((name, data))
+            self.cond.notify()
+    def put_local(self, name: str, data: Any = None) -> None:
+        with self.cond:
+            self.local.append((name, data))
+            self.cond.notify()
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+    def get(self, timeout: float):
+        with self.cond:
+            if not self.local and not self.network and timeout > 0.:
+                self.cond.wait(timeout)
+            if self.local:
+                return self.local.popleft()
+            if self.network:
+                return self.network.popleft()
+            return None
+
+
+def make_client(inbox: Inbox, options_verify, request_timeout: float):
+    """A python-socketio client whose events all land in the inbox."""
+    import engineio
+    import requests
+    import socketio
+
+    class OrderedEngineIO(engineio.Client):
+        # Deliver messages on the read thread, in order, instead of one new
+        # thread per message; handlers only enqueue.  Also note when the
+        # server last said anything (pings included) for the liveness guard.
+        last_rx = 0.
+        def _receive_packet(self, pkt):
+            self.last_rx = time.monotonic()
+            if pkt.packet_type == engineio.packet.MESSAGE:
+                self._trigger_event("message", pkt.data, run_async=False)
+                return
+            super()._receive_packet(pkt)
+
+    class Client(socketio.Client):
+        def _engineio_client_class(self):
+            return OrderedEngineIO
+
+    http = requests.Session()
+    http.verify = options_verify
+    sio = Client(reconnection=False, handle_sigint=False, logger=False,
+                 engineio_logger=False, request_timeout=request_timeout,
+                 http_session=http, ssl_verify=True)
+
+    def on_any(event, *args):
+        inbox.put_network(event, args[0] if args else None)
+    sio.on("*", on_any)
+    sio.on("disconnect", lambda *a: inbox.put_network("_disconnect", None))
+    return sio
+
+
+class CloudSession:
+    def __init__(self, options, bridge, version: str,
+                 client_factory: Optional[Callable] = None,
+                 backoff: Optional[Backoff] = None):
+        self.options = options
+        self.bridge = bridge
+        self.version = version
+        self.store = IdentityStore(options.state_path, options.manufacturer)
+        self.client_factory = client_factory or make_client
+        self.backoff = backoff or Backoff()
+        self.inbox = Inbox()
+        self.stop_event = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.rlog = RateLimitedLog()
+        # Supervisor-thread state
+        self.sio = None
+        self.identity: Optional[Identity] = None
+        self.state = STOPPED
+        self.deadline = 0.
+        self.retry_at = 0.
+        self.challenge = ""
+        self.pending_register: Optional[tuple[str, str]] = None
+        self.pending_unregister = False
+        self.connected_at = 0.
+        self.online_at = 0.
+        self.last_error = ""
+        self.last_status: Optional[dict] = None
+        self.last_status_key = None
+        self.last_status_time = 0.
+        self.version_sent_at = 0.
+        self.local_ip = "127.0.0.1"
+        self.status_count = 0
+        self.snapshot_lock = threading.Lock()
+        self.snapshot: Optional[dict] = None
+        self.public = self._public_view()
+        self.missing: list[str] = []
+    # Thread-safe entry points (called from the reactor)
+    def start(self, missing: list[str]) -> None:
+        self.missing = missing
+        self.thread = threading.Thread(target=self._run, name="polar_cloud",
+                                       daemon=True)
+        self.thread.start()
+    def stop(self, timeout: float = 2.) -> None:
+        self.stop_event.set()
+        self.inbox.wake()
+        sio = self.sio
+        if sio is not None:
+            try:
+                sio.disconnect()
+            except Exception:
+                pass
+        if self.thread is not None:
+            self.thread.join(timeout)
+    def post_snapshot(self, snap: dict, changed: bool) -> None:
+        with self.snapshot_lock:
+            self.snapshot = snap
+        if changed:
+            self.inbox.wake()
+    def register(self, email: str, pin: str) -> None:
+        self.inbox.put_local("register", (email, pin))
+    def unregister(self, force: bool) -> None:
+        self.inbox.put_local("unregister", force)
+    # The supervisor
+    def _run(self) -> None:
+        try:
+            self._startup()
+        except Exception:
+            log.exception("polar_cloud: start-up failed")
+            self._set_state(DISABLED, "internal error at start-up; see log")
+            return
+        while not self.stop_event.is_set():
+            try:
+                item = self.inbox.get(self._wait_time())
+                if self.stop_event.is_set():
+                    break
+                if item is not None:
+                    self._dispatch(*item)
+                self._tick(time.monotonic())
+            except Exception:
+                log.exception("polar_cloud: session error")
+                self._drop_connection("internal error")
+                self._schedule_retry("internal error; see klippy.log")
+        self._drop_connection("stopped")
+        self.state = STOPPED
+    def _startup(self) -> None:
+        if self.missing:
+            self._set_state(DISABLED, "missing Python packages: %s (run"
+                            " install.sh)" % (", ".join(self.missing),))
+            return
+        try:
+            self.identity = self.store.load()
+        except IdentityError as e:
+            self.identity = None
+            self._set_state(AUTH_FAILED, str(e))
+            self.bridge.console("Polar Cloud: %s" % (e,), error=True)
+            return
+        if self.identity is None:
+            self._set_state(UNREGISTERED, "")
+            return
+        self._connect()
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        waits = [1.]
+        if self.state in (CONNECTING, REGISTERING, AUTHENTICATING):
+            waits.append(self.deadline - now)
+        elif self.state == BACKOFF:
+            waits.append(self.retry_at - now)
+        return max(0., min(waits))
+    def _tick(self, now: float) -> None:
+        state = self.state
+        if state in (CONNECTING, REGISTERING, AUTHENTICATING) \
+                and now >= self.deadline:
+            what = {CONNECTING: "no welcome from Polar Cloud",
+                    REGISTERING: "no reply to the registration",
+                    AUTHENTICATING: "no reply to hello"}[state]
+            self._fail(what)
+        elif state == BACKOFF and now >= self.retry_at:
+            self._connect()
+        elif state == ONLINE:
+            self._check_link(now)
+            if self.state == ONLINE:
+                self._online_work(now)
+    def _check_link(self, now: float) -> None:
+        sio = self.sio
+        if sio is None or not sio.connected:
+            self._fail("connection lost")
+            return
+        last_rx = getattr(sio.eio, "last_rx", 0.)
+        if last_rx and now - last_rx > LIVENESS_TIMEOUT:
+            self._fail("no traffic from Polar Cloud for %d s"
+                       % (LIVENESS_TIMEOUT,))
+            return
+        if self.online_at and now - self.online_at > STABLE_AFTER:
+            self.backoff.reset()
+    # Connection management
+    def _connect(self) -> None:
+        if self.stop_event.is_set():
+            return
+        self._drop_connection("reconnect")
+        self._set_state(CONNECTING, self.last_error)
+        self.challenge = ""
+        sio = self.client_factory(self.inbox, True, CONNECT_TIMEOUT)
+        self.sio = sio
+        try:
+            sio.connect(self.options.server_url, transports=["websocket"],
+                        wait_timeout=10)
+        except Exception as e:
+            self.sio = None
+            self._close(sio)
+            self._schedule_retry(self._connect_error_text(e))
+            return
+        if self.stop_event.is_set():
+            self._drop_connection("stopped")
+            return
+        self.connected_at = time.monotonic()
+        self.deadline = self.connected_at + WELCOME_TIMEOUT
+        self.local_ip = self._find_local_ip()
+        self.rlog("connected", "connected to %s", self.options.server_url)
+    def _connect_error_text(self, exc: Exception) -> str:
+        text = str(exc) or exc.__class__.__name__
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and "CERTIFICATE_VERIFY_FAILED" in str(cause):
+            return "TLS verification failed: %s" % (cause,)
+        return "cannot connect to %s: %s" % (self.options.server_url, text)
+    def _find_local_ip(self) -> str:
+        host = urllib.parse.urlsplit(self.options.server_url).hostname
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host or "127.0.0.1", 443))
+                return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+    def _close(self, sio) -> None:
+        try:
+            sio.disconnect()
+        except Exception:
+            pass
+    def _drop_connection(self, why: str) -> None:
+        sio, self.sio = self.sio, None
+        if sio is not None:
+            self._close(sio)
+        self.online_at = 0.
+    def _fail(self, why: str) -> None:
+        """A connection attempt or live session ended; retry later."""
+        was_online = self.state == ONLINE
+        self._drop_connection(why)
+        if self.pending_register is not None:
+            self._finish_register(False, "registration failed: %s" % (why,))
+            return
+        if was_online:
+            self.bridge.console("Polar Cloud: connection lost (%s);"
+                                " reconnecting" % (why,), log=False)
+        self._schedule_retry(why)
+    def _schedule_retry(self, why: str) -> None:
+        if self.identity is None:
+            self._set_state(UNREGISTERED, why)
+            return
+        delay = self.backoff.next_delay()
+        self.retry_at = time.monotonic() + delay
+        self._set_state(BACKOFF, why)
+        self.rlog("retry:" + why[:40], "%s; retry in %.0f s", why, delay,
+                  level=logging.WARNING)
+    def _emit(self, event: str, data: dict) -> bool:
+        sio = self.sio
+        if sio is None:
+            return False
+        try:
+            sio.emit(event, data)
+        except Exception as e:
+            self.rlog("emit", "emit %s failed: %s", event, e,
+                      level=logging.WARNING)
+            return False
+        if self.options.verbose and event not in ("status",):
+            log.info("polar_cloud: sent %s", event)
+        return True
+    # Event dispatch
+    def _dispatch(self, name: str, data: Any) -> None:
+        if name == "register":
+            self._start_register(*data)
+        elif name == "unregister":
+            self._start_unregister(bool(data))
+        elif name == "_disconnect":
+            if self.sio is not None and not self.sio.connected:
+                self._fail("disconnected by Polar Cloud")
+        elif name in CLOUD_EVENTS:
+            if self.options.verbose:
+                log.info("polar_cloud: received %s", name)
+            handler = getattr(self, "_on_" + name, None)
+            if handler is None:
+                self.rlog("ignored:" + name, "ignoring '%s' from the cloud"
+                          " (not supported)", name)
+                return
+            try:
+                handler(data)
+            except protocol.ProtocolError as e:
+                self.rlog("bad:" + name, "dropped malformed '%s': %s",
+                          name, e, level=logging.WARNING)
+        else:
+            self.rlog("unknown:" + str(name)[:32],
+                      "ignoring unknown event from the cloud: %.32r", name,
+                      level=logging.WARNING)
+    def _on_welcome(self, data: Any) -> None:
+        if self.state != CONNECTING:
+            return
+        self.challenge = protocol.parse_welcome(data)
+        if self.pending_register is not None:
+            self._send_register()
+        elif self.identity is not None:
+            self._send_hello()
+        else:
+            self._drop_connection("unregistered")
+            self._set_state(UNREGISTERED, "")
+    # Registration
+    def _start_register(self, email: str, pin: str) -> None:
+        if self.state == DISABLED:
+            return
+        self.pending_register = (email, pin)
+        self.identity = None
+        self.backoff.reset()
+        self.bridge.console("Polar Cloud: preparing the printer key...",
+                            log=False)
+        try:
+            if self.store.load_key() is None:
+                self.store.create_key()
+            self.store.save_machine()
+        except IdentityError as e:
+            self._finish_register(False, str(e))
+            return
+        self._connect()
+        if self.state == BACKOFF or self.sio is None:
+            self._finish_register(False, self.last_error)
+    def _send_register(self) -> None:
+        email, pin = self.pending_register
+        machine = self.store.machine()
+        msg = protocol.build_register(
+            self.options.manufacturer, email, pin, self.store.public_pem(),
+            machine["mfg_sn"], machine["mac"],
+            self.options.machine_type, self.options.printer_make)
+        self._set_state(REGISTERING, "")
+        self.deadline = time.monotonic() + REPLY_TIMEOUT
+        # The PIN leaves memory with this message
+        self.pending_register = ("", "")
+        self._emit("register", msg)
+    def _on_registerResponse(self, data: Any) -> None:
+        if self.state != REGISTERING:
+            return
+        result = protocol.parse_register_response(data)
+        if not result.ok:
+            if result.reason in ("NO_SERIAL", "MALFORMED"):
+                log.warning("polar_cloud: unexpected registerResponse shape"
+                            " (%s)", sorted(data) if isinstance(data, dict)
+                            else type(data).__name__)
+            self._drop_connection("registration failed")
+            self._finish_register(False, result.message)
+            return
+        try:
+            self.identity = self.store.save(result.serial,
+                                            self.options.server_url)
+        except (IdentityError, OSError) as e:
+            self._drop_connection("registration failed")
+            self._finish_register(False, "cannot save the identity: %s" % e)
+            return
+        self._finish_register(True, result.serial)
+        # The protocol wants a fresh connection for the hello
+        self._connect()
+    def _finish_register(self, ok: bool, detail: str) -> None:
+        self.pending_register = None
+        if ok:
+            self.last_error = ""
+            self.bridge.console("Polar Cloud: registered, serial number %s;"
+                                " connecting" % (detail,))
+            log.info("polar_cloud: registered as %s", detail)
+            return
+        self._drop_connection("registration failed")
+        self.identity = None
+        self._set_state(UNREGISTERED, detail)
+        self.bridge.console("Polar Cloud registration failed: %s" % (detail,),
+                            error=True)
+        log.warning("polar_cloud: registration failed: %s", detail)
+    def _start_unregister(self, force: bool) -> None:
+        if self.identity is None:
+            self.bridge.console("Polar Cloud: this printer is not registered")
+            return
+        if self.state != ONLINE:
+            if not force:
+                self.bridge.console(
+                    "Polar Cloud is not reachable, so the printer stays"
+                    " registered. POLAR_UNREGISTER FORCE=1 forgets it on this"
+                    " printer only (then delete it on polar3d.com).",
+                    error=True)
+                return
+            self._forget("unregistered on this printer only")
+            return
+        self.pending_unregister = True
+        self._emit("unregister", {"serialNumber": self.identity.serial})
+        self.deadline = time.monotonic() + REPLY_TIMEOUT
+    def _on_unregisterResponse(self, data: Any) -> None:
+        if not self.pending_unregister:
+            return
+        self.pending_unregister = False
+        ok, message = protocol.parse_status_reply(data, "unregisterResponse")
+        if not ok:
+            self.bridge.console("Polar Cloud refused to unregister: %s"
+                                % (message or "no reason given"), error=True)
+            return
+        self._forget("unregistered")
+    def _forget(self, why: str) -> None:
+        serial = self.identity.serial if self.identity else "?"
+        try:
+            self.store.wipe()
+        except (IdentityError, OSError) as e:
+            log.warning("polar_cloud: cannot wipe identity: %s", e)
+        self.identity = None
+        self._drop_connection(why)
+        self._set_state(UNREGISTERED, "")
+        self.bridge.console("Polar Cloud: printer %s %s" % (serial, why))
+        log.info("polar_cloud: printer %s %s", serial, why)
+    # Authentication
+    def _send_hello(self) -> None:
+        ident = self.identity
+        msg = protocol.build_hello(
+            ident.serial, self.store.sign(self.challenge), ident.mac,
+            ident.mfg_sn, self.options.printer_make, self.version,
+            self.local_ip, protocol.CameraHints())
+        self._set_state(AUTHENTICATING, self.last_error)
+        self.deadline = time.monotonic() + REPLY_TIMEOUT
+        self._emit("hello", msg)
+    def _on_helloResponse(self, data: Any) -> None:
+        if self.state != AUTHENTICATING:
+            return
+        status, message = protocol.parse_hello_response(data)
+        if status == "SUCCESS":
+            self.online_at = time.monotonic()
+            self.last_status_key = None
+            self._set_state(ONLINE, "")
+            log.info("polar_cloud: online as %s", self.identity.serial)
+            self.bridge.console("Polar Cloud: online as %s"
+                                % (self.identity.serial,), log=False)
+            self._send_version(self.online_at)
+            return
+        if status == "DELETED":
+            self._forget("was deleted in Polar Cloud; register it again"
+                         " with POLAR_REGISTER")
+            self.last_error = "printer deleted in Polar Cloud"
+            self._publish()
+            return
+        # A rejected hello rarely clears by itself: retry after a long pause
+        self._drop_connection("hello rejected")
+        self.retry_at = time.monotonic() + AUTH_RETRY_DELAY
+        self._set_state(AUTH_FAILED, "Polar Cloud rejected the printer: %s"
+                        % (message,))
+        self.bridge.console("Polar Cloud rejected the printer: %s" % (message,),
+                            error=True)
+    def _on_delete(self, data: Any) -> None:
+        if isinstance(data, dict):
+            protocol.check_serial(data, self.identity and self.identity.serial,
+                                  "delete")
+        self._forget("was deleted in Polar Cloud; register it again with"
+                     " POLAR_REGISTER")
+        self.last_error = "printer deleted in Polar Cloud"
+        self._publish()
+    # Online work: status and version reports
+    def _online_work(self, now: float) -> None:
+        if self.pending_unregister and now >= self.deadline:
+            self.pending_unregister = False
+            self.bridge.console("Polar Cloud did not answer the unregister"
+                                " request; the printer stays registered",
+                                error=True)
+        if now - self.version_sent_at > VERSION_INTERVAL:
+            self._send_version(now)
+        self._maybe_send_status(now)
+    def _send_version(self, now: float) -> None:
+        self.version_sent_at = now
+        self._emit("setVersion", {"serialNumber": self.identity.serial,
+                                  "runningVersion": self.version})
+    def _status_message(self) -> Optional[dict]:
+        with self.snapshot_lock:
+            snap = self.snapshot
+        if snap is None:
+            return None
+        code = protocol.status_code(snap, None)
+        job_id = protocol.NO_JOB_ID
+        if code in (protocol.SERIAL, protocol.PAUSED):
+            job_id = protocol.LOCAL_JOB_ID
+        return protocol.build_status(self.identity.serial, snap, code, job_id,
+                                     error_text=snap.get("state_message", ""))
+    def _maybe_send_status(self, now: float) -> None:
+        msg = self._status_message()
+        if msg is None:
+            return
+        targets = tuple(v for k, v in sorted(msg.items())
+                        if k.startswith("target"))
+        key = (msg["status"], msg["jobId"], targets)
+        active = msg["status"] not in (protocol.IDLE, protocol.OFFLINE,
+                                       protocol.ERROR) or any(targets)
+        interval = (self.options.active_interval if active
+                    else self.options.status_interval)
+        if key == self.last_status_key and now - self.last_status_time \
+                < interval:
+            return
+        if self._emit("status", msg):
+            self.status_count += 1
+            self.last_status_key = key
+            self.last_status_time = now
+            self.last_status = msg
+            self._publish()
+    # Public view for get_status / POLAR_STATUS
+    def _set_state(self, state: str, error: str) -> None:
+        changed = state != self.state or error != self.last_error
+        self.state = state
+        self.last_error = error
+        if changed:
+            self._publish()
+            if error and state != CONNECTING:
+                self.rlog("state:" + state + error[:40], "%s: %s", state,
+                          error)
+            else:
+                log.info("polar_cloud: %s", state)
+    def _public_view(self) -> dict:
+        ident = self.identity
+        last = self.last_status or {}
+        return {
+            "state": self.state,
+            "connected": self.state == ONLINE,
+            "registered": ident is not None,
+            "serial_number": ident.serial if ident else "",
+            "server": self.options.server_url,
+            "online_since": (protocol.utc_iso(time.time() - (
+                time.monotonic() - self.online_at)) if self.online_at
+                else ""),
+            "last_error": self.last_error,
+            "job_id": last.get("jobId", protocol.NO_JOB_ID)
+            if self.state == ONLINE else protocol.NO_JOB_ID,
+            "status_code": last.get("status", -1)
+            if self.state == ONLINE else -1,
+            "retry_in": max(0, int(self.retry_at - time.monotonic()))
+            if self.state == BACKOFF else 0,
+        }
+    def _publish(self) -> None:
+        self.public = self._public_view()

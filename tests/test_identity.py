@@ -1,0 +1,70 @@
+"""Identity storage: key file mode, atomic writes, corruption handling."""
+import base64
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+from klippy_extras.polar_cloud.identity import IdentityError, IdentityStore
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_key_created_private_and_signature_verifies(tmp_path):
+    store = IdentityStore(str(tmp_path / "state"), "kl")
+    key = store.create_key()
+    assert mode(store.key_path) == 0o600
+    assert mode(store.state_dir) == 0o700
+    assert open(store.key_path).read().startswith(
+        "-----BEGIN RSA PRIVATE KEY-----")
+    sig = base64.b64decode(store.sign("challenge-ü"))
+    key.public_key().verify(sig, "challenge-ü".encode(), padding.PKCS1v15(),
+                            hashes.SHA256())
+    assert store.load() is None                    # key but no serial yet
+    ident = store.save("KL000001", "https://x")
+    assert mode(store.identity_path) == 0o600
+    again = IdentityStore(store.state_dir, "kl").load()
+    assert again.serial == "KL000001" and again.mac == ident.mac
+    assert again.mfg_sn == "KL-" + ident.mac.replace(":", "")
+    assert not [f for f in os.listdir(store.state_dir) if f.startswith(".tmp")]
+
+
+def test_corrupt_files_are_clear_errors(tmp_path):
+    store = IdentityStore(str(tmp_path), "kl")
+    store.create_key()
+    store.save("KL000001", "https://x")
+    with open(store.key_path, "w") as f:
+        f.write("garbage")
+    with pytest.raises(IdentityError, match="corrupt"):
+        IdentityStore(str(tmp_path), "kl").load()
+    os.unlink(store.key_path)
+    with pytest.raises(IdentityError, match="missing"):
+        IdentityStore(str(tmp_path), "kl").load()
+    with open(store.identity_path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(IdentityError, match="corrupt"):
+        IdentityStore(str(tmp_path), "kl").load()
+
+
+def test_other_key_is_refused(tmp_path):
+    store = IdentityStore(str(tmp_path), "kl")
+    store.create_key()
+    store.save("KL000001", "https://x")
+    IdentityStore(str(tmp_path), "kl").create_key()     # key replaced
+    with pytest.raises(IdentityError, match="does not match"):
+        IdentityStore(str(tmp_path), "kl").load()
+
+
+def test_wipe_keeps_machine_identity(tmp_path):
+    store = IdentityStore(str(tmp_path), "kl")
+    store.create_key()
+    ident = store.save("KL000001", "https://x")
+    store.wipe()
+    assert not os.path.exists(store.key_path)
+    fresh = IdentityStore(str(tmp_path), "kl")
+    assert fresh.load() is None
+    assert fresh.machine()["mac"] == ident.mac
