@@ -173,8 +173,11 @@ class IdentityStore:
     # Identity file
     def machine(self) -> dict:
         """MAC and maker serial, persisted once so they never change."""
-        data = read_json(self.identity_path) or {}
-        mac = data.get("mac")
+        try:
+            data = read_json(self.identity_path) or {}
+        except IdentityError:
+            data = {}
+        mac = data.get("mac") if isinstance(data, dict) else None
         if not isinstance(mac, str) or len(mac) != 17:
             mac = stable_mac()
         mfg_sn = "%s-%s" % (self.mfg.upper(), mac.replace(":", ""))
@@ -208,7 +211,12 @@ class IdentityStore:
             "key_fingerprint": fp})
         return Identity(serial, machine["mac"], machine["mfg_sn"], server, fp)
     def save_machine(self) -> None:
-        data = read_json(self.identity_path) or {}
+        try:
+            data = read_json(self.identity_path) or {}
+        except IdentityError:
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
         if data.get("mac"):
             return
         ensure_state_dir(self.state_dir)

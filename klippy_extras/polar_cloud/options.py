@@ -59,6 +59,10 @@ class Options:
     status_interval: float
     active_interval: float
     verbose: bool
+    max_job_size: int
+    allow_raw_gcode: bool
+    allow_jog: bool
+    cloud_macros: tuple
 
 
 def read_options(config) -> Options:
@@ -91,7 +95,21 @@ def read_options(config) -> Options:
     status_interval = config.getfloat("status_interval", 60., minval=10.,
                                       maxval=3600.)
     verbose = config.getboolean("verbose", False)
+    max_job_size = config.getint("max_job_size", 1024, minval=1,
+                                 maxval=1024 * 1024) * 1024 * 1024
+    allow_raw_gcode = config.getboolean("allow_raw_gcode", False)
+    allow_jog = config.getboolean("allow_jog", False)
+    # A comma or newline separated list, as in other Klipper list options
+    macros = [m.strip().upper() for m in re.split(
+        r"[,\n]", config.get("cloud_macros", ""))]
+    macros = tuple(m for m in macros if m)
+    for name in macros:
+        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
+            raise error("Option 'cloud_macros' in section 'polar_cloud' has"
+                        " an invalid macro name '%s'" % (name[:40],))
     return Options(server_url=server_url, state_path=state_path,
                    manufacturer=manufacturer, printer_make=printer_make,
                    machine_type=machine_type, status_interval=status_interval,
-                   active_interval=10., verbose=verbose)
+                   active_interval=10., verbose=verbose,
+                   max_job_size=max_job_size, allow_raw_gcode=allow_raw_gcode,
+                   allow_jog=allow_jog, cloud_macros=macros)

@@ -3,6 +3,7 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -29,6 +30,7 @@ class PrinterSampler:
         self.sdcard = None
         self.heaters: dict[str, object] = {}
         self.last_key = None
+        self.static: dict = {"sdcard_dir": "", "heaters": {}}
     def find_objects(self) -> None:
         lookup = self.printer.lookup_object
         self.print_stats = lookup("print_stats", None)
@@ -48,10 +50,36 @@ class PrinterSampler:
             if key is not None and key not in heaters and obj is not None:
                 heaters[key] = obj
         self.heaters = heaters
+        self.static = {"sdcard_dir": self._sdcard_dir(),
+                       "heaters": self._heater_limits(heaters)}
+    def _settings(self) -> dict:
+        configfile = self.printer.lookup_object("configfile")
+        return configfile.get_status(0.).get("settings", {})
+    def _sdcard_dir(self) -> str:
+        path = self._settings().get("virtual_sdcard", {}).get("path")
+        if not path:
+            return ""
+        return os.path.normpath(os.path.expanduser(path))
+    def _heater_limits(self, heaters: dict) -> dict:
+        settings = self._settings()
+        limits = {}
+        for key, obj in heaters.items():
+            name = self._object_name(obj)
+            section = settings.get(name, {})
+            limits[key] = {"name": name, "gcode_name": name.split()[-1],
+                           "min": section.get("min_temp"),
+                           "max": section.get("max_temp")}
+        return limits
+    def _object_name(self, obj) -> str:
+        for name, candidate in self.printer.lookup_objects():
+            if candidate is obj:
+                return name
+        return ""
     def sample(self, eventtime: float) -> tuple[dict, bool]:
         """Return (snapshot, changed since the last sample)."""
         message, category = self.printer.get_state_message()
         snap = {"klippy_state": category, "wall_time": time.time(),
+                "static": self.static,
                 "state_message": message.strip().split("\n")[0][:200]
                 if category in ("shutdown", "error") else ""}
         if self.print_stats is not None:

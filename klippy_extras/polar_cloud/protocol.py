@@ -146,6 +146,15 @@ class JobView:
     final_code: int = IDLE
 
 
+def is_cloud_print(snap: dict, job: Optional[JobView]) -> bool:
+    """Is the printer busy with the cloud job (rather than a local one)?"""
+    if job is None:
+        return False
+    if job.phase in ("downloading", "starting", "done"):
+        return True
+    return bool(job.filename) and snap.get("filename") == job.filename
+
+
 def status_code(snap: dict, job: Optional[JobView]) -> int:
     """Map a printer snapshot and the cloud job to a Polar status code."""
     klippy_state = snap.get("klippy_state")
@@ -154,12 +163,9 @@ def status_code(snap: dict, job: Optional[JobView]) -> int:
     if klippy_state != "ready":
         return OFFLINE
     state = snap.get("print_state", "standby")
-    is_cloud = job is not None and job.phase != "done" and (
-        job.phase in ("downloading", "starting")
-        or (job.filename and snap.get("filename") == job.filename))
     if job is not None and job.phase == "done":
         return job.final_code
-    if is_cloud and job is not None:
+    if is_cloud_print(snap, job) and job is not None:
         if job.phase in ("downloading", "starting"):
             return PREPARING
         if job.phase == "cancelling":
@@ -176,6 +182,17 @@ def status_code(snap: dict, job: Optional[JobView]) -> int:
     if state == "paused":
         return PAUSED
     return IDLE
+
+
+def status_job_id(snap: dict, job: Optional[JobView], code: int) -> str:
+    """The cloud job id for a cloud job, "123" for a local print."""
+    if job is not None and is_cloud_print(snap, job) and code in (
+            PREPARING, PRINTING, PAUSED, POSTPROCESSING, CANCELLING,
+            COMPLETE):
+        return job.job_id
+    if code in (SERIAL, PAUSED):
+        return LOCAL_JOB_ID
+    return NO_JOB_ID
 
 
 PROGRESS_TEXT = {

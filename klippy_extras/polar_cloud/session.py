@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional
 
 from . import protocol
 from .backoff import Backoff
+from .commands import RemoteCommands
 from .identity import Identity, IdentityError, IdentityStore
+from .jobs import JobManager
 
 WELCOME_TIMEOUT = 15.
 REPLY_TIMEOUT = 30.
@@ -174,6 +176,10 @@ class CloudSession:
         self.status_count = 0
         self.snapshot_lock = threading.Lock()
         self.snapshot: Optional[dict] = None
+        self.status_now_flag = False
+        self.capabilities: list = []
+        self.jobs = JobManager(self)
+        self.commands = RemoteCommands(self)
         self.public = self._public_view()
         self.missing: list[str] = []
     # Thread-safe entry points (called from the reactor)
@@ -193,6 +199,7 @@ class CloudSession:
                 pass
         if self.thread is not None:
             self.thread.join(timeout)
+        self.jobs.stop()
     def post_snapshot(self, snap: dict, changed: bool) -> None:
         with self.snapshot_lock:
             self.snapshot = snap
@@ -224,6 +231,24 @@ class CloudSession:
                 self._schedule_retry("internal error; see klippy.log")
         self._drop_connection("stopped")
         self.state = STOPPED
+    # Helpers for jobs and commands (session thread)
+    def serial(self) -> Optional[str]:
+        return self.identity.serial if self.identity else None
+    def is_online(self) -> bool:
+        return self.state == ONLINE
+    def emit(self, event: str, data: dict) -> bool:
+        return self._emit(event, data)
+    def console(self, text: str, error: bool = False) -> None:
+        self.bridge.console(text, error=error)
+    def status_now(self) -> None:
+        self.status_now_flag = True
+    def loopback_test_server(self) -> bool:
+        """Plain-http loopback job URLs only with a local test cloud."""
+        parts = urllib.parse.urlsplit(self.options.server_url)
+        return parts.scheme == "http"
+    def _snap(self) -> Optional[dict]:
+        with self.snapshot_lock:
+            return self.snapshot
     def _startup(self) -> None:
         if self.missing:
             self._set_state(DISABLED, "missing Python packages: %s (run"
@@ -239,6 +264,7 @@ class CloudSession:
         if self.identity is None:
             self._set_state(UNREGISTERED, "")
             return
+        self.jobs.load()
         self._connect()
     def _wait_time(self) -> float:
         now = time.monotonic()
@@ -249,6 +275,7 @@ class CloudSession:
             waits.append(self.retry_at - now)
         return max(0., min(waits))
     def _tick(self, now: float) -> None:
+        self.jobs.watch(self._snap())
         state = self.state
         if state in (CONNECTING, REGISTERING, AUTHENTICATING) \
                 and now >= self.deadline:
@@ -256,7 +283,9 @@ class CloudSession:
                     REGISTERING: "no reply to the registration",
                     AUTHENTICATING: "no reply to hello"}[state]
             self._fail(what)
-        elif state == BACKOFF and now >= self.retry_at:
+        elif state in (BACKOFF, AUTH_FAILED) and self.identity is not None \
+                and self.retry_at and now >= self.retry_at:
+            # auth_failed retries only after AUTH_RETRY_DELAY
             self._connect()
         elif state == ONLINE:
             self._check_link(now)
@@ -322,6 +351,7 @@ class CloudSession:
         if sio is not None:
             self._close(sio)
         self.online_at = 0.
+        self.jobs.link_lost()
     def _fail(self, why: str) -> None:
         """A connection attempt or live session ended; retry later."""
         was_online = self.state == ONLINE
@@ -364,10 +394,19 @@ class CloudSession:
         elif name == "_disconnect":
             if self.sio is not None and not self.sio.connected:
                 self._fail("disconnected by Polar Cloud")
+        elif name == "download_done":
+            self.jobs.download_done(*data)
+        elif name == "print_started":
+            self.jobs.print_started(*data)
         elif name in CLOUD_EVENTS:
             if self.options.verbose:
                 log.info("polar_cloud: received %s", name)
             handler = getattr(self, "_on_" + name, None)
+            if name not in ("welcome", "registerResponse", "helloResponse") \
+                    and self.state != ONLINE:
+                self.rlog("early:" + name, "ignoring '%s' before the printer"
+                          " is authenticated", name)
+                return
             if handler is None:
                 self.rlog("ignored:" + name, "ignoring '%s' from the cloud"
                           " (not supported)", name)
@@ -402,7 +441,13 @@ class CloudSession:
         self.bridge.console("Polar Cloud: preparing the printer key...",
                             log=False)
         try:
-            if self.store.load_key() is None:
+            try:
+                key = self.store.load_key()
+            except IdentityError as e:
+                # An explicit registration may replace an unusable key
+                log.warning("polar_cloud: replacing the printer key: %s", e)
+                key = None
+            if key is None:
                 self.store.create_key()
             self.store.save_machine()
         except IdentityError as e:
@@ -519,6 +564,12 @@ class CloudSession:
             self.bridge.console("Polar Cloud: online as %s"
                                 % (self.identity.serial,), log=False)
             self._send_version(self.online_at)
+            self._emit("capabilities", {"serialNumber": self.identity.serial})
+            if self.options.cloud_macros:
+                self._emit("customCommandList", {
+                    "serialNumber": self.identity.serial,
+                    "commandList": self.commands.command_list()})
+            self.jobs.flush()
             return
         if status == "DELETED":
             self._forget("was deleted in Polar Cloud; register it again"
@@ -533,6 +584,33 @@ class CloudSession:
                         % (message,))
         self.bridge.console("Polar Cloud rejected the printer: %s" % (message,),
                             error=True)
+    # Cloud commands
+    def _on_print(self, data: Any) -> None:
+        self.jobs.handle_print(data, self._snap())
+    def _on_pause(self, data: Any) -> None:
+        self.jobs.control("pause", data, self._snap())
+    def _on_resume(self, data: Any) -> None:
+        self.jobs.control("resume", data, self._snap())
+    def _on_cancel(self, data: Any) -> None:
+        self.jobs.control("cancel", data, self._snap())
+    def _on_temperature(self, data: Any) -> None:
+        self.commands.temperature(data, self._snap())
+    def _on_command(self, data: Any) -> None:
+        self.commands.raw_gcode(data, self._snap())
+    def _on_customCommand(self, data: Any) -> None:
+        self.commands.custom_command(data, self._snap())
+    def _on_jogPrinter(self, data: Any) -> None:
+        self.commands.jog(data, self._snap())
+    def _on_connectPrinter(self, data: Any) -> None:
+        self.commands.refuse("connectPrinter")
+    def _on_update(self, data: Any) -> None:
+        # Updates come through Moonraker's update_manager, never the cloud
+        self.commands.refuse("update")
+    def _on_capabilitiesResponse(self, data: Any) -> None:
+        if isinstance(data, dict) and isinstance(data.get("capabilities"),
+                                                 list):
+            self.capabilities = [c for c in data["capabilities"][:32]
+                                 if isinstance(c, str)]
     def _on_delete(self, data: Any) -> None:
         if isinstance(data, dict):
             protocol.check_serial(data, self.identity and self.identity.serial,
@@ -550,22 +628,23 @@ class CloudSession:
                                 error=True)
         if now - self.version_sent_at > VERSION_INTERVAL:
             self._send_version(now)
+        self.jobs.flush()
         self._maybe_send_status(now)
     def _send_version(self, now: float) -> None:
         self.version_sent_at = now
         self._emit("setVersion", {"serialNumber": self.identity.serial,
                                   "runningVersion": self.version})
     def _status_message(self) -> Optional[dict]:
-        with self.snapshot_lock:
-            snap = self.snapshot
+        snap = self._snap()
         if snap is None:
             return None
-        code = protocol.status_code(snap, None)
-        job_id = protocol.NO_JOB_ID
-        if code in (protocol.SERIAL, protocol.PAUSED):
-            job_id = protocol.LOCAL_JOB_ID
-        return protocol.build_status(self.identity.serial, snap, code, job_id,
-                                     error_text=snap.get("state_message", ""))
+        job = self.jobs.view()
+        code = protocol.status_code(snap, job)
+        job_id = protocol.status_job_id(snap, job, code)
+        return protocol.build_status(
+            self.identity.serial, snap, code, job_id,
+            slicer_estimate=self.jobs.slicer_estimate(snap),
+            error_text=snap.get("state_message", ""))
     def _maybe_send_status(self, now: float) -> None:
         msg = self._status_message()
         if msg is None:
@@ -577,10 +656,12 @@ class CloudSession:
                                        protocol.ERROR) or any(targets)
         interval = (self.options.active_interval if active
                     else self.options.status_interval)
-        if key == self.last_status_key and now - self.last_status_time \
-                < interval:
+        if key == self.last_status_key and not self.status_now_flag \
+                and now - self.last_status_time < interval:
             return
+        self.status_now_flag = False
         if self._emit("status", msg):
+            self.jobs.status_sent(msg["status"])
             self.status_count += 1
             self.last_status_key = key
             self.last_status_time = now

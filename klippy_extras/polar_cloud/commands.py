@@ -1,0 +1,164 @@
+# Cloud commands besides print jobs: heater targets, macro buttons, and
+# the opt-in raw G-code and jogging.  Runs on the session thread; every
+# G-code built here comes from validated numbers or listed names only.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+from . import protocol
+
+log = logging.getLogger("polar_cloud")
+
+MACRO_PREFIX = "macro/"
+MAX_RAW = 1000
+DENIED_COMMANDS = {"SAVE_CONFIG", "RESTART", "FIRMWARE_RESTART",
+                   "SET_KINEMATIC_POSITION", "RUN_SHELL_COMMAND",
+                   "SDCARD_PRINT_FILE", "POLAR_REGISTER", "POLAR_UNREGISTER"}
+MAX_JOG = 1000.
+MAX_FEED = 12000.
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise protocol.ProtocolError("%s is not a number" % (what,))
+    return float(value)
+
+
+class RemoteCommands:
+    def __init__(self, session):
+        self.session = session
+        self.options = session.options
+    def _ready(self, snap: Optional[dict]) -> bool:
+        return snap is not None and snap.get("klippy_state") == "ready"
+    def _audit(self, event: str, decision: str) -> None:
+        self.session.rlog("cmd:%s:%s" % (event, decision[:30]),
+                          "cloud %s: %s", event, decision)
+    # temperature
+    def temperature(self, data: Any, snap: Optional[dict]) -> None:
+        targets = protocol.parse_temperature(data, self.session.serial())
+        if not self._ready(snap):
+            self._audit("temperature", "refused, printer not ready")
+            return
+        heaters = snap["static"]["heaters"]
+        lines = []
+        for key, target in sorted(targets.items()):
+            heater = heaters.get(key)
+            if heater is None or heater.get("max") is None:
+                self._audit("temperature", "no heater for %s" % (key,))
+                continue
+            clamped = min(max(target, 0.), heater["max"])
+            if clamped != target:
+                self._audit("temperature", "%s %.1f clamped to %.1f"
+                            % (key, target, clamped))
+            lines.append("SET_HEATER_TEMPERATURE HEATER=%s TARGET=%.1f"
+                         % (heater["gcode_name"], clamped))
+        if lines:
+            self.session.bridge.run_gcode("\n".join(lines),
+                                          self._report("temperature"))
+    # macro buttons (customCommandList / customCommand)
+    def command_list(self) -> list[dict]:
+        return [{"label": name.replace("_", " ").title(),
+                 "command": MACRO_PREFIX + name}
+                for name in self.options.cloud_macros]
+    def custom_command(self, data: Any, snap: Optional[dict]) -> None:
+        if not isinstance(data, dict):
+            raise protocol.ProtocolError("customCommand: not an object")
+        protocol.check_serial(data, self.session.serial(), "customCommand")
+        command = data.get("command")
+        name = command[len(MACRO_PREFIX):] if isinstance(command, str) \
+            and command.startswith(MACRO_PREFIX) else None
+        if name not in self.options.cloud_macros:
+            self._audit("customCommand", "refused, not a listed macro")
+            return
+        if not self._ready(snap):
+            self._audit("customCommand", "refused, printer not ready")
+            return
+        self._audit("customCommand", "running %s" % (name,))
+        self.session.bridge.run_gcode(name, self._report(name))
+    # raw G-code (allow_raw_gcode)
+    def raw_gcode(self, data: Any, snap: Optional[dict]) -> None:
+        if not self.options.allow_raw_gcode:
+            self._audit("command", "refused (allow_raw_gcode is off)")
+            return
+        if not isinstance(data, dict):
+            raise protocol.ProtocolError("command: not an object")
+        protocol.check_serial(data, self.session.serial(), "command")
+        script = data.get("command")
+        if isinstance(script, list) and all(isinstance(x, str)
+                                            for x in script):
+            script = "\n".join(script)
+        if not isinstance(script, str) or len(script) > MAX_RAW:
+            raise protocol.ProtocolError("command: not a G-code string")
+        problem = self._check_script(script)
+        if problem or not self._ready(snap):
+            self._audit("command", "refused, %s"
+                        % (problem or "printer not ready"))
+            return
+        self._audit("command", "running %d line(s)"
+                    % (len(script.splitlines()),))
+        self.session.bridge.run_gcode(script, self._report("G-code"))
+    def _check_script(self, script: str) -> str:
+        if "{" in script or "}" in script:
+            return "templates are not allowed"
+        for line in script.splitlines():
+            word = line.split(";", 1)[0].strip().split(" ", 1)[0].upper()
+            if word in DENIED_COMMANDS:
+                return "%s is never run from the cloud" % (word,)
+        return ""
+    # jogging (allow_jog)
+    def jog(self, data: Any, snap: Optional[dict]) -> None:
+        if not self.options.allow_jog:
+            self._audit("jogPrinter", "refused (allow_jog is off)")
+            return
+        if not isinstance(data, dict) or not isinstance(
+                data.get("jogPrinter"), dict):
+            raise protocol.ProtocolError("jogPrinter: not an object")
+        if not self._ready(snap) or snap.get("print_state") in ("printing",
+                                                                "paused"):
+            self._audit("jogPrinter", "refused, printer busy or not ready")
+            return
+        self.session.bridge.run_gcode(self._jog_script(data["jogPrinter"]),
+                                      self._report("jog"))
+    def _jog_script(self, req: dict) -> str:
+        command = req.get("command")
+        if command == "home":
+            axes = req.get("axes", ["x", "y", "z"])
+            if not isinstance(axes, list) or not set(map(str, axes)) <= {
+                    "x", "y", "z"}:
+                raise protocol.ProtocolError("jogPrinter: bad axes")
+            return "G28 " + " ".join(a.upper() for a in sorted(set(axes)))
+        if command == "extrude":
+            amount = _number(req.get("amount"), "amount")
+            if abs(amount) > 100.:
+                raise protocol.ProtocolError("jogPrinter: amount too large")
+            return "M83\nG1 E%.3f F300" % (amount,)
+        if command == "jog":
+            moves = []
+            for axis in ("x", "y", "z"):
+                if axis in req:
+                    value = _number(req[axis], axis)
+                    if abs(value) > MAX_JOG:
+                        raise protocol.ProtocolError("jogPrinter: too far")
+                    moves.append("%s%.3f" % (axis.upper(), value))
+            if not moves:
+                raise protocol.ProtocolError("jogPrinter: nothing to move")
+            speed = min(_number(req.get("speed", 3000), "speed"), MAX_FEED)
+            mode = "G90" if req.get("absolute") is True else "G91"
+            return "SAVE_GCODE_STATE NAME=polar_jog\n%s\nG1 %s F%.0f\n" \
+                "RESTORE_GCODE_STATE NAME=polar_jog" % (
+                    mode, " ".join(moves), max(speed, 60.))
+        raise protocol.ProtocolError("jogPrinter: unknown command")
+    def refuse(self, event: str) -> None:
+        self._audit(event, "not supported by this printer")
+    def _report(self, what: str):
+        def reply(ok: bool, error: str) -> None:
+            if not ok:
+                self.session.bridge.console("Polar Cloud: %s failed: %s"
+                                            % (what, error), error=True)
+        return reply
+
