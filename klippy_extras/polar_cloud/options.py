@@ -39,9 +39,13 @@ def check_server_url(url: str) -> str:
 
 def default_state_path(config_file: str) -> str:
     # Beside the folder holding printer.cfg (~/printer_data/polar_cloud),
-    # which Moonraker does not serve.
+    # which Moonraker does not serve.  Outside a printer_data layout (e.g.
+    # ~/klipper_config) a hidden name keeps clear of a checkout of this
+    # repository at ~/polar_cloud.
     config_dir = os.path.dirname(os.path.abspath(config_file))
-    return os.path.join(os.path.dirname(config_dir), "polar_cloud")
+    name = "polar_cloud" if os.path.basename(config_dir) == "config" \
+        else ".polar_cloud"
+    return os.path.join(os.path.dirname(config_dir), name)
 
 
 def _inside(path: str, root: str) -> bool:
