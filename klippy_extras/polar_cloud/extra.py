@@ -103,6 +103,8 @@ class PolarCloud:
         self.gcode.register_command("POLAR_STATUS", self.cmd_POLAR_STATUS,
                                     when_not_ready=True,
                                     desc=self.cmd_POLAR_STATUS_help)
+        self.gcode.register_command("POLAR_SNAPSHOT", self.cmd_POLAR_SNAPSHOT,
+                                    desc=self.cmd_POLAR_SNAPSHOT_help)
         self.gcode.register_command("POLAR_UNREGISTER",
                                     self.cmd_POLAR_UNREGISTER,
                                     desc=self.cmd_POLAR_UNREGISTER_help)
@@ -207,6 +209,14 @@ class PolarCloud:
         self.session.unregister(bool(force))
         gcmd.respond_info("Polar Cloud: unregistering; the result will"
                           " follow in the console", log=False)
+    cmd_POLAR_SNAPSHOT_help = ("Take a webcam snapshot now and upload it to"
+                               " Polar Cloud; the result follows")
+    def cmd_POLAR_SNAPSHOT(self, gcmd) -> None:
+        if not self.started or self.missing:
+            raise gcmd.error("POLAR_SNAPSHOT: the cloud session is not"
+                             " running")
+        self.session.snapshot()
+        gcmd.respond_info("Polar Cloud: taking a snapshot", log=False)
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     def _handle_status_request(self, web_request) -> None:
         web_request.send(dict(self.session.public,

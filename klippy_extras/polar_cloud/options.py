@@ -3,23 +3,16 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import urllib.parse
 from dataclasses import dataclass
 
+from .camera import CameraOptions, read_camera_options
+from .protocol import is_loopback_host
+
 DEFAULT_SERVER = "https://printer4.polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_server_url(url: str) -> str:
@@ -67,6 +60,7 @@ class Options:
     allow_raw_gcode: bool
     allow_jog: bool
     cloud_macros: tuple
+    camera: CameraOptions
 
 
 def read_options(config) -> Options:
@@ -116,4 +110,5 @@ def read_options(config) -> Options:
                    machine_type=machine_type, status_interval=status_interval,
                    active_interval=10., verbose=verbose,
                    max_job_size=max_job_size, allow_raw_gcode=allow_raw_gcode,
-                   allow_jog=allow_jog, cloud_macros=macros)
+                   allow_jog=allow_jog, cloud_macros=macros,
+                   camera=read_camera_options(config))

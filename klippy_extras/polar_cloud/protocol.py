@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
@@ -52,6 +53,15 @@ MAX_TEXT = 256
 
 class ProtocolError(ValueError):
     """An inbound message that does not match the protocol."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def utc_iso(timestamp: float) -> str:

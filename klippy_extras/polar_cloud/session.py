@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import camera, protocol
 from .backoff import Backoff
 from .commands import RemoteCommands
 from .identity import Identity, IdentityError, IdentityStore
@@ -180,6 +180,10 @@ class CloudSession:
         self.capabilities: list = []
         self.jobs = JobManager(self)
         self.commands = RemoteCommands(self)
+        self.camera = camera.Camera(
+            options.camera, self.loopback_test_server(), self.stop_event,
+            lambda result: self.inbox.put_local("snapshot_done", result))
+        self.last_snapshot: Optional[camera.SnapshotResult] = None
         self.public = self._public_view()
         self.missing: list[str] = []
     # Thread-safe entry points (called from the reactor)
@@ -200,6 +204,7 @@ class CloudSession:
         if self.thread is not None:
             self.thread.join(timeout)
         self.jobs.stop()
+        self.camera.stop(timeout)
     def post_snapshot(self, snap: dict, changed: bool) -> None:
         with self.snapshot_lock:
             self.snapshot = snap
@@ -209,6 +214,8 @@ class CloudSession:
         self.inbox.put_local("register", (email, pin))
     def unregister(self, force: bool) -> None:
         self.inbox.put_local("unregister", force)
+    def snapshot(self) -> None:
+        self.inbox.put_local("snapshot")
     # The supervisor
     def _run(self) -> None:
         try:
@@ -265,6 +272,10 @@ class CloudSession:
             self._set_state(UNREGISTERED, "")
             return
         self.jobs.load()
+        # Probe the camera first so the first hello can tell the cloud
+        now = time.monotonic()
+        if self.camera.due("idle", now):
+            self.camera.start("idle", protocol.NO_JOB_ID, now)
         self._connect()
     def _wait_time(self) -> float:
         now = time.monotonic()
@@ -398,6 +409,10 @@ class CloudSession:
             self.jobs.download_done(*data)
         elif name == "print_started":
             self.jobs.print_started(*data)
+        elif name == "snapshot":
+            self._manual_snapshot()
+        elif name == "snapshot_done":
+            self._snapshot_done(data)
         elif name in CLOUD_EVENTS:
             if self.options.verbose:
                 log.info("polar_cloud: received %s", name)
@@ -538,6 +553,7 @@ class CloudSession:
         except (IdentityError, OSError) as e:
             log.warning("polar_cloud: cannot wipe identity: %s", e)
         self.identity = None
+        self.camera.forget_urls()
         self._drop_connection(why)
         self._set_state(UNREGISTERED, "")
         self.bridge.console("Polar Cloud: printer %s %s" % (serial, why))
@@ -548,7 +564,9 @@ class CloudSession:
         msg = protocol.build_hello(
             ident.serial, self.store.sign(self.challenge), ident.mac,
             ident.mfg_sn, self.options.printer_make, self.version,
-            self.local_ip, protocol.CameraHints())
+            self.local_ip, camera.camera_hints(
+                self.options.camera, self.local_ip,
+                self.camera.available() is True))
         self._set_state(AUTHENTICATING, self.last_error)
         self.deadline = time.monotonic() + REPLY_TIMEOUT
         self._emit("hello", msg)
@@ -606,6 +624,10 @@ class CloudSession:
     def _on_update(self, data: Any) -> None:
         # Updates come through Moonraker's update_manager, never the cloud
         self.commands.refuse("update")
+    def _on_getUrlResponse(self, data: Any) -> None:
+        self.camera.set_slot(camera.parse_url_response(
+            data, self.serial(), self.loopback_test_server(),
+            time.monotonic()))
     def _on_capabilitiesResponse(self, data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("capabilities"),
                                                  list):
@@ -630,6 +652,44 @@ class CloudSession:
             self._send_version(now)
         self.jobs.flush()
         self._maybe_send_status(now)
+        self._snapshot_work(now)
+    # Webcam snapshots
+    def _snapshot_kind(self) -> tuple[str, str]:
+        job = self.jobs.view()
+        if job is not None and job.phase in ("downloading", "starting",
+                                             "printing"):
+            return "printing", job.job_id
+        return "idle", protocol.NO_JOB_ID
+    def _snapshot_work(self, now: float) -> None:
+        kind, job_id = self._snapshot_kind()
+        cam = self.camera
+        if cam.needs_url(kind, job_id, now) and self._emit("getUrl", {
+                "serialNumber": self.identity.serial, "method": "post",
+                "type": kind, "jobId": job_id}):
+            cam.url_requested(kind, job_id, now)
+        if cam.due(kind, now, job_id):
+            cam.start(kind, job_id, now)
+    def _manual_snapshot(self) -> None:
+        kind, job_id = self._snapshot_kind()
+        if not self.camera.start(kind, job_id, time.monotonic(), manual=True):
+            self.bridge.console("Polar Cloud: a snapshot is already running"
+                                " (or the session is stopping)")
+    def _snapshot_done(self, result: camera.SnapshotResult) -> None:
+        self.last_snapshot = result
+        if not result.manual:
+            return
+        if result.fetched:
+            text = "snapshot %d bytes, %d bytes after processing" % (
+                result.fetched, result.final)
+        else:
+            text = "no snapshot"
+        if result.uploaded:
+            text += "; uploaded to Polar Cloud"
+        elif result.error:
+            text += "; %s" % (result.error,)
+        else:
+            text += "; not uploaded (no upload URL yet)"
+        self.bridge.console("Polar Cloud: " + text, error=not result.ok)
     def _send_version(self, now: float) -> None:
         self.version_sent_at = now
         self._emit("setVersion", {"serialNumber": self.identity.serial,
