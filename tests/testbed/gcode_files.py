@@ -1,0 +1,31 @@
+"""G-code files for the test printer (see printer_cfg.py)."""
+
+from __future__ import annotations
+
+ROW_SEGMENTS = 40  # 2 mm segments per 80 mm row
+SEGMENT_MM = 2.0
+
+
+def demo_print(moves: int = 300, hotend: float = 200, bed: float = 50,
+               extrude_per_move: float = 0.08, feedrate: float = 6000,
+               home: bool = True) -> str:
+    """Home, heat, then `moves` short extrusion moves in a serpentine.
+
+    Total extrusion is moves * extrude_per_move mm (relative E, M83).
+    """
+    lines = ["; polar_cloud test bed demo print, %d moves" % (moves,)]
+    if home:
+        lines.append("G28")
+    if bed:
+        lines.append("M190 S%g" % (bed,))
+    if hotend:
+        lines.append("M109 S%g" % (hotend,))
+    lines += ["G90", "M83", "G1 Z0.3 F3000", "G1 X20 Y20 F12000"]
+    for i in range(moves):
+        row, col = divmod(i, ROW_SEGMENTS)
+        step = (col + 1) * SEGMENT_MM
+        x = 20.0 + step if row % 2 == 0 else 20.0 + ROW_SEGMENTS * SEGMENT_MM - step
+        y = 20.0 + row * 0.5
+        lines.append("G1 X%.3f Y%.3f E%.4f F%g" % (x, y, extrude_per_move, feedrate))
+    lines += ["G1 Z10 F3000", "M104 S0", "M140 S0", "; end of demo print", ""]
+    return "\n".join(lines)
