@@ -57,6 +57,16 @@ def wait_polar(k: Klippy, predicate, timeout: float = 60.) -> dict:
         sub.close()
 
 
+def wait_objects(k: Klippy, objects: dict, predicate,
+                 timeout: float = 60.) -> dict:
+    """Wait until the subscribed printer objects satisfy predicate."""
+    sub = k.subscribe_objects(objects)
+    try:
+        return sub.wait_for(predicate, timeout=timeout)
+    finally:
+        sub.close()
+
+
 def register(k: Klippy, sim: PolarSim, email: str = EMAIL,
              pin: str = PIN) -> str:
     """Register through the console; return the serial once online."""

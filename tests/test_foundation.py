@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from tests.conftest import EMAIL, PIN, polar_status, register, wait_polar
+from tests.conftest import EMAIL, PIN, polar_status, register, wait_objects, wait_polar
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.klippy import KlippyError
 
@@ -142,8 +142,8 @@ def test_status_reports_through_a_local_print(k, sim):
     # Heating happens inside the print: targets reach the cloud
     sim.wait_for("status", lambda d: d["targetBed"] == 50.0
                  and d["targetTool0"] == 200.0, since=since, timeout=60)
-    k.subscribe_objects({"print_stats": ["print_duration"]}).wait_for(
-        lambda s: s["print_stats"]["print_duration"] > 0, timeout=60)
+    wait_objects(k, {"print_stats": ["print_duration"]},
+                 lambda s: s["print_stats"]["print_duration"] > 0)
     t = sim.now()
     k.gcode("PAUSE")
     paused = sim.wait_for("status", lambda d: d["status"] == 4, since=t,

@@ -19,8 +19,8 @@ def test_key_created_private_and_signature_verifies(tmp_path):
     key = store.create_key()
     assert mode(store.key_path) == 0o600
     assert mode(store.state_dir) == 0o700
-    assert open(store.key_path).read().startswith(
-        "-----BEGIN RSA PRIVATE KEY-----")
+    with open(store.key_path) as f:
+        assert f.read().startswith("-----BEGIN RSA PRIVATE KEY-----")
     sig = base64.b64decode(store.sign("challenge-ü"))
     key.public_key().verify(sig, "challenge-ü".encode(), padding.PKCS1v15(),
                             hashes.SHA256())

@@ -1,0 +1,84 @@
+"""Bad [polar_cloud] options give a clear config error naming the option;
+broken environments (missing packages, corrupt identity files) leave klippy
+ready with an explanation in POLAR_STATUS."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import EXTRA, REPO, polar_section, polar_status
+from tests.testbed.klippy import KlippyError
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"server_url": "http://example.com"}, "'server_url' .* must use https"),
+    ({"server_url": "ftp://example.com"}, "'server_url' .* https:// URL"),
+    ({"server_url": "https://user:pw@example.com"}, "'server_url' .*"
+     "credentials"),
+    ({"machine_type": "triangle"}, "machine_type"),
+    ({"status_interval": "1"}, "status_interval"),
+    ({"manufacturer": "k l"}, "'manufacturer'"),
+    ({"printer_make": "x" * 80}, "'printer_make'"),
+    ({"max_job_size": "0"}, "max_job_size"),
+    ({"cloud_macros": "LOAD_FILAMENT, rm -rf"}, "'cloud_macros'"),
+    ({"rotation": "45"}, "rotation"),
+    ({"snapshot_url": "ftp://cam/x"}, "snapshot_url"),
+    ({"max_image_size": "10"}, "max_image_size"),
+    ({"allow_raw_gcode": "maybe"}, "allow_raw_gcode"),
+    ({"email": "a@b.org"}, "'email' is not valid"),
+])
+def test_bad_option_is_a_clear_config_error(make_klippy, sim, options,
+                                            message):
+    k = make_klippy("klipper", extra_cfg=polar_section(sim, **options),
+                    extras={"polar_cloud": EXTRA}, start=False)
+    with pytest.raises(KlippyError, match=message):
+        k.start()
+    k.stop()
+
+
+def test_state_path_inside_config_folder_is_refused(make_klippy, sim):
+    k = make_klippy("klipper", extras={"polar_cloud": EXTRA}, start=False)
+    k.extra_cfg = polar_section(sim, state_path=k.config_dir / "secret")
+    with pytest.raises(KlippyError, match="'state_path' .* not be inside"):
+        k.start()
+    k.stop()
+
+
+def test_missing_packages_leave_klippy_ready_and_explained(make_klippy, sim):
+    env = {"PYTHONPATH": str(REPO / "tests" / "testbed" / "no_socketio")}
+    k = make_klippy("klipper", extra_cfg=polar_section(sim), env=env,
+                    extras={"polar_cloud": EXTRA})
+    assert k.info()["state"] == "ready"
+    out = k.subscribe_output()
+    k.gcode("POLAR_STATUS")
+    line = out.wait_for(r"last error: .*")
+    assert "python-socketio" in line and "install.sh" in line
+    with pytest.raises(KlippyError, match="python-socketio"):
+        k.gcode("POLAR_REGISTER EMAIL=a@b.org PIN=1234")
+    assert polar_status(k)["state"] == "disabled"
+    assert sim.connected() == 0
+    k.stop()
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"identity.json": "{not json"}, "corrupt"),
+    ({"identity.json": json.dumps({"serial": "KL000009"})}, "key .* missing"),
+    ({"identity.json": json.dumps({"serial": "KL000009"}),
+      "key.pem": "-----BEGIN RSA PRIVATE KEY-----\ngarbage\n"}, "corrupt"),
+])
+def test_corrupt_identity_is_a_clear_error(make_klippy, sim, files, message):
+    k = make_klippy("klipper", extra_cfg=polar_section(sim),
+                    extras={"polar_cloud": EXTRA}, start=False)
+    state = k.workdir / "polar_cloud"
+    state.mkdir(mode=0o700)
+    for name, text in files.items():
+        (state / name).write_text(text)
+    k.start()
+    st = polar_status(k)
+    assert st["state"] == "auth_failed", st
+    assert re.search(message, st["last_error"]), st["last_error"]
+    assert k.info()["state"] == "ready"
+    assert "Traceback" not in k.log_text()
+    k.stop()
