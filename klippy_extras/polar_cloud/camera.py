@@ -180,8 +180,7 @@ class UploadSlot:
 
 
 def _expiry(value: Any, now: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
+    if not protocol.finite_number(value) or value <= 0:
         raise protocol.ProtocolError("getUrlResponse: bad expires")
     if value > 1e12:            # epoch milliseconds
         value = value / 1000. - time.time()
@@ -448,6 +447,10 @@ class Camera:
         self._last_attempt: Optional[float] = None
         self._worker: Optional[threading.Thread] = None
     # Session-thread API: no I/O, returns at once
+    def probing(self) -> bool:
+        """Is the first look at the camera still under way?"""
+        with self.lock:
+            return self._available is None and self._busy
     def available(self) -> Optional[bool]:
         with self.lock:
             return self._available

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional
 
 from . import protocol
@@ -23,8 +22,7 @@ MAX_FEED = 12000.
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
+    if not protocol.finite_number(value):
         raise protocol.ProtocolError("%s is not a number" % (what,))
     return float(value)
 

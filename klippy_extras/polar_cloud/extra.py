@@ -153,7 +153,11 @@ class PolarCloud:
     def status_lines(self) -> list[str]:
         info = self.session.public
         state = info["state"]
-        lines = ["Polar Cloud: %s" % (state,),
+        shown = state
+        if info.get("retries") and state in ("connecting", "authenticating",
+                                             "backoff"):
+            shown = "%s (retry %d)" % (state, info["retries"])
+        lines = ["Polar Cloud: %s" % (shown,),
                  "server: %s" % (info["server"],)]
         if info["registered"]:
             lines.append("serial number: %s" % (info["serial_number"],))

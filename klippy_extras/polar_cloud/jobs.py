@@ -319,6 +319,8 @@ class Job:
     final_code: int = protocol.IDLE
     final_reports: int = 0
     started: float = field(default_factory=time.time)
+    # Snapshots sampled before the print started say nothing about it
+    start_mono: float = 0.
 
 
 class JobManager:
@@ -333,7 +335,7 @@ class JobManager:
         self.job: Optional[Job] = None
         self.seen: collections.deque = collections.deque(maxlen=SEEN_LIMIT)
         self.outbox: list[dict] = []
-        self.outbox_sent_at = 0.
+        self.unsettled: list[tuple[float, dict]] = []
         self.download: Optional[Download] = None
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
@@ -351,10 +353,10 @@ class JobManager:
                 str(job.get("job_id", ""))):
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)
+            self.job.start_mono = 0.
         self.seen.extend(i for i in data.get("seen", []) if isinstance(i, str))
         self.outbox = [m for m in outbox if isinstance(m, dict)
                        and m.get("state") in ("completed", "canceled")]
-        self.link_lost()
     def save(self) -> None:
         try:
             write_json(self.job_path, {
@@ -368,11 +370,15 @@ class JobManager:
         except OSError as e:
             log.warning("polar_cloud: cannot save the outbox: %s", e)
     # Views for the status message
-    def view(self) -> Optional[protocol.JobView]:
+    def view(self, snap: Optional[dict] = None) -> Optional[protocol.JobView]:
         job = self.job
         if job is None:
             return None
-        return protocol.JobView(job.job_id, job.phase, job.filename,
+        phase = job.phase
+        if phase == "printing" and snap is not None \
+                and snap.get("mono", 0.) < job.start_mono:
+            phase = "starting"      # the snapshot predates the start
+        return protocol.JobView(job.job_id, phase, job.filename,
                                 job.final_code)
     def slicer_estimate(self, snap: dict) -> float:
         path = snap.get("file_path") or ""
@@ -394,8 +400,9 @@ class JobManager:
         job = self.job
         if (job is not None and job.job_id == req.job_id) \
                 or req.job_id in self.seen:
-            log.info("polar_cloud: print %s already handled; ignoring the"
-                     " repeat", req.job_id)
+            # once per job and period: a flood of repeats stays quiet
+            self.session.rlog("repeat:" + req.job_id, "print %s already"
+                              " handled; ignoring the repeat", req.job_id)
             return
         self.seen.append(req.job_id)
         reason = self._refusal(req, snap)
@@ -471,6 +478,7 @@ class JobManager:
             self.finish("canceled", None)
             return
         job.phase = "printing"
+        job.start_mono = time.monotonic()
         self.save()
         self.session.console("Polar Cloud: printing job '%s'" % (job.filename,))
         self.session.status_now()
@@ -518,6 +526,8 @@ class JobManager:
         if snap is None or job is None or job.phase not in ("printing",
                                                             "cancelling"):
             return
+        if snap.get("mono", 0.) < job.start_mono:
+            return
         if snap.get("klippy_state") != "ready":
             if snap.get("klippy_state") in ("shutdown", "error"):
                 self.finish("canceled", snap)
@@ -557,32 +567,40 @@ class JobManager:
         self.save_outbox()
         self.flush()
     def flush(self) -> None:
-        """Send what is pending; forget it once the link stayed up."""
+        """Send what is pending.  A sent report leaves the durable outbox at
+        once (a clean disconnect still delivers it) but stays in memory
+        until it is settled: acknowledged by the cloud (a Socket.IO ack),
+        or followed by traffic from the cloud a few seconds later.  If the
+        link drops before that, it goes out again."""
+        now = time.monotonic()
+        last_rx = self.session.last_rx()
+        self.unsettled = [(t, m) for t, m in self.unsettled
+                          if not (last_rx > t and now - t >= OUTBOX_SETTLE)]
         if not self.outbox or not self.session.is_online():
             return
-        now = time.monotonic()
-        if self.outbox_sent_at:
-            if now - self.outbox_sent_at >= OUTBOX_SETTLE:
-                sent = [m for m in self.outbox if m.get("_sent")]
-                self.outbox = [m for m in self.outbox if not m.get("_sent")]
-                self.outbox_sent_at = 0.
-                if sent:
-                    self.save_outbox()
-            return
         serial = self.session.serial()
-        for msg in self.outbox:
-            if msg.get("_sent"):
-                continue
-            wire = {k: v for k, v in msg.items() if not k.startswith("_")}
-            wire["serialNumber"] = serial
-            if self.session.emit("job", wire):
-                msg["_sent"] = True
-        self.outbox_sent_at = now
+        pending, self.outbox = self.outbox, []
+        for msg in pending:
+            wire = dict(msg, serialNumber=serial)
+            if self.session.emit("job", wire, callback=self._ack(msg)):
+                log.info("polar_cloud: job %s reported %s", msg["jobId"],
+                         msg["state"])
+                self.unsettled.append((now, msg))
+            else:
+                self.outbox.append(msg)
+        self.save_outbox()
+    def _ack(self, msg: dict):
+        def ack(*args) -> None:     # on the Socket.IO read thread
+            self.session.inbox.put_local("job_ack", msg)
+        return ack
+    def acknowledged(self, msg: dict) -> None:
+        self.unsettled = [(t, m) for t, m in self.unsettled if m is not msg]
     def link_lost(self) -> None:
-        """Anything not confirmed by a settled link goes out again."""
-        for msg in self.outbox:
-            msg.pop("_sent", None)
-        self.outbox_sent_at = 0.
+        """Reports sent just before the link dropped go out again."""
+        if self.unsettled:
+            self.outbox = [m for _t, m in self.unsettled] + self.outbox
+            self.unsettled = []
+            self.save_outbox()
     def stop(self) -> None:
         if self.download is not None:
             self.download.join(2.)

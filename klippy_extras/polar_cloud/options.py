@@ -61,6 +61,9 @@ class Options:
     allow_jog: bool
     cloud_macros: tuple
     camera: CameraOptions
+    # A CA bundle to verify server_url with instead of the system's (a
+    # private CA); verification itself can never be switched off
+    ca_file: str = ""
 
 
 def read_options(config) -> Options:
@@ -80,6 +83,12 @@ def read_options(config) -> Options:
         raise error("Option 'state_path' in section 'polar_cloud' must not be"
                     " inside the printer config folder (it is served to the"
                     " network by Moonraker)")
+    ca_file = config.get("ca_file", "").strip()
+    if ca_file:
+        ca_file = os.path.abspath(os.path.expanduser(ca_file))
+        if not os.path.isfile(ca_file) or not os.access(ca_file, os.R_OK):
+            raise error("Option 'ca_file' in section 'polar_cloud' must be a"
+                        " readable file of PEM CA certificates")
     manufacturer = config.get("manufacturer", "kl").strip()
     if not re.match(r"^[A-Za-z]{1,16}$", manufacturer):
         raise error("Option 'manufacturer' in section 'polar_cloud' must be"
@@ -111,4 +120,4 @@ def read_options(config) -> Options:
                    active_interval=10., verbose=verbose,
                    max_job_size=max_job_size, allow_raw_gcode=allow_raw_gcode,
                    allow_jog=allow_jog, cloud_macros=macros,
-                   camera=read_camera_options(config))
+                   camera=read_camera_options(config), ca_file=ca_file)

@@ -79,6 +79,7 @@ class PrinterSampler:
         """Return (snapshot, changed since the last sample)."""
         message, category = self.printer.get_state_message()
         snap = {"klippy_state": category, "wall_time": time.time(),
+                "mono": time.monotonic(),
                 "static": self.static,
                 "state_message": message.strip().split("\n")[0][:200]
                 if category in ("shutdown", "error") else ""}

@@ -64,6 +64,16 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def finite_number(value: Any) -> bool:
+    """A JSON number usable as a float (a huge integer is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def utc_iso(timestamp: float) -> str:
     dt = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -416,7 +426,7 @@ def parse_temperature(data: Any, serial: Optional[str]) -> dict:
             if not re.match(r"^\s*-?\d{1,4}(\.\d{1,3})?\s*$", value):
                 raise ProtocolError("temperature: %s is not a number" % key)
             value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise ProtocolError("temperature: %s is not a number" % key)
         targets[key] = float(value)
     if not targets:

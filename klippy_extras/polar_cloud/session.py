@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -27,8 +28,14 @@ CONNECT_TIMEOUT = 20.
 STABLE_AFTER = 60.
 LIVENESS_TIMEOUT = 90.
 VERSION_INTERVAL = 24 * 3600.
+HELLO_CAMERA_WAIT = 3.
 AUTH_RETRY_DELAY = 30 * 60.
 MAX_NETWORK_QUEUE = 256
+# Outbound packets waiting in python-engineio's (unbounded) send queue; on
+# a slow link status and other refreshable reports stop here.  Job
+# reports always go.
+MAX_OUTBOUND_QUEUE = 100
+MUST_SEND = frozenset({"job", "hello", "register", "unregister"})
 
 # Session states, as shown by POLAR_STATUS and printer.polar_cloud.state
 DISABLED = "disabled"
@@ -60,7 +67,8 @@ class RateLimitedLog:
         self.period = period
         self.last: dict[str, float] = {}
         self.suppressed: dict[str, int] = collections.Counter()
-    def __call__(self, key: str, msg: str, *args, level=logging.INFO):
+    def __call__(self, key: str, msg: str, *args, level=logging.INFO,
+                 exc_info=None):
         now = time.monotonic()
         last = self.last.get(key)
         if last is not None and now - last < self.period:
@@ -70,11 +78,23 @@ class RateLimitedLog:
         count = self.suppressed.pop(key, 0)
         if count:
             msg += " (%d similar suppressed)" % (count,)
-        log.log(level, "polar_cloud: " + msg, *args)
+        log.log(level, "polar_cloud: " + msg, *args, exc_info=exc_info)
+
+
+# Never dropped for a flood of other events: losing one would lose a job,
+# a command the user gave in the cloud, or a connection state change.
+CRITICAL_EVENTS = frozenset({
+    "print", "pause", "resume", "cancel", "delete", "welcome",
+    "registerResponse", "helloResponse", "unregisterResponse", "_disconnect"})
 
 
 class Inbox:
-    """Events for the supervisor: network events bounded, local ones not."""
+    """Events for the supervisor: network events bounded, local ones not.
+
+    When a flood fills the network queue, the oldest event that is not
+    critical makes room; only when the queue holds nothing but critical
+    events is the new one dropped (and counted).
+    """
 
     def __init__(self, limit: int = MAX_NETWORK_QUEUE):
         self.cond = threading.Condition()
@@ -86,7 +106,11 @@ class Inbox:
         with self.cond:
             if len(self.network) >= self.limit:
                 self.dropped += 1
-                return
+                victim = next((i for i, (n, _d) in enumerate(self.network)
+                               if n not in CRITICAL_EVENTS), None)
+                if victim is None:
+                    return
+                del self.network[victim]
             self.network.append((name, data))
             self.cond.notify()
     def put_local(self, name: str, data: Any = None) -> None:
@@ -163,6 +187,7 @@ class CloudSession:
         self.deadline = 0.
         self.retry_at = 0.
         self.challenge = ""
+        self.hello_at = 0.
         self.pending_register: Optional[tuple[str, str]] = None
         self.pending_unregister = False
         self.connected_at = 0.
@@ -174,6 +199,7 @@ class CloudSession:
         self.version_sent_at = 0.
         self.local_ip = "127.0.0.1"
         self.status_count = 0
+        self.dropped_seen = 0
         self.snapshot_lock = threading.Lock()
         self.snapshot: Optional[dict] = None
         self.status_now_flag = False
@@ -243,8 +269,12 @@ class CloudSession:
         return self.identity.serial if self.identity else None
     def is_online(self) -> bool:
         return self.state == ONLINE
-    def emit(self, event: str, data: dict) -> bool:
-        return self._emit(event, data)
+    def emit(self, event: str, data: dict, callback=None) -> bool:
+        return self._emit(event, data, callback)
+    def last_rx(self) -> float:
+        """When the cloud last sent anything, pings included."""
+        sio = self.sio
+        return getattr(sio.eio, "last_rx", 0.) if sio is not None else 0.
     def console(self, text: str, error: bool = False) -> None:
         self.bridge.console(text, error=error)
     def status_now(self) -> None:
@@ -286,8 +316,18 @@ class CloudSession:
             waits.append(self.retry_at - now)
         return max(0., min(waits))
     def _tick(self, now: float) -> None:
+        dropped = self.inbox.dropped
+        if dropped != self.dropped_seen:
+            self.dropped_seen = dropped
+            self.rlog("flood", "the cloud sent more events than can be"
+                      " handled; %d dropped", dropped, level=logging.WARNING)
         self.jobs.watch(self._snap())
         state = self.state
+        if self.hello_at and state == CONNECTING and (
+                now >= self.hello_at or not self.camera.probing()):
+            self.hello_at = 0.
+            self._send_hello()
+            state = self.state
         if state in (CONNECTING, REGISTERING, AUTHENTICATING) \
                 and now >= self.deadline:
             what = {CONNECTING: "no welcome from Polar Cloud",
@@ -321,7 +361,9 @@ class CloudSession:
         self._drop_connection("reconnect")
         self._set_state(CONNECTING, self.last_error)
         self.challenge = ""
-        sio = self.client_factory(self.inbox, True, CONNECT_TIMEOUT)
+        self.hello_at = 0.
+        sio = self.client_factory(self.inbox, self.options.ca_file or True,
+                                  CONNECT_TIMEOUT)
         self.sio = sio
         try:
             sio.connect(self.options.server_url, transports=["websocket"],
@@ -340,9 +382,17 @@ class CloudSession:
         self.rlog("connected", "connected to %s", self.options.server_url)
     def _connect_error_text(self, exc: Exception) -> str:
         text = str(exc) or exc.__class__.__name__
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None and "CERTIFICATE_VERIFY_FAILED" in str(cause):
-            return "TLS verification failed: %s" % (cause,)
+        # python-socketio wraps python-engineio's error, which wraps the
+        # ssl error: look down the whole chain
+        cause: Optional[BaseException] = exc
+        for _ in range(8):
+            if cause is None:
+                break
+            if isinstance(cause, ssl.SSLCertVerificationError) \
+                    or "CERTIFICATE_VERIFY_FAILED" in str(cause):
+                reason = getattr(cause, "verify_message", "") or str(cause)
+                return "TLS verification failed: %s" % (reason,)
+            cause = cause.__cause__ or cause.__context__
         return "cannot connect to %s: %s" % (self.options.server_url, text)
     def _find_local_ip(self) -> str:
         host = urllib.parse.urlsplit(self.options.server_url).hostname
@@ -362,7 +412,9 @@ class CloudSession:
         if sio is not None:
             self._close(sio)
         self.online_at = 0.
-        self.jobs.link_lost()
+        if why != "stopped":
+            # A clean stop delivers what was sent; a lost link may not have
+            self.jobs.link_lost()
     def _fail(self, why: str) -> None:
         """A connection attempt or live session ended; retry later."""
         was_online = self.state == ONLINE
@@ -383,12 +435,18 @@ class CloudSession:
         self._set_state(BACKOFF, why)
         self.rlog("retry:" + why[:40], "%s; retry in %.0f s", why, delay,
                   level=logging.WARNING)
-    def _emit(self, event: str, data: dict) -> bool:
+    def _emit(self, event: str, data: dict, callback=None) -> bool:
         sio = self.sio
         if sio is None:
             return False
+        queue = getattr(getattr(sio, "eio", None), "queue", None)
+        if event not in MUST_SEND and queue is not None \
+                and queue.qsize() >= MAX_OUTBOUND_QUEUE:
+            self.rlog("slow", "the link to Polar Cloud is slow; %s not"
+                      " sent", event, level=logging.WARNING)
+            return False
         try:
-            sio.emit(event, data)
+            sio.emit(event, data, callback=callback)
         except Exception as e:
             self.rlog("emit", "emit %s failed: %s", event, e,
                       level=logging.WARNING)
@@ -409,6 +467,8 @@ class CloudSession:
             self.jobs.download_done(*data)
         elif name == "print_started":
             self.jobs.print_started(*data)
+        elif name == "job_ack":
+            self.jobs.acknowledged(data)
         elif name == "snapshot":
             self._manual_snapshot()
         elif name == "snapshot_done":
@@ -431,6 +491,12 @@ class CloudSession:
             except protocol.ProtocolError as e:
                 self.rlog("bad:" + name, "dropped malformed '%s': %s",
                           name, e, level=logging.WARNING)
+            except Exception:
+                # A message we could not handle says nothing about the
+                # link: drop the message, keep the session
+                self.rlog("failed:" + name, "could not handle '%s' from the"
+                          " cloud; dropped", name, level=logging.WARNING,
+                          exc_info=True)
         else:
             self.rlog("unknown:" + str(name)[:32],
                       "ignoring unknown event from the cloud: %.32r", name,
@@ -442,7 +508,11 @@ class CloudSession:
         if self.pending_register is not None:
             self._send_register()
         elif self.identity is not None:
-            self._send_hello()
+            if self.camera.probing():
+                # Let the hello say whether there is a camera
+                self.hello_at = time.monotonic() + HELLO_CAMERA_WAIT
+            else:
+                self._send_hello()
         else:
             self._drop_connection("unregistered")
             self._set_state(UNREGISTERED, "")
@@ -465,6 +535,9 @@ class CloudSession:
             if key is None:
                 self.store.create_key()
             self.store.save_machine()
+            now = time.monotonic()
+            if self.camera.due("idle", now):
+                self.camera.start("idle", protocol.NO_JOB_ID, now)
         except IdentityError as e:
             self._finish_register(False, str(e))
             return
@@ -698,7 +771,7 @@ class CloudSession:
         snap = self._snap()
         if snap is None:
             return None
-        job = self.jobs.view()
+        job = self.jobs.view(snap)
         code = protocol.status_code(snap, job)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
@@ -737,6 +810,9 @@ class CloudSession:
             if error and state != CONNECTING:
                 self.rlog("state:" + state + error[:40], "%s: %s", state,
                           error)
+            elif state == CONNECTING:
+                # Every reconnect passes here: keep an outage quiet
+                self.rlog("state:" + state, "%s", state)
             else:
                 log.info("polar_cloud: %s", state)
     def _public_view(self) -> dict:
@@ -758,6 +834,8 @@ class CloudSession:
             if self.state == ONLINE else -1,
             "retry_in": max(0, int(self.retry_at - time.monotonic()))
             if self.state == BACKOFF else 0,
+            "retries": self.backoff.attempts if self.state != ONLINE
+            else 0,
         }
     def _publish(self) -> None:
         self.public = self._public_view()
