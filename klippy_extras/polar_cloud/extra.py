@@ -9,6 +9,7 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from typing import Callable
@@ -23,6 +24,22 @@ SAMPLE_INTERVAL = .25
 REQUIRED_PACKAGES = {"socketio": "python-socketio", "engineio":
                      "python-engineio", "websocket": "websocket-client",
                      "requests": "requests", "cryptography": "cryptography"}
+
+
+def guarded(handler):
+    """A G-code or webhooks handler whose bugs can't shut the printer down:
+    klippy turns any exception but a command error into a shutdown."""
+    @functools.wraps(handler)
+    def wrapper(self, request):
+        try:
+            return handler(self, request)
+        except self.printer.command_error:
+            raise
+        except Exception:
+            logging.exception("polar_cloud: %s failed", handler.__name__)
+            raise self.printer.command_error(
+                "polar_cloud: internal error (see klippy.log)") from None
+    return wrapper
 
 
 def missing_packages() -> list[str]:
@@ -191,6 +208,7 @@ class PolarCloud:
         return ""
     cmd_POLAR_REGISTER_help = ("Register this printer with Polar Cloud:"
                                " POLAR_REGISTER EMAIL=<e-mail> PIN=<pin>")
+    @guarded
     def cmd_POLAR_REGISTER(self, gcmd) -> None:
         email = gcmd.get("EMAIL", "").strip()
         pin = gcmd.get("PIN", "").strip()
@@ -202,10 +220,12 @@ class PolarCloud:
                           " follow in the console"
                           % (protocol.redact_email(email),), log=False)
     cmd_POLAR_STATUS_help = "Show the Polar Cloud connection state"
+    @guarded
     def cmd_POLAR_STATUS(self, gcmd) -> None:
         gcmd.respond_info("\n".join(self.status_lines()), log=False)
     cmd_POLAR_UNREGISTER_help = ("Remove this printer from Polar Cloud and"
                                  " forget its identity")
+    @guarded
     def cmd_POLAR_UNREGISTER(self, gcmd) -> None:
         force = gcmd.get_int("FORCE", 0, minval=0, maxval=1)
         if not self.started:
@@ -215,16 +235,19 @@ class PolarCloud:
                           " follow in the console", log=False)
     cmd_POLAR_SNAPSHOT_help = ("Take a webcam snapshot now and upload it to"
                                " Polar Cloud; the result follows")
+    @guarded
     def cmd_POLAR_SNAPSHOT(self, gcmd) -> None:
         if not self.started or self.missing:
             raise gcmd.error("POLAR_SNAPSHOT: the cloud session is not"
                              " running")
-        self.session.snapshot()
+        self.session.request_snapshot()
         gcmd.respond_info("Polar Cloud: taking a snapshot", log=False)
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
+    @guarded
     def _handle_status_request(self, web_request) -> None:
         web_request.send(dict(self.session.public,
                               lines=self.status_lines()))
+    @guarded
     def _handle_register_request(self, web_request) -> None:
         email = web_request.get_str("email").strip()
         pin = web_request.get_str("pin").strip()
@@ -233,6 +256,7 @@ class PolarCloud:
             raise self.printer.command_error(error)
         self.session.register(email, pin)
         web_request.send({"state": "registering"})
+    @guarded
     def _handle_unregister_request(self, web_request) -> None:
         force = web_request.get("force", False) in (True, 1, "1", "true")
         if not self.started:

@@ -240,7 +240,7 @@ class CloudSession:
         self.inbox.put_local("register", (email, pin))
     def unregister(self, force: bool) -> None:
         self.inbox.put_local("unregister", force)
-    def snapshot(self) -> None:
+    def request_snapshot(self) -> None:
         self.inbox.put_local("snapshot")
     # The supervisor
     def _run(self) -> None:
