@@ -514,6 +514,9 @@ install_nginx() {
     fi
     cat > "$TMP_DIR/nginx.conf" <<EOF
 # polar_cloud: added by install.sh --nginx; install.sh --uninstall removes it
+location = /polar-cloud {
+    return 301 /polar-cloud/;
+}
 location /polar-cloud/ {
     alias "$REPO_DIR/web/";
     index index.html;
