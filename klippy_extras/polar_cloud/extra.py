@@ -153,6 +153,12 @@ class PolarCloud:
     def _handle_disconnect(self) -> None:
         self.bridge.alive = False
         if self.started:
+            # The last word on a print that ended right before a RESTART:
+            # the session records it before it stops
+            try:
+                self._post_sample(self.reactor.monotonic())
+            except Exception:
+                logging.exception("polar_cloud: final sample failed")
             self.session.stop()
     def _post_sample(self, eventtime: float) -> None:
         snap, changed = self.sampler.sample(eventtime)

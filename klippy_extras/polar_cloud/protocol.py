@@ -395,7 +395,9 @@ def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
         job_id = str(job_id)
     if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
         raise ProtocolError("print: jobId is missing or not a safe token")
-    job_name = _opt_str(data, "jobName", "print", MAX_TEXT)
+    # A long name is the user's file name, not an attack: keep the start
+    # (the file name made from it is cut much shorter anyway)
+    job_name = _opt_str(data, "jobName", "print", 65536)[:MAX_TEXT]
     kind = data.get("fileToPrint")
     if kind is None or kind == "":
         kind = "gcodeFile" if data.get("gcodeFile") else (

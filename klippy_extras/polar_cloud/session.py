@@ -145,7 +145,16 @@ def make_client(inbox: Inbox, options_verify, request_timeout: float):
         def _receive_packet(self, pkt):
             self.last_rx = time.monotonic()
             if pkt.packet_type == engineio.packet.MESSAGE:
-                self._trigger_event("message", pkt.data, run_async=False)
+                handler = self.handlers.get("message")
+                try:
+                    if handler is not None:
+                        handler(pkt.data)
+                except Exception as e:
+                    # Not even Socket.IO can decode it (say JSON with a
+                    # 5,000-digit number): python-engineio would log a
+                    # traceback per message; the session logs it once
+                    inbox.put_network("_undecodable", "%s: %.80s" % (
+                        e.__class__.__name__, e))
                 return
             super()._receive_packet(pkt)
 
@@ -178,6 +187,7 @@ class CloudSession:
         self.backoff = backoff or Backoff()
         self.inbox = Inbox()
         self.stop_event = threading.Event()
+        self.abandoned = False
         self.thread: Optional[threading.Thread] = None
         self.rlog = RateLimitedLog()
         # Supervisor-thread state
@@ -223,12 +233,17 @@ class CloudSession:
         self.inbox.wake()
         sio = self.sio
         if sio is not None:
-            try:
-                sio.disconnect()
-            except Exception:
-                pass
+            # Never blocks: this runs on klippy's reactor thread
+            self._close(sio)
         if self.thread is not None:
             self.thread.join(timeout)
+            if self.thread.is_alive():
+                # Stuck in a connect or a DNS lookup: it ends by itself
+                # (daemon), but must not touch the state files the next
+                # klippy instance has already read
+                self.abandoned = True
+                log.info("polar_cloud: the old session thread is still"
+                         " busy; it will end by itself")
         self.jobs.stop()
         self.camera.stop(timeout)
     def post_snapshot(self, snap: dict, changed: bool) -> None:
@@ -262,6 +277,13 @@ class CloudSession:
                 log.exception("polar_cloud: session error")
                 self._drop_connection("internal error")
                 self._schedule_retry("internal error; see klippy.log")
+        try:
+            # A print that ended just before klippy restarts: record (and
+            # queue) its report now, the next klippy cannot tell
+            if not self.abandoned:
+                self.jobs.watch(self._snap())
+        except Exception:
+            log.exception("polar_cloud: final job check failed")
         self._drop_connection("stopped")
         self.state = STOPPED
     # Helpers for jobs and commands (session thread)
@@ -403,10 +425,40 @@ class CloudSession:
         except OSError:
             return "127.0.0.1"
     def _close(self, sio) -> None:
+        """End a link at once, from any thread.
+
+        python-engineio's disconnect() joins its read thread, which sits
+        in recv() until the server's next ping (25 s on Polar Cloud), and
+        a race between two disconnects can leave its write thread waiting
+        max(pingInterval, pingTimeout) + 5 s on an empty queue.  So: shut
+        the socket down (every blocked recv/send returns), abort without
+        joining, and wake the write thread; both threads then end by
+        themselves.  The server sees the TCP connection close.
+        """
+        eio = getattr(sio, "eio", None)
+        ws = getattr(eio, "ws", None)
+        raw = getattr(ws, "sock", None)
+        if raw is not None:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
-            sio.disconnect()
+            if eio is not None:
+                eio.disconnect(abort=True)
+            else:
+                sio.disconnect()
         except Exception:
             pass
+        try:
+            eio.queue.put(None)
+        except Exception:
+            pass
+        if ws is not None:
+            try:
+                ws.shutdown()
+            except Exception:
+                pass
     def _drop_connection(self, why: str) -> None:
         sio, self.sio = self.sio, None
         if sio is not None:
@@ -460,6 +512,9 @@ class CloudSession:
             self._start_register(*data)
         elif name == "unregister":
             self._start_unregister(bool(data))
+        elif name == "_undecodable":
+            self.rlog("undecodable", "dropped a message from the cloud that"
+                      " cannot be decoded (%s)", data, level=logging.WARNING)
         elif name == "_disconnect":
             if self.sio is not None and not self.sio.connected:
                 self._fail("disconnected by Polar Cloud")
@@ -807,7 +862,9 @@ class CloudSession:
         self.last_error = error
         if changed:
             self._publish()
-            if error and state != CONNECTING:
+            if state == BACKOFF:
+                pass        # _schedule_retry logs the reason and the delay
+            elif error and state != CONNECTING:
                 self.rlog("state:" + state + error[:40], "%s: %s", state,
                           error)
             elif state == CONNECTING:

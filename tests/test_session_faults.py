@@ -1,0 +1,552 @@
+"""Issue 5, klippy-free half: the cloud session's own defences, driven
+directly with a fake bridge and a fake Socket.IO client.
+
+- Every inbound handler is fuzzed with hypothesis (R6): nothing escapes,
+  nothing but ProtocolErrors, and only allow-listed G-code comes out.
+- Exceptions injected into each handler and into the supervisor's work
+  (R24): the message is dropped, logged once with a traceback, and the
+  session carries on (or reconnects, for a supervisor failure).
+- A flood fills the inbox: job events still get through (R6/R10).
+- A slow link fills the outbound queue: status waits, job reports go (R5).
+- Logs stay quiet through a long outage, with one summary per period (R2).
+- A fleet of 1,000 printers using the session's Backoff comes back from a
+  5-minute outage without a stampede (R28), in simulated time.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+import tempfile
+import threading
+import time
+import types
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from klippy_extras.polar_cloud import jobs as jobs_mod
+from klippy_extras.polar_cloud import session as S
+from klippy_extras.polar_cloud.backoff import Backoff
+from klippy_extras.polar_cloud.camera import CameraOptions
+from klippy_extras.polar_cloud.identity import Identity
+from klippy_extras.polar_cloud.options import Options
+
+SERIAL = "KL000042"
+# Every G-code the session may ever ask klippy to run, with these options
+ALLOWED_GCODE = re.compile(
+    r"^(SET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed) TARGET=-?\d+\.\d"
+    r"(\nSET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed)"
+    r" TARGET=-?\d+\.\d)?"
+    r"|PAUSE|RESUME|CANCEL_PRINT|LOAD_FILAMENT"
+    r'|SDCARD_PRINT_FILE FILENAME="[A-Za-z0-9_.-]+_polar-[A-Za-z0-9_-]+'
+    r'\.gcode")$')
+
+
+# ------------------------------------------------------------------ fakes
+
+class FakeBridge:
+    def __init__(self) -> None:
+        self.console_lines: list[str] = []
+        self.scripts: list[str] = []
+
+    def console(self, text: str, error: bool = False, log: bool = True):
+        self.console_lines.append(text)
+
+    def call(self, fn, *args) -> None:
+        pass
+
+    def run_gcode(self, script: str, reply) -> None:
+        self.scripts.append(script)
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def qsize(self) -> int:
+        return self.size
+
+
+class FakeEio:
+    def __init__(self, sio=None) -> None:
+        self.last_rx = 0.
+        self.queue = FakeQueue()
+        self.ws = None
+        self.sio = sio
+
+    def disconnect(self, abort: bool = False) -> None:
+        if self.sio is not None:
+            self.sio.connected = False
+
+
+class FakeSio:
+    """A connected python-socketio client that records what is emitted."""
+
+    def __init__(self, fail_connect: bool = False) -> None:
+        self.connected = False
+        self.fail_connect = fail_connect
+        self.emits: list[tuple[str, Any]] = []
+        self.eio = FakeEio(self)
+
+    def connect(self, url, **kw) -> None:
+        if self.fail_connect:
+            raise ConnectionError("refused")
+        self.connected = True
+
+    def emit(self, event: str, data, callback=None) -> None:
+        self.emits.append((event, data))
+
+    def disconnect(self) -> None:
+        self.connected = False
+
+
+class FakeStore:
+    """The identity store, minus crypto and files."""
+
+    def __init__(self) -> None:
+        self.wiped = 0
+
+    def sign(self, challenge: str) -> str:
+        return "c2lnbmF0dXJl"
+
+    def public_pem(self) -> str:
+        return "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n"
+
+    def machine(self) -> dict:
+        return {"mac": "02:00:00:00:00:01", "mfg_sn": "KL-020000000001"}
+
+    def save(self, serial: str, server: str) -> Identity:
+        return identity(serial)
+
+    def wipe(self) -> None:
+        self.wiped += 1
+
+    def load_key(self):
+        return object()
+
+    def save_machine(self) -> None:
+        pass
+
+
+class FakeDownload:
+    started = 0
+
+    def __init__(self, *args, **kw) -> None:
+        pass
+
+    def start(self) -> None:
+        FakeDownload.started += 1
+
+    def cancel(self) -> None:
+        pass
+
+    def join(self, timeout: float) -> None:
+        pass
+
+
+def identity(serial: str = SERIAL) -> Identity:
+    return Identity(serial, "02:00:00:00:00:01", "KL-020000000001",
+                    "http://127.0.0.1:1", "fp")
+
+
+def options(state_path: str, **kw) -> Options:
+    base = dict(
+        server_url="http://127.0.0.1:1", state_path=state_path,
+        manufacturer="kl", printer_make="Cartesian",
+        machine_type="Cartesian", status_interval=60., active_interval=10.,
+        verbose=False, max_job_size=1 << 20, allow_raw_gcode=False,
+        allow_jog=False, cloud_macros=("LOAD_FILAMENT",),
+        camera=CameraOptions(enabled=False))
+    base.update(kw)
+    return Options(**base)
+
+
+def snapshot(**kw) -> dict:
+    snap = {
+        "klippy_state": "ready", "print_state": "standby", "filename": "",
+        "print_duration": 0., "total_duration": 0., "filament_used": 0.,
+        "progress": 0., "is_active": False, "file_position": 0,
+        "file_size": 0, "file_path": "", "wall_time": 1.7e9, "mono": 0.,
+        "state_message": "", "heaters": {"tool0": (20., 0.),
+                                         "bed": (20., 0.)},
+        "static": {"sdcard_dir": tempfile.gettempdir(), "heaters": {
+            "tool0": {"name": "extruder", "gcode_name": "extruder",
+                      "min": 0., "max": 300.},
+            "bed": {"name": "heater_bed", "gcode_name": "heater_bed",
+                    "min": 0., "max": 120.}}}}
+    snap.update(kw)
+    return snap
+
+
+def make_session(tmp_path, monkeypatch=None, **opts) -> S.CloudSession:
+    """An online session: no threads, no network, no files but state_path."""
+    sios: list[FakeSio] = []
+
+    def factory(inbox, verify, timeout):
+        sio = FakeSio()
+        sios.append(sio)
+        return sio
+    s = S.CloudSession(options(str(tmp_path), **opts), FakeBridge(), "0.0",
+                       client_factory=factory,
+                       backoff=Backoff(rand=lambda: .5))
+    s.sios = sios
+    s.store = FakeStore()
+    go_online(s)
+    s.post_snapshot(snapshot(), True)
+    return s
+
+
+def go_online(s: S.CloudSession) -> None:
+    s.identity = identity()
+    s.sio = FakeSio()
+    s.sio.connected = True
+    s.state = S.ONLINE
+
+
+# --------------------------------------------------------------- fuzzing
+
+def json_values(leaf=None):
+    scalars = (st.none() | st.booleans()
+               | st.integers(min_value=-(10 ** 400), max_value=10 ** 400)
+               | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=40))
+    if leaf is not None:
+        scalars = scalars | leaf
+    return st.recursive(scalars, lambda children: st.lists(
+        children, max_size=4) | st.dictionaries(st.text(max_size=12),
+                                                children, max_size=4),
+        max_leaves=12)
+
+
+KEYS = ["serialNumber", "jobId", "jobName", "gcodeFile", "stlFile",
+        "threemfFile", "configFile", "fileToPrint", "tool0", "tool1", "bed",
+        "chamber", "command", "jogPrinter", "status", "message", "reason",
+        "url", "fields", "expires", "maxSize", "contentType", "type",
+        "method", "capabilities", "challenge", "axes", "amount", "x",
+        "speed", "absolute"]
+INTERESTING = st.sampled_from([
+    SERIAL, "KL999999", "job-1", "../../etc/passwd", "SUCCESS", "FAILED",
+    "DELETED", "idle", "printing", "post", "image/jpeg", "gcodeFile",
+    "http://127.0.0.1:1/x.gcode", "https://169.254.169.254/x",
+    "file:///etc/passwd", "200\nM112", "macro/LOAD_FILAMENT",
+    "macro/SAVE_CONFIG", "SAVE_CONFIG", "{% raw %}", "home", "jog",
+    "extrude", "x" * 5000, 250, -5, 1e308, 10 ** 30])
+
+
+def payloads():
+    value = json_values(INTERESTING)
+    objects = st.dictionaries(st.sampled_from(KEYS), value, max_size=8)
+    return objects | value
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir():
+    with tempfile.TemporaryDirectory() as d:
+        yield d
+
+
+@pytest.mark.parametrize("event", sorted(S.CLOUD_EVENTS | {"bogus", ""}))
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(data=payloads(), state=st.sampled_from(
+    [S.ONLINE, S.CONNECTING, S.AUTHENTICATING, S.REGISTERING]),
+    printing=st.booleans())
+def test_every_inbound_handler_survives_any_payload(
+        fuzz_dir, monkeypatch, caplog, event, data, state, printing):
+    monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
+    s = make_session(fuzz_dir)
+    s.state = state
+    if state == S.REGISTERING:
+        s.pending_register = ("", "")
+    if printing:
+        s.post_snapshot(snapshot(print_state="printing",
+                                 filename="x.gcode", is_active=True), True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        s._dispatch(event, data)
+    # Hostile input is a ProtocolError or a refusal, never a crash
+    crashes = [r for r in caplog.records if r.exc_info
+               or r.levelno >= logging.ERROR]
+    assert crashes == [], [r.getMessage() for r in crashes]
+    for script in s.bridge.scripts:
+        assert ALLOWED_GCODE.match(script), script
+    for line in s.bridge.console_lines:
+        assert len(line) < 600
+
+
+def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
+    s = make_session(tmp_path)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for i in range(1000):
+            s._dispatch("temperature", {"bed": "abc"})
+            s._dispatch("bogus%d" % (i % 3,), {})
+            s._dispatch("command", {"command": "M112"})
+            s._dispatch("print", [])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6, lines     # 3 unknown names, 3 malformed kinds
+    assert s.bridge.scripts == []
+
+
+# ------------------------------------------------------ exception injection
+
+def boom(*args, **kw):
+    raise RuntimeError("injected")
+
+
+INJECTIONS = [
+    # (event, payload, object path to the callee that raises)
+    ("print", {"jobId": "j1", "gcodeFile": "http://127.0.0.1:1/a.gcode"},
+     "jobs.handle_print"),
+    ("pause", {}, "jobs.control"),
+    ("resume", {}, "jobs.control"),
+    ("cancel", {}, "jobs.control"),
+    ("temperature", {"bed": 50}, "commands.temperature"),
+    ("command", {"command": "G28"}, "commands.raw_gcode"),
+    ("customCommand", {"command": "macro/LOAD_FILAMENT"},
+     "commands.custom_command"),
+    ("jogPrinter", {"jogPrinter": {"command": "home"}}, "commands.jog"),
+    ("connectPrinter", {}, "commands.refuse"),
+    ("update", {}, "commands.refuse"),
+    ("getUrlResponse", {"status": "SUCCESS"}, "camera.set_slot"),
+    ("delete", {}, "store.wipe"),
+    ("capabilitiesResponse", {"capabilities": ["x"]}, "capabilities"),
+]
+
+
+@pytest.mark.parametrize("event,payload,target", INJECTIONS,
+                         ids=[i[0] for i in INJECTIONS])
+def test_injected_handler_exception_is_logged_once_and_contained(
+        tmp_path, monkeypatch, caplog, event, payload, target):
+    monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
+    monkeypatch.setattr("klippy_extras.polar_cloud.camera.parse_url_response",
+                        lambda *a: object())
+    s = make_session(tmp_path)
+    owner_name, _, attr = target.rpartition(".")
+    owner = getattr(s, owner_name) if owner_name else s
+    if target == "capabilities":
+        # a list that blows up when iterated
+        payload = {"capabilities": ExplodingList()}
+    else:
+        monkeypatch.setattr(owner, attr, boom)
+    sio = s.sio
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for _ in range(3):
+            s._dispatch(event, payload)
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+    assert "could not handle '%s'" % (event,) in failures[0].getMessage()
+    # The session kept its link: a bad message is not a bad connection
+    assert s.state == S.ONLINE and s.sio is sio and sio.connected
+
+
+class ExplodingList(list):
+    def __iter__(self):
+        raise RuntimeError("injected")
+
+    def __getitem__(self, item):
+        raise RuntimeError("injected")
+
+
+def run_supervisor(s: S.CloudSession) -> threading.Thread:
+    s.missing = []
+    t = threading.Thread(target=s._run, daemon=True)
+    t.start()
+    return t
+
+
+def wait(pred, timeout=10.):
+    ev = threading.Event()
+    for _ in range(int(timeout / .02)):
+        if pred():
+            return True
+        ev.wait(.02)
+    return pred()
+
+
+@pytest.mark.parametrize("where", ["jobs.watch", "_check_link",
+                                   "_maybe_send_status"])
+def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
+                                                    caplog, where):
+    """R24 for the supervisor: its periodic work raises once."""
+    s = make_session(tmp_path)
+    s.state = S.STOPPED
+    s.identity = None
+    monkeypatch.setattr(s.store, "load", lambda: identity(), raising=False)
+    monkeypatch.setattr(s.jobs, "load", lambda: None)
+    owner_name, _, attr = where.rpartition(".")
+    owner = getattr(s, owner_name) if owner_name else s
+    real = getattr(owner, attr)
+    fired = collections.Counter()
+
+    def once(*args, **kw):
+        if not fired["n"] and s.state == S.ONLINE:
+            fired["n"] += 1
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+    monkeypatch.setattr(owner, attr, once)
+    s.backoff = Backoff(base=.05, cap=.05, rand=lambda: .5)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        thread = run_supervisor(s)
+        try:
+            for n in (1, 2):
+                assert wait(lambda n=n: len(s.sios) == n)
+                s.inbox.put_network("welcome", {"challenge": "c"})
+                assert wait(lambda: s.state == S.AUTHENTICATING)
+                s.inbox.put_network("helloResponse", {"status": "SUCCESS"})
+                if n == 1:
+                    # the injected failure drops the link and reconnects
+                    assert wait(lambda: len(s.sios) == 2)
+            assert wait(lambda: s.state == S.ONLINE)
+        finally:
+            s.stop(timeout=5.)
+            thread.join(5.)
+    assert not thread.is_alive()
+    assert s.sios[0].connected is False
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "session error" in \
+        tracebacks[0].getMessage()
+
+
+def test_download_worker_exception_cancels_the_job(tmp_path, monkeypatch):
+    """R24 for the download worker: the thread's own failure ends the job
+    with a report, and no partial file stays."""
+    results = []
+    dl = jobs_mod.Download("http://127.0.0.1:1/x.gcode", str(tmp_path),
+                           "x_polar-j1.gcode", 1 << 20, True,
+                           threading.Event(),
+                           lambda err, size: results.append((err, size)))
+    monkeypatch.setattr(dl, "_download", boom)
+    dl.start()
+    dl.join(10.)
+    assert results == [("download failed: RuntimeError", 0)]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------ floods and queues
+
+def test_flooded_inbox_keeps_job_events(tmp_path):
+    inbox = S.Inbox(limit=256)
+    inbox.put_network("print", {"jobId": "first"})
+    for i in range(1000):
+        inbox.put_network("temperature", {"bed": i})
+        if i == 500:
+            inbox.put_network("cancel", {})
+    inbox.put_network("print", {"jobId": "last"})
+    got = []
+    while True:
+        item = inbox.get(0.)
+        if item is None:
+            break
+        got.append(item)
+    names = [n for n, _ in got]
+    assert len(got) == 256 and inbox.dropped == 1003 - 256
+    assert [d for n, d in got if n == "print"] == [{"jobId": "first"},
+                                                    {"jobId": "last"}]
+    assert names.count("cancel") == 1
+    # Order is kept, and the newest refreshable events won over the oldest
+    assert [d["bed"] for n, d in got if n == "temperature"] == list(
+        range(1000 - 253, 1000))
+
+
+def test_inbox_full_of_critical_events_drops_new_ones():
+    inbox = S.Inbox(limit=4)
+    for i in range(6):
+        inbox.put_network("print", {"jobId": str(i)})
+    assert inbox.dropped == 2
+    assert [inbox.get(0.)[1]["jobId"] for _ in range(4)] == list("0123")
+
+
+def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
+    """R5: python-engineio's send queue is unbounded; the session is not."""
+    s = make_session(tmp_path)
+    s.sio.eio.queue.size = S.MAX_OUTBOUND_QUEUE
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for _ in range(50):
+            assert s._emit("status", {"serialNumber": SERIAL}) is False
+        s.jobs.queue_final("j9", "completed", 10., 1.)
+    assert [e for e, _ in s.sio.emits] == ["job"]
+    slow = [r for r in caplog.records if "slow" in r.getMessage()]
+    assert len(slow) == 1
+    s.sio.eio.queue.size = 0
+    assert s._emit("status", {"serialNumber": SERIAL}) is True
+
+
+# ------------------------------------------------------------- log volume
+
+def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
+    """A 30-minute outage, in simulated time: a line per state change and
+    reason, and one summary line per 10 minutes."""
+    clock = [1000.]
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time))
+    s = make_session(tmp_path)
+    s.client_factory = lambda inbox, verify, timeout: FakeSio(
+        fail_connect=True)
+    s.backoff = Backoff(rand=random.Random(3).random)
+    attempts = 0
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        s._fail("connection lost")
+        while clock[0] < 1000. + 1800.:
+            clock[0] = s.retry_at
+            s._tick(clock[0])
+            attempts += 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert attempts >= 15
+    # the first ten minutes: the lost link, the first reconnect, the first
+    # refusal; then one "connecting" and one "retry" summary per period
+    assert len(lines) <= 3 + 2 * 3, lines
+    summaries = [line for line in lines if "similar suppressed" in line]
+    assert 2 <= len(summaries) <= 2 * 3, lines
+
+
+# ---------------------------------------------------------- fleet storm
+
+def fleet_reconnects(n: int, outage: float, make_delay) -> list[float]:
+    """Each client drops at t=0 and retries on its own schedule until the
+    first attempt at or after `outage` succeeds; return those times."""
+    times = []
+    for i in range(n):
+        next_delay = make_delay(i)
+        t = next_delay()
+        while t < outage:
+            t += next_delay()
+        times.append(t)
+    return times
+
+
+def max_per_second(times: list[float]) -> int:
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_fleet_comes_back_without_a_stampede():
+    """R28: 1,000 printers lose the cloud at t=0, it returns at t=300 s."""
+    n, outage = 1000, 300.
+    times = fleet_reconnects(n, outage, lambda i: Backoff(
+        rand=random.Random(i).random).next_delay)
+    assert all(t >= outage for t in times)
+    assert max_per_second(times) <= 0.03 * n
+    # Spread over at least half of the jitter window at the cap (60-180 s)
+    assert max(times) - min(times) >= 0.5 * 120.
+    # For contrast: python-socketio's own reconnection (additive +/-0.5 s
+    # jitter, delay capped at 5 s) would bring them back in a spike
+    def socketio_default(i):
+        rng, attempt = random.Random(i), [0]
+
+        def delay():
+            d = min(1. * 2 ** attempt[0], 5.)
+            attempt[0] += 1
+            return d + 0.5 * (2 * rng.random() - 1)
+        return delay
+    spike = fleet_reconnects(n, outage, socketio_default)
+    assert max_per_second(spike) > 0.03 * n
