@@ -57,7 +57,7 @@ class RemoteCommands:
                          % (heater["gcode_name"], clamped))
         if lines:
             self.session.bridge.run_gcode("\n".join(lines),
-                                          self._report("temperature"))
+                                          self.session.report_failure("temperature"))
     # macro buttons (customCommandList / customCommand)
     def command_list(self) -> list[dict]:
         return [{"label": name.replace("_", " ").title(),
@@ -77,7 +77,7 @@ class RemoteCommands:
             self._audit("customCommand", "refused, printer not ready")
             return
         self._audit("customCommand", "running %s" % (name,))
-        self.session.bridge.run_gcode(name, self._report(name))
+        self.session.bridge.run_gcode(name, self.session.report_failure(name))
     # raw G-code (allow_raw_gcode)
     def raw_gcode(self, data: Any, snap: Optional[dict]) -> None:
         if not self.options.allow_raw_gcode:
@@ -99,7 +99,7 @@ class RemoteCommands:
             return
         self._audit("command", "running %d line(s)"
                     % (len(script.splitlines()),))
-        self.session.bridge.run_gcode(script, self._report("G-code"))
+        self.session.bridge.run_gcode(script, self.session.report_failure("G-code"))
     def _check_script(self, script: str) -> str:
         if "{" in script or "}" in script:
             return "templates are not allowed"
@@ -121,7 +121,7 @@ class RemoteCommands:
             self._audit("jogPrinter", "refused, printer busy or not ready")
             return
         self.session.bridge.run_gcode(self._jog_script(data["jogPrinter"]),
-                                      self._report("jog"))
+                                      self.session.report_failure("jog"))
     def _jog_script(self, req: dict) -> str:
         command = req.get("command")
         if command == "home":
@@ -153,10 +153,4 @@ class RemoteCommands:
         raise protocol.ProtocolError("jogPrinter: unknown command")
     def refuse(self, event: str) -> None:
         self._audit(event, "not supported by this printer")
-    def _report(self, what: str):
-        def reply(ok: bool, error: str) -> None:
-            if not ok:
-                self.session.bridge.console("Polar Cloud: %s failed: %s"
-                                            % (what, error), error=True)
-        return reply
 

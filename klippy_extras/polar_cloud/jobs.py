@@ -532,14 +532,9 @@ class JobManager:
         script = {"pause": "PAUSE", "resume": "RESUME",
                   "cancel": "CANCEL_PRINT"}[action]
         log.info("polar_cloud: cloud %s -> %s", action, script)
-        self.session.bridge.run_gcode(script, self._command_result(script))
+        self.session.bridge.run_gcode(script,
+                                      self.session.report_failure(script))
         self.session.status_now()
-    def _command_result(self, script: str):
-        def reply(ok: bool, error: str) -> None:
-            if not ok:
-                self.session.bridge.console("Polar Cloud: %s failed: %s"
-                                            % (script, error), error=True)
-        return reply
     # Watching the print
     def watch(self, snap: Optional[dict]) -> None:
         job = self.job

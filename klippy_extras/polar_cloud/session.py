@@ -299,6 +299,13 @@ class CloudSession:
         return getattr(sio.eio, "last_rx", 0.) if sio is not None else 0.
     def console(self, text: str, error: bool = False) -> None:
         self.bridge.console(text, error=error)
+    def report_failure(self, what: str) -> Callable[[bool, str], None]:
+        """A run_gcode reply that tells the console when the script failed."""
+        def reply(ok: bool, error: str) -> None:
+            if not ok:
+                self.bridge.console("Polar Cloud: %s failed: %s"
+                                    % (what, error), error=True)
+        return reply
     def status_now(self) -> None:
         self.status_now_flag = True
     def loopback_test_server(self) -> bool:
