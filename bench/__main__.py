@@ -1,8 +1,8 @@
 """polar_cloud benchmarks: what the module costs klippy, and how fast it
 reacts.  Run `bench/run.sh` (or `.venv/bin/python -m bench`) from the repo.
 
-    bench/run.sh            full run, 5 minute CPU windows (25-35 min)
-    bench/run.sh --quick    60 s windows, fewer samples (for development)
+    bench/run.sh            full run, 5 minute CPU windows (about 20 min)
+    bench/run.sh --quick    60 s windows, fewer samples (about 6 min)
     bench/run.sh --only download,storm    just some measurements
 
 Prints a table: each figure with the module, without it (the same
