@@ -4,7 +4,7 @@ import os
 import stat
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from klippy_extras.polar_cloud.identity import IdentityError, IdentityStore
@@ -16,13 +16,14 @@ def mode(path):
 
 def test_key_created_private_and_signature_verifies(tmp_path):
     store = IdentityStore(str(tmp_path / "state"), "kl")
-    key = store.create_key()
+    public = store.create_key()
     assert mode(store.key_path) == 0o600
     assert mode(store.state_dir) == 0o700
     with open(store.key_path) as f:
         assert f.read().startswith("-----BEGIN RSA PRIVATE KEY-----")
     sig = base64.b64decode(store.sign("challenge-ü"))
-    key.public_key().verify(sig, "challenge-ü".encode(), padding.PKCS1v15(),
+    key = serialization.load_pem_public_key(public.encode())
+    key.verify(sig, "challenge-ü".encode(), padding.PKCS1v15(),
                             hashes.SHA256())
     assert store.load() is None                    # key but no serial yet
     ident = store.save("KL000001", "https://x")
@@ -68,3 +69,34 @@ def test_wipe_keeps_machine_identity(tmp_path):
     fresh = IdentityStore(str(tmp_path), "kl")
     assert fresh.load() is None
     assert fresh.machine()["mac"] == ident.mac
+
+
+def test_signing_is_done_outside_this_process(tmp_path):
+    """klippy never loads cryptography: key work happens in a child."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "from klippy_extras.polar_cloud.identity import IdentityStore\n"
+        "s = IdentityStore(sys.argv[1], 'kl')\n"
+        "s.create_key(); s.save('KL1', 'x')\n"
+        "t = IdentityStore(sys.argv[1], 'kl'); t.load(); t.sign('c')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                         capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
+
+
+def test_key_of_another_kind_is_refused(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    store = IdentityStore(str(tmp_path), "kl")
+    store.create_key()
+    store.save("KL000001", "https://x")
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    with open(store.key_path, "wb") as f:
+        f.write(pem)
+    with pytest.raises(IdentityError, match="corrupt"):
+        IdentityStore(str(tmp_path), "kl").load()

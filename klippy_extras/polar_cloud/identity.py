@@ -6,7 +6,6 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -20,18 +19,76 @@ from typing import Any, Optional
 KEY_FILE = "key.pem"
 IDENTITY_FILE = "identity.json"
 
-# RSA key generation holds the GIL for tens of milliseconds (seconds on a
-# Raspberry Pi), long enough to starve klippy's reactor: do it in a child.
-KEYGEN_SCRIPT = """
-import sys
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-sys.stdout.buffer.write(key.private_bytes(
-    serialization.Encoding.PEM,
-    serialization.PrivateFormat.TraditionalOpenSSL,
-    serialization.NoEncryption()))
+# RSA work runs in a child process at low priority: key generation holds
+# the GIL for tens of milliseconds (seconds on a Raspberry Pi), enough to
+# starve klippy's reactor, and importing cryptography would add megabytes
+# to klippy for one signature per connection.  The private key travels on
+# pipes only.
+CRYPTO_SCRIPT = """
+import base64, json, os, sys
+try:
+    os.nice(10)
+except OSError:
+    pass
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+def public(key):
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM,
+        serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+def load(pem):
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        sys.exit(3)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        sys.exit(3)
+    return key
+
+op = sys.argv[1]
+data = sys.stdin.buffer.read()
+if op == "keygen":
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    out = {"private": key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()).decode("ascii"), "public": public(key)}
+elif op == "public":
+    out = {"public": public(load(data))}
+else:
+    req = json.loads(data)
+    sig = load(req["pem"].encode("ascii")).sign(
+        req["data"].encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    out = {"signature": base64.b64encode(sig).decode("ascii")}
+sys.stdout.write(json.dumps(out))
 """
+BAD_KEY_EXIT = 3
+CRYPTO_TIMEOUT = 300.
+
+
+class BadKey(Exception):
+    """The PEM handed to the child is not a usable RSA private key."""
+
+
+def run_crypto(op: str, data: bytes) -> dict:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CRYPTO_SCRIPT, op], input=data,
+            capture_output=True, timeout=CRYPTO_TIMEOUT)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise IdentityError("cannot run the key helper: %s" % (e,)) from e
+    if proc.returncode == BAD_KEY_EXIT:
+        raise BadKey()
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise IdentityError("the key helper failed: %s"
+                            % (err[-1] if err else proc.returncode,))
+    try:
+        return json.loads(proc.stdout)
+    except ValueError as e:
+        raise IdentityError("the key helper answered garbage") from e
 
 
 class IdentityError(Exception):
@@ -117,10 +174,11 @@ class IdentityStore:
         self.mfg = mfg
         self.key_path = os.path.join(state_dir, KEY_FILE)
         self.identity_path = os.path.join(state_dir, IDENTITY_FILE)
-        self._key = None
-    # Key handling
-    def load_key(self):
-        from cryptography.hazmat.primitives import serialization
+        self._private: Optional[bytes] = None
+        self._public: Optional[str] = None
+    # Key handling: the private key is only ever parsed in the child
+    def load_key(self) -> Optional[str]:
+        """The public key (PEM), or None when there is no key file."""
         try:
             with open(self.key_path, "rb") as f:
                 pem = f.read(64 * 1024)
@@ -130,46 +188,40 @@ class IdentityStore:
             raise IdentityError("cannot read the printer key %s: %s"
                                 % (self.key_path, e.strerror)) from e
         try:
-            key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as e:
+            public = run_crypto("public", pem)["public"]
+        except BadKey:
             raise IdentityError("the printer key %s is corrupt"
-                                % (self.key_path,)) from e
-        self._key = key
-        return key
-    def create_key(self):
-        from cryptography.hazmat.primitives import serialization
+                                % (self.key_path,)) from None
+        self._private, self._public = pem, public
+        return public
+    def create_key(self) -> str:
         ensure_state_dir(self.state_dir)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-c", KEYGEN_SCRIPT], stdin=subprocess.DEVNULL,
-                capture_output=True, timeout=300,
-                check=True)
-            # PKCS#1 PEM: readable by every RSA library (protocol.md 11.15)
-            pem = proc.stdout
-            key = serialization.load_pem_private_key(pem, password=None)
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            made = run_crypto("keygen", b"")
+        except IdentityError as e:
             raise IdentityError("cannot generate the printer key: %s"
                                 % (e,)) from e
+        # PKCS#1 PEM: readable by every RSA library (protocol.md 11.15)
+        pem = made["private"].encode("ascii")
         write_private_file(self.key_path, pem)
-        self._key = key
-        return key
-    def key(self):
-        if self._key is None:
-            self.load_key()
-        return self._key
+        self._private, self._public = pem, made["public"]
+        return self._public
     def public_pem(self) -> str:
-        from cryptography.hazmat.primitives import serialization
-        return self.key().public_key().public_bytes(
-            serialization.Encoding.PEM,
-            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+        if self._public is None and self.load_key() is None:
+            raise IdentityError("the printer key %s is missing"
+                                % (self.key_path,))
+        return self._public
     def fingerprint(self) -> str:
         return hashlib.sha256(self.public_pem().encode("ascii")).hexdigest()
     def sign(self, challenge: str) -> str:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import padding
-        sig = self.key().sign(challenge.encode("utf-8"), padding.PKCS1v15(),
-                              hashes.SHA256())
-        return base64.b64encode(sig).decode("ascii")
+        self.public_pem()
+        try:
+            return run_crypto("sign", json.dumps({
+                "pem": self._private.decode("ascii"),
+                "data": challenge}).encode("ascii"))["signature"]
+        except BadKey:
+            raise IdentityError("the printer key %s is corrupt"
+                                % (self.key_path,)) from None
     # Identity file
     def machine(self) -> dict:
         """MAC and maker serial, persisted once so they never change."""
@@ -225,7 +277,7 @@ class IdentityStore:
     def wipe(self) -> None:
         """Forget the registration and the key (after unregister/delete)."""
         machine = self.machine()
-        self._key = None
+        self._private = self._public = None
         for path in (self.key_path,):
             try:
                 os.unlink(path)
