@@ -166,3 +166,11 @@ def test_inbound_parsers_never_crash(data):
     p.parse_register_response(data)
     p.parse_hello_response(data)
     p.parse_status_reply(data, "x")
+
+
+def test_clock_problem():
+    assert p.clock_problem(978307200.) == (
+        "the system clock is not set (2001-01-01); waiting for NTP")
+    assert p.clock_problem(0.).startswith(
+        "the system clock is not set (1970-01-01)")
+    assert p.clock_problem(1795000000.) == ""

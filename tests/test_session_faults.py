@@ -480,7 +480,7 @@ def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
 
 def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     """A 30-minute outage, in simulated time: a line per state change and
-    reason, and one summary line per 10 minutes."""
+    reason, one summary line per 10 minutes, one line when it is over."""
     clock = [1000.]
     monkeypatch.setattr(S, "time", types.SimpleNamespace(
         monotonic=lambda: clock[0], time=time.time))
@@ -495,13 +495,55 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
             clock[0] = s.retry_at
             s._tick(clock[0])
             attempts += 1
+        # The cloud is back
+        s.client_factory = lambda inbox, verify, timeout: FakeSio()
+        clock[0] = s.retry_at
+        s._tick(clock[0])
+        s._on_welcome({"challenge": "c"})
+        s._tick(clock[0] + 4.)
+        s._on_helloResponse({"status": "SUCCESS"})
     lines = [r.getMessage() for r in caplog.records]
     assert attempts >= 15
-    # the first ten minutes: the lost link, the first reconnect, the first
-    # refusal; then one "connecting" and one "retry" summary per period
-    assert len(lines) <= 3 + 2 * 3, lines
-    summaries = [line for line in lines if "similar suppressed" in line]
-    assert 2 <= len(summaries) <= 2 * 3, lines
+    assert s.state == S.ONLINE and s.offline_since == 0.
+    # The lost link and its first refusal; then one summary per period,
+    # saying for how long and how many attempts; then back online
+    summaries = [line for line in lines if "offline for" in line]
+    assert 2 <= len(summaries) <= 3, lines
+    assert all(re.search(r"cannot connect to \S+: refused; retry in \d+ s"
+                         r" \(offline for \d+ min, \d+ attempts\)", line)
+               for line in summaries), summaries
+    back = [line for line in lines if "after" in line and "offline" in line]
+    assert len(back) == 1 and re.search(
+        r"online as KL000042 after 3\d min offline \(%d attempts\)"
+        % (attempts + 1,), back[0]), lines
+    assert len(lines) <= 4 + len(summaries) + 2, lines
+
+
+def test_unset_clock_is_named_and_retries_keep_the_schedule(
+        tmp_path, monkeypatch):
+    """R18: booted with the clock in 2001 (no RTC, NTP not there yet): the
+    status says so instead of a misleading TLS error, retries follow the
+    backoff schedule, and once NTP steps the clock the real error shows."""
+    clock, wall = [1000.], [978307200.]
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=lambda: wall[0]))
+    s = make_session(tmp_path)
+    s.client_factory = lambda inbox, verify, timeout: FakeSio(
+        fail_connect=True)
+    s._fail("connection lost")
+    delays = []
+    for _ in range(5):
+        delays.append(s.retry_at - clock[0])
+        clock[0] = s.retry_at
+        s._tick(clock[0])
+        assert s.state == S.BACKOFF
+        assert s.public["last_error"] == (
+            "the system clock is not set (2001-01-01); waiting for NTP")
+    assert delays == [2. * 2 ** i for i in range(5)]
+    wall[0] = 1795000000.
+    clock[0] = s.retry_at
+    s._tick(clock[0])
+    assert s.public["last_error"].startswith("cannot connect to ")
 
 
 # ---------------------------------------------------------- fleet storm

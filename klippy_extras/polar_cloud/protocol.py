@@ -79,6 +79,19 @@ def utc_iso(timestamp: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Before this the system clock cannot be right: certificates look "not yet
+# valid" and upload policies expired (a Pi without an RTC boots in 1970 or
+# at its last shutdown until NTP answers)
+PLAUSIBLE_SINCE = 1735689600.       # 2025-01-01
+
+
+def clock_problem(wall_time: float) -> str:
+    if wall_time >= PLAUSIBLE_SINCE:
+        return ""
+    return "the system clock is not set (%s); waiting for NTP" % (
+        utc_iso(wall_time)[:10],)
+
+
 def redact_email(email: str) -> str:
     user, _, domain = email.partition("@")
     return "%s***@%s" % (user[:1], domain)

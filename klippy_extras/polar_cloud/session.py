@@ -60,6 +60,14 @@ CLOUD_EVENTS = {
 log = logging.getLogger("polar_cloud")
 
 
+def duration_text(seconds: float) -> str:
+    if seconds < 120.:
+        return "%d s" % (seconds,)
+    if seconds < 7200.:
+        return "%d min" % (seconds // 60,)
+    return "%.1f h" % (seconds / 3600.,)
+
+
 class RateLimitedLog:
     """One line per distinct message per period; repeats are counted."""
 
@@ -202,6 +210,9 @@ class CloudSession:
         self.pending_unregister = False
         self.connected_at = 0.
         self.online_at = 0.
+        # The current outage, for its summary lines (0: none)
+        self.offline_since = 0.
+        self.outage_attempts = 0
         self.last_error = ""
         self.last_status: Optional[dict] = None
         self.last_status_key = None
@@ -410,6 +421,10 @@ class CloudSession:
         self.local_ip = self._find_local_ip()
         self.rlog("connected", "connected to %s", self.options.server_url)
     def _connect_error_text(self, exc: Exception) -> str:
+        clock = protocol.clock_problem(time.time())
+        if clock:
+            # The TLS error ("certificate not yet valid") would mislead
+            return clock
         text = str(exc) or exc.__class__.__name__
         # python-socketio wraps python-engineio's error, which wraps the
         # ssl error: look down the whole chain
@@ -490,10 +505,20 @@ class CloudSession:
             self._set_state(UNREGISTERED, why)
             return
         delay = self.backoff.next_delay()
-        self.retry_at = time.monotonic() + delay
+        now = time.monotonic()
+        self.retry_at = now + delay
+        if not self.offline_since:
+            self.offline_since, self.outage_attempts = now, 0
+        self.outage_attempts += 1
         self._set_state(BACKOFF, why)
-        self.rlog("retry:" + why[:40], "%s; retry in %.0f s", why, delay,
-                  level=logging.WARNING)
+        # Repeats of the same reason are one line per 10 minutes, which
+        # then says how long the outage has lasted
+        outage = ""
+        if now - self.offline_since >= 60.:
+            outage = " (offline for %s, %d attempts)" % (
+                duration_text(now - self.offline_since), self.outage_attempts)
+        self.rlog("retry:" + why[:40], "%s; retry in %.0f s%s", why, delay,
+                  outage, level=logging.WARNING)
     def _emit(self, event: str, data: dict, callback=None) -> bool:
         sio = self.sio
         if sio is None:
@@ -713,7 +738,14 @@ class CloudSession:
             self.online_at = time.monotonic()
             self.last_status_key = None
             self._set_state(ONLINE, "")
-            log.info("polar_cloud: online as %s", self.identity.serial)
+            if self.offline_since:
+                log.info("polar_cloud: online as %s after %s offline"
+                         " (%d attempts)", self.identity.serial,
+                         duration_text(self.online_at - self.offline_since),
+                         self.outage_attempts)
+                self.offline_since = 0.
+            else:
+                log.info("polar_cloud: online as %s", self.identity.serial)
             self.bridge.console("Polar Cloud: online as %s"
                                 % (self.identity.serial,), log=False)
             self._send_version(self.online_at)
@@ -865,6 +897,8 @@ class CloudSession:
     # Public view for get_status / POLAR_STATUS
     def _set_state(self, state: str, error: str) -> None:
         changed = state != self.state or error != self.last_error
+        if state in (UNREGISTERED, DISABLED, STOPPED):
+            self.offline_since = 0.
         self.state = state
         self.last_error = error
         if changed:
@@ -875,8 +909,10 @@ class CloudSession:
                 self.rlog("state:" + state + error[:40], "%s: %s", state,
                           error)
             elif state == CONNECTING:
-                # Every reconnect passes here: keep an outage quiet
-                self.rlog("state:" + state, "%s", state)
+                # Every reconnect passes here: an outage is summed up by
+                # its retry lines instead
+                if not self.offline_since:
+                    self.rlog("state:" + state, "%s", state)
             else:
                 log.info("polar_cloud: %s", state)
     def _public_view(self) -> dict:
