@@ -5,17 +5,21 @@ import configparser
 import dataclasses
 import io
 import logging
+import os
 import queue
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, protocol
+from klippy_extras.polar_cloud import camera, imaging, protocol
 from tests.testbed.camera_server import (
     CameraServer,
     noisy_jpeg,
@@ -26,6 +30,7 @@ from tests.testbed.camera_server import (
 from tests.testbed.polarsim import PolarSim
 
 SERIAL = "KL000001"
+NO_PILLOW = str(Path(__file__).parent / "testbed" / "no_pillow")
 
 
 # Fixtures and helpers
@@ -706,8 +711,9 @@ def test_manual_snapshot_without_url(env, noisy):
 
 
 def test_without_pillow(env, monkeypatch):
+    # Pillow missing for klippy's Python: the child process says so
     sim, cam_server = env
-    monkeypatch.setattr(camera, "_pillow", lambda: None)
+    monkeypatch.setenv("PYTHONPATH", NO_PILLOW)
     run = Runner(options(cam_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -717,12 +723,86 @@ def test_without_pillow(env, monkeypatch):
     run = Runner(options(cam_server, flip_vertical=True))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
-    assert result.error.startswith("Pillow is not installed") and not result.uploaded
+    assert result.error == ("Pillow is not installed (needed to shrink or rotate"
+                            " the snapshot)") and not result.uploaded
     cam_server.picture = quadrant_jpeg()[:-2]
     run = Runner(options(cam_server))
     run.cam.set_slot(make_slot(sim))
     assert "incomplete JPEG" in run.run().error
     assert sim.upload_attempts == []
+
+
+def fake_imaging(tmp_path, body):
+    """A stand-in for imaging.py that writes its pid to a file first."""
+    script = tmp_path / "fake_imaging.py"
+    pid_file = tmp_path / "pid"
+    script.write_text("import os, sys, time\n"
+                      "open(%r, 'w').write(str(os.getpid()))\n%s\n"
+                      % (str(pid_file), body))
+    return str(script), pid_file
+
+
+def gone(pid_file):
+    """Has the fake child ended and been reaped?"""
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_imaging_timeout_kills_the_child(env, monkeypatch, tmp_path):
+    sim, cam_server = env
+    script, pid_file = fake_imaging(tmp_path, "time.sleep(60)")
+    monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
+    monkeypatch.setattr(camera, "IMAGING_TIMEOUT", 1.)
+    run = Runner(options(cam_server))
+    run.cam.set_slot(make_slot(sim))
+    t = time.monotonic()
+    result = run.run()
+    assert 1. <= time.monotonic() - t < 10.
+    assert result.error == "image processing took longer than 1 s; skipped"
+    assert not result.uploaded and sim.upload_attempts == []
+    assert gone(pid_file)
+
+
+def test_imaging_child_failure(env, monkeypatch, tmp_path):
+    sim, cam_server = env
+    script, _ = fake_imaging(tmp_path, "sys.stderr.write('Traceback\\n"
+                             "MemoryError: out\\n'); sys.exit(1)")
+    monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
+    run = Runner(options(cam_server))
+    run.cam.set_slot(make_slot(sim))
+    result = run.run()
+    assert result.error == "image processing failed (exit code 1: MemoryError: out)"
+    assert not result.uploaded and sim.upload_attempts == []
+    # A child that answers with something that is not a JPEG
+    script, _ = fake_imaging(tmp_path, "sys.stdout.write('hello')")
+    monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
+    result = run.run()
+    assert result.error == "image processing failed (no usable JPEG)"
+    assert sim.upload_attempts == []
+
+
+def test_stop_kills_the_imaging_child(env, monkeypatch, tmp_path):
+    sim, cam_server = env
+    script, pid_file = fake_imaging(tmp_path, "time.sleep(60)")
+    monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
+    run = Runner(options(cam_server))
+    run.cam.set_slot(make_slot(sim))
+    assert run.cam.start("idle", "0", time.monotonic())
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(.02)
+    t = time.monotonic()
+    run.stop_event.set()
+    run.cam.stop(10.)
+    assert time.monotonic() - t < 2.
+    result = run.result()
+    assert result.error == "camera: stopped" and sim.upload_attempts == []
+    assert gone(pid_file)
 
 
 def test_stop_joins_the_worker(env, monkeypatch):
@@ -756,10 +836,10 @@ def test_process_jpeg_fits_or_refuses(width, height, noise, quality, limit,
     grain = Image.frombytes("RGB", (width, height),
                             rnd.randbytes(width * height * 3))
     data = to_jpeg(Image.blend(base, grain, noise / 255.), quality)
-    opts = camera.CameraOptions(rotation=rotation, flip_horizontal=flip)
+    opts = imaging.Transform(rotation=rotation, flip_horizontal=flip)
     try:
-        out = camera.process_jpeg(data, limit, opts, Image)
-    except camera.SnapshotError as e:
+        out = imaging.process_jpeg(data, limit, opts, Image)
+    except imaging.CannotShrink as e:
         assert "cannot shrink" in str(e)
         return
     assert len(out) <= limit
@@ -769,3 +849,71 @@ def test_process_jpeg_fits_or_refuses(width, height, noise, quality, limit,
     w, h = (height, width) if turned else (width, height)
     if (img.width, img.height) != (w, h):               # scaled: same shape
         assert abs(img.width / img.height - w / h) < .05 + 2. / min(img.size)
+
+
+# imaging.py run as a script, as camera.py runs it
+
+def run_imaging(data, limit=150000, env=None, cwd=None, **transform):
+    header = imaging.request(limit, imaging.Transform(**transform))
+    return subprocess.run([sys.executable, imaging.SCRIPT], input=header + data,
+                          capture_output=True, timeout=60, env=env, cwd=cwd)
+
+
+def test_imaging_script(tmp_path):
+    picture = quadrant_jpeg((640, 480))
+    # Run by path from elsewhere: no package, no relative imports
+    done = run_imaging(picture, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == picture                       # fits: as it is
+    done = run_imaging(picture, flip_horizontal=True, rotation=90)
+    assert (done.returncode, done.stderr) == (0, b"")
+    img = decode(done.stdout)
+    assert img.size == (480, 640)
+    assert quadrants(img) == (WHITE, GREEN, BLUE, RED)
+    noisy = noisy_jpeg((800, 600))
+    done = run_imaging(noisy, limit=40000, flip_vertical=True)
+    assert done.returncode == 0 and len(done.stdout) <= 40000
+    assert decode(done.stdout).width < 800              # shrunk
+    done = run_imaging(picture, limit=1024)
+    assert done.returncode == imaging.EXIT_CANNOT_SHRINK and done.stdout == b""
+    assert done.stderr == b"cannot shrink the snapshot to 1024 bytes; skipped\n"
+
+
+@pytest.mark.parametrize("data,code,error", [
+    (quadrant_jpeg((640, 480))[:3000], imaging.EXIT_BAD_JPEG,
+     b"broken JPEG from the camera ("),
+    ("png", imaging.EXIT_BAD_JPEG, b"not a JPEG image\n"),
+    (b"", imaging.EXIT_BAD_JPEG, b"broken JPEG from the camera ("),
+])
+def test_imaging_script_refuses_bad_pictures(data, code, error):
+    if data == "png":
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG")
+        data = buf.getvalue()
+    done = run_imaging(data, limit=1000000)
+    assert done.returncode == code and done.stdout == b""
+    assert done.stderr.startswith(error) and done.stderr.count(b"\n") == 1
+
+
+def test_imaging_script_bad_header_and_no_pillow():
+    done = subprocess.run([sys.executable, imaging.SCRIPT],
+                          input=b'{"limit": 0}\n\xff\xd8', capture_output=True)
+    assert done.returncode == imaging.EXIT_BAD_REQUEST
+    assert done.stderr.startswith(b"bad request header")
+    env = dict(os.environ, PYTHONPATH=NO_PILLOW)
+    done = run_imaging(quadrant_jpeg(), env=env)
+    assert done.returncode == imaging.EXIT_NO_PILLOW
+    assert done.stderr.startswith(b"Pillow is not installed (")
+
+
+def test_imaging_child_priority():
+    code = ("import os, sys\n"
+            "sys.path.insert(0, %r)\n"
+            "import imaging\n"
+            "imaging.lower_priority()\n"
+            "print(os.sched_getscheduler(0) == os.SCHED_IDLE,"
+            " os.getpriority(os.PRIO_PROCESS, 0))\n"
+            % (os.path.dirname(imaging.SCRIPT),))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["True", "19"]

@@ -49,6 +49,23 @@ def test_snapshots_are_uploaded_through_upload_urls(k, sim, camera):
     assert sim.violations == []
 
 
+def test_klippy_never_loads_pillow(k, sim, camera):
+    # Pillow runs in a child process: after snapshots (the one above and a
+    # rotated, shrunk manual one) none of it is mapped into klippy
+    out = k.subscribe_output()
+    k.gcode("POLAR_SNAPSHOT")
+    line = out.wait_for(r"Polar Cloud: (snapshot|no snapshot).*")
+    out.close()
+    assert "bytes after processing" in line and "uploaded" in line
+    marks = ("/PIL/", "_imaging", "pillow.libs")
+    # The check would see it: this test process has Pillow loaded
+    with open("/proc/self/maps") as f:
+        assert any(m in f.read() for m in marks)
+    with open("/proc/%d/maps" % (k.pid,)) as f:
+        maps = f.read()
+    assert [m for m in marks if m in maps] == []
+
+
 def test_polar_snapshot_reports_in_the_console(k, sim, camera):
     out = k.subscribe_output()
     k.gcode("POLAR_SNAPSHOT")

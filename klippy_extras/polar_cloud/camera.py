@@ -1,25 +1,27 @@
 # Webcam snapshots: fetch, transform, shrink and upload to Polar Cloud
 #
 # The session thread drives a Camera with cheap calls that do no I/O; the
-# work runs on one short-lived worker thread at a time.  Presigned upload
-# URLs and their policy fields are secrets: they never reach the log.
+# work runs on one short-lived worker thread at a time.  The image work
+# itself (Pillow) runs in a short-lived child process at idle CPU priority
+# (imaging.py): Pillow is never loaded into klippy, where it would hold the
+# GIL and make the reactor late.  Presigned upload URLs and their policy
+# fields are secrets: they never reach the log.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import math
-import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import imaging, protocol
 from .jobs import check_resolved, check_url
 
 log = logging.getLogger("polar_cloud")
@@ -37,11 +39,10 @@ READ_TIMEOUT = 10.
 FETCH_DEADLINE = 20.
 MAX_FETCH = 10 * 1024 * 1024
 CHUNK = 64 * 1024
-MAX_PIXELS = 3840 * 2160
-# Shrinking: JPEG size relative to quality 85, roughly, for typical frames
-QUALITY_RATIO = {85: 1., 70: .7, 55: .55, 40: .45}
-MAX_ENCODES = 8
-MIN_SIDE = 120
+# Image work in a child process (imaging.py)
+IMAGING_SCRIPT = imaging.SCRIPT
+IMAGING_TIMEOUT = 30.
+IMAGING_POLL = .5           # how often the wait looks at the stop event
 # Uploading
 UPLOAD_TIMEOUT = (10., 30.)
 UPLOAD_MARGIN = 5.
@@ -244,7 +245,7 @@ def parse_url_response(data: Any, serial: Optional[str],
                       content_type, received_at=now)
 
 
-# Image work (worker thread)
+# Errors (worker thread)
 
 class CameraError(Exception):
     """The camera did not deliver a usable JPEG."""
@@ -255,130 +256,6 @@ class SnapshotError(Exception):
         super().__init__(text)
         self.status = status
         self.counts = counts        # a failure for the backoff
-
-
-def _pillow():
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    return Image
-
-
-def _transform(img, Image, opts: CameraOptions):
-    ops = getattr(Image, "Transpose", Image)
-    if opts.flip_horizontal:
-        img = img.transpose(ops.FLIP_LEFT_RIGHT)
-    if opts.flip_vertical:
-        img = img.transpose(ops.FLIP_TOP_BOTTOM)
-    if opts.rotation:
-        # Pillow's ROTATE_* turn counter-clockwise
-        img = img.transpose({90: ops.ROTATE_270, 180: ops.ROTATE_180,
-                             270: ops.ROTATE_90}[opts.rotation])
-    return img
-
-
-def _encode(img, quality: int) -> bytes:
-    # Pillow holds the GIL while it encodes into a BytesIO (15 ms for a
-    # 1080p frame on a PC, far more on a Pi: the reactor would starve) but
-    # releases it when it writes to a file descriptor.  memfd: no disk I/O.
-    try:
-        fd = os.memfd_create("polar_cloud-snapshot")
-    except (AttributeError, OSError):
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
-        return buf.getvalue()
-    with open(fd, "w+b") as f:
-        img.save(f, "JPEG", quality=quality)
-        f.seek(0)
-        return f.read()
-
-
-def _shrink(img, limit: int, Image, at85: float = 0.) -> Optional[bytes]:
-    """Re-encode, lowering quality and then size, until it fits.
-
-    at85 estimates the size at quality 85 for the current picture size;
-    each encode measures it again, so a poor first guess costs one more
-    encode, while a good one saves the full-size encode of a big frame."""
-    resample = getattr(Image, "Resampling", Image).BILINEAR
-    quality = 85
-    for _ in range(MAX_ENCODES):
-        if at85:
-            fitting = [q for q in QUALITY_RATIO if q <= quality
-                       and at85 * QUALITY_RATIO[q] <= limit * .9]
-            if fitting:
-                quality = fitting[0]
-            else:
-                # Quality alone will not do: scale down, aiming a bit under
-                quality = 70
-                factor = math.sqrt(limit * .85 / (at85 * QUALITY_RATIO[70]))
-                factor = min(.9, max(.25, factor))
-                size = (int(img.width * factor), int(img.height * factor))
-                if min(size) < MIN_SIDE:
-                    return None
-                img = img.resize(size, resample, reducing_gap=2.)
-        out = _encode(img, quality)
-        if len(out) <= limit:
-            return out
-        at85 = len(out) / QUALITY_RATIO[quality]
-    return None
-
-
-def decode_jpeg(data: bytes, limit: int, opts: CameraOptions, Image):
-    """(picture, estimated size at quality 85), or (None, 0) when data can
-    go out as it is."""
-    transform = opts.flip_horizontal or opts.flip_vertical or opts.rotation
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.format != "JPEG":
-            raise CameraError("not a JPEG image")
-        width, height = img.size
-        if not transform and len(data) <= limit \
-                and data.endswith(JPEG_EOI):
-            # Decoding at 1/8 scale is cheap and still reads every byte
-            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            img.load()
-            return None, 0.
-        scale = 1.
-        if len(data) > 2 * limit:
-            scale = math.sqrt(2. * limit / len(data))
-        if width * height * scale * scale > MAX_PIXELS:
-            scale = math.sqrt(MAX_PIXELS / (width * height))
-        if scale < 1.:
-            # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT
-            img.draft("RGB", (max(1, int(width * scale)),
-                              max(1, int(height * scale))))
-        if img.width * img.height > 4 * MAX_PIXELS:
-            raise CameraError("image too large (%dx%d)" % (width, height))
-        img.load()
-    except CameraError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise CameraError("broken JPEG from the camera (%s)"
-                          % (str(e)[:80] or e.__class__.__name__,)) from None
-    # Cameras encode at about quality 85 too; size goes with the pixels
-    at85 = len(data) * img.width * img.height / float(width * height)
-    return img, at85
-
-
-def fit_jpeg(img, limit: int, opts: CameraOptions, Image,
-             at85: float = 0.) -> bytes:
-    """Transform and re-encode; never cut bytes off to make it fit."""
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
-    out = _shrink(_transform(img, Image, opts), limit, Image, at85)
-    if out is None:
-        raise SnapshotError("cannot shrink the snapshot to %d bytes;"
-                            " skipped" % (limit,))
-    return out
-
-
-def process_jpeg(data: bytes, limit: int, opts: CameraOptions,
-                 Image) -> bytes:
-    """A complete JPEG of at most limit bytes, transformed; or raise."""
-    img, at85 = decode_jpeg(data, limit, opts, Image)
-    return data if img is None else fit_jpeg(img, limit, opts, Image, at85)
 
 
 def _request_error(exc: Exception) -> str:
@@ -594,17 +471,7 @@ class Camera:
         limit = self.opts.max_image_size
         if slot is not None and slot.max_size:
             limit = min(limit, slot.max_size)
-        Image = _pillow()
-        if Image is None:
-            if not data.endswith(JPEG_EOI):
-                raise CameraError("incomplete JPEG from the camera")
-            self._camera_state(True, "")
-            image = self._without_pillow(data, limit)
-        else:
-            img, at85 = decode_jpeg(data, limit, self.opts, Image)
-            self._camera_state(True, "")
-            image = data if img is None else fit_jpeg(img, limit, self.opts,
-                                                       Image, at85)
+        image = self._process(data, limit)
         result.final = len(image)
         if slot is None:
             if result.manual:
@@ -653,13 +520,74 @@ class Camera:
         if not buf.startswith(JPEG_SOI):
             raise CameraError("the answer is not a JPEG image")
         return bytes(buf)
-    def _without_pillow(self, data: bytes, limit: int) -> bytes:
+    def _process(self, data: bytes, limit: int) -> bytes:
+        """The JPEG to upload: checked, transformed and shrunk to at most
+        limit bytes by imaging.py in a child process."""
         opts = self.opts
-        if opts.flip_horizontal or opts.flip_vertical or opts.rotation \
-                or len(data) > limit:
-            raise SnapshotError("Pillow is not installed (needed to shrink"
-                                " or rotate the snapshot)")
-        return data
+        code, out, err = self._run_imaging(imaging.request(limit, opts) + data)
+        if code == imaging.EXIT_NO_PILLOW:
+            if not data.endswith(JPEG_EOI):
+                raise CameraError("incomplete JPEG from the camera")
+            self._camera_state(True, "")
+            if imaging.needs_transform(opts) or len(data) > limit:
+                raise SnapshotError("Pillow is not installed (needed to shrink"
+                                    " or rotate the snapshot)")
+            return data
+        if code == imaging.EXIT_BAD_JPEG:
+            raise CameraError(err or "broken JPEG from the camera")
+        if code == imaging.EXIT_CANNOT_SHRINK:
+            self._camera_state(True, "")
+            raise SnapshotError(err or "cannot shrink the snapshot to %d"
+                                " bytes; skipped" % (limit,))
+        if code != imaging.EXIT_OK:
+            detail = "killed by signal %d" % (-code,) if code < 0 \
+                else "exit code %d" % (code,)
+            raise SnapshotError("image processing failed (%s%s)"
+                                % (detail, ": " + err if err else ""))
+        if len(out) > limit or not out.startswith(JPEG_SOI) \
+                or not out.endswith(JPEG_EOI):
+            raise SnapshotError("image processing failed (no usable JPEG)")
+        self._camera_state(True, "")
+        return out
+    def _run_imaging(self, request: bytes) -> tuple[int, bytes, str]:
+        """(exit code, stdout, last stderr line) of imaging.py; the child
+        is killed on a timeout or when the session stops."""
+        if not sys.executable:
+            raise SnapshotError("image processing failed (no Python"
+                                " interpreter to run it)")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, IMAGING_SCRIPT], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise SnapshotError("cannot start the image processing (%s)"
+                                % (e.strerror or e,)) from None
+        with proc:
+            try:
+                # At once, so that Python's start-up and the import of
+                # Pillow run at idle priority too (the child also does it)
+                imaging.lower_priority(proc.pid)
+                out, err = self._wait_imaging(proc, request)
+            finally:
+                if proc.poll() is None:     # a timeout, a stop or a bug
+                    proc.kill()
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return proc.returncode, out, lines[-1][:200] if lines else ""
+    def _wait_imaging(self, proc: subprocess.Popen,
+                      request: bytes) -> tuple[bytes, bytes]:
+        deadline = time.monotonic() + IMAGING_TIMEOUT
+        stdin: Optional[bytes] = request
+        while True:
+            if self.stop_event.is_set():
+                raise CameraError("stopped")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SnapshotError("image processing took longer than %d s;"
+                                    " skipped" % (IMAGING_TIMEOUT,))
+            try:
+                return proc.communicate(stdin, timeout=min(IMAGING_POLL, left))
+            except subprocess.TimeoutExpired:
+                stdin = None        # what is left of it is still sent
     def _upload(self, slot: UploadSlot, image: bytes) -> int:
         import requests
         if self.stop_event.is_set():

@@ -1,0 +1,267 @@
+# Snapshot image work: decode, transform, shrink and re-encode a JPEG
+#
+# Runs as a short-lived child process at idle CPU priority, never inside
+# klippy: Pillow holds the GIL for parts of its work, which would make
+# klippy's reactor late.  camera.py starts it as
+#
+#     python /path/to/imaging.py
+#
+# with one JSON header line and then the JPEG on stdin:
+#
+#     {"limit": 150000, "flip_horizontal": false, "flip_vertical": false,
+#      "rotation": 0}\n<JPEG bytes>
+#
+# and reads the resulting JPEG (at most limit bytes) from stdout.  On
+# failure it exits with one of the EXIT_* codes and writes one short line
+# to stderr.  This file imports only the standard library and Pillow, and
+# Pillow only when there is work to do: klippy may import it for the
+# constants, as extras.polar_cloud.imaging, without loading Pillow.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+MAX_PIXELS = 3840 * 2160
+# Shrinking: JPEG size relative to quality 85, roughly, for typical frames
+QUALITY_RATIO = {85: 1., 70: .7, 55: .55, 40: .45}
+MAX_ENCODES = 8
+MIN_SIDE = 120
+JPEG_EOI = b"\xff\xd9"
+ROTATIONS = (0, 90, 180, 270)
+MAX_HEADER = 4096
+
+# Exit codes of the script; 1 is an unexpected error (a traceback)
+EXIT_OK = 0
+EXIT_BAD_JPEG = 3           # the camera's data: maps to CameraError
+EXIT_CANNOT_SHRINK = 4      # maps to SnapshotError
+EXIT_NO_PILLOW = 5          # Pillow is not installed for this Python
+EXIT_BAD_REQUEST = 6        # the header on stdin is unusable (a bug)
+
+SCRIPT = os.path.abspath(__file__)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What to do with the picture (camera.CameraOptions fits too)."""
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    rotation: int = 0           # clockwise, like the front-ends
+
+
+class ImagingError(Exception):
+    exit_code = 1
+
+
+class BadJpeg(ImagingError):
+    """The camera did not deliver a usable JPEG."""
+    exit_code = EXIT_BAD_JPEG
+
+
+class CannotShrink(ImagingError):
+    exit_code = EXIT_CANNOT_SHRINK
+
+
+class NoPillow(ImagingError):
+    exit_code = EXIT_NO_PILLOW
+
+
+class BadRequest(ImagingError):
+    exit_code = EXIT_BAD_REQUEST
+
+
+def pillow():
+    """PIL.Image, or raise NoPillow."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise NoPillow("Pillow is not installed (%s)"
+                       % (str(e)[:80] or e.__class__.__name__,)) from None
+    return Image
+
+
+def needs_transform(opts: Any) -> bool:
+    return bool(opts.flip_horizontal or opts.flip_vertical or opts.rotation)
+
+
+def _transform(img, Image, opts: Any):
+    ops = getattr(Image, "Transpose", Image)
+    if opts.flip_horizontal:
+        img = img.transpose(ops.FLIP_LEFT_RIGHT)
+    if opts.flip_vertical:
+        img = img.transpose(ops.FLIP_TOP_BOTTOM)
+    if opts.rotation:
+        # Pillow's ROTATE_* turn counter-clockwise
+        img = img.transpose({90: ops.ROTATE_270, 180: ops.ROTATE_180,
+                             270: ops.ROTATE_90}[opts.rotation])
+    return img
+
+
+def _encode(img, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _shrink(img, limit: int, Image, at85: float = 0.) -> Optional[bytes]:
+    """Re-encode, lowering quality and then size, until it fits.
+
+    at85 estimates the size at quality 85 for the current picture size;
+    each encode measures it again, so a poor first guess costs one more
+    encode, while a good one saves the full-size encode of a big frame."""
+    resample = getattr(Image, "Resampling", Image).BILINEAR
+    quality = 85
+    for _ in range(MAX_ENCODES):
+        if at85:
+            fitting = [q for q in QUALITY_RATIO if q <= quality
+                       and at85 * QUALITY_RATIO[q] <= limit * .9]
+            if fitting:
+                quality = fitting[0]
+            else:
+                # Quality alone will not do: scale down, aiming a bit under
+                quality = 70
+                factor = math.sqrt(limit * .85 / (at85 * QUALITY_RATIO[70]))
+                factor = min(.9, max(.25, factor))
+                size = (int(img.width * factor), int(img.height * factor))
+                if min(size) < MIN_SIDE:
+                    return None
+                img = img.resize(size, resample, reducing_gap=2.)
+        out = _encode(img, quality)
+        if len(out) <= limit:
+            return out
+        at85 = len(out) / QUALITY_RATIO[quality]
+    return None
+
+
+def decode_jpeg(data: bytes, limit: int, opts: Any, Image=None):
+    """(picture, estimated size at quality 85), or (None, 0) when data can
+    go out as it is.  Raises BadJpeg."""
+    if Image is None:
+        Image = pillow()
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format != "JPEG":
+            raise BadJpeg("not a JPEG image")
+        width, height = img.size
+        if not needs_transform(opts) and len(data) <= limit \
+                and data.endswith(JPEG_EOI):
+            # Decoding at 1/8 scale is cheap and still reads every byte
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            return None, 0.
+        scale = 1.
+        if len(data) > 2 * limit:
+            scale = math.sqrt(2. * limit / len(data))
+        if width * height * scale * scale > MAX_PIXELS:
+            scale = math.sqrt(MAX_PIXELS / (width * height))
+        if scale < 1.:
+            # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT
+            img.draft("RGB", (max(1, int(width * scale)),
+                              max(1, int(height * scale))))
+        if img.width * img.height > 4 * MAX_PIXELS:
+            raise BadJpeg("image too large (%dx%d)" % (width, height))
+        img.load()
+    except BadJpeg:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError) as e:
+        raise BadJpeg("broken JPEG from the camera (%s)"
+                      % (str(e)[:80] or e.__class__.__name__,)) from None
+    # Cameras encode at about quality 85 too; size goes with the pixels
+    at85 = len(data) * img.width * img.height / float(width * height)
+    return img, at85
+
+
+def fit_jpeg(img, limit: int, opts: Any, Image=None, at85: float = 0.) -> bytes:
+    """Transform and re-encode; never cut bytes off to make it fit."""
+    if Image is None:
+        Image = pillow()
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    out = _shrink(_transform(img, Image, opts), limit, Image, at85)
+    if out is None:
+        raise CannotShrink("cannot shrink the snapshot to %d bytes; skipped"
+                           % (limit,))
+    return out
+
+
+def process_jpeg(data: bytes, limit: int, opts: Any, Image=None) -> bytes:
+    """A complete JPEG of at most limit bytes, transformed; or raise
+    BadJpeg, CannotShrink or NoPillow."""
+    if Image is None:
+        Image = pillow()
+    img, at85 = decode_jpeg(data, limit, opts, Image)
+    return data if img is None else fit_jpeg(img, limit, opts, Image, at85)
+
+
+# The script
+
+def request(limit: int, opts: Any) -> bytes:
+    """The header line that goes before the JPEG on the script's stdin."""
+    return json.dumps({
+        "limit": int(limit), "flip_horizontal": bool(opts.flip_horizontal),
+        "flip_vertical": bool(opts.flip_vertical),
+        "rotation": int(opts.rotation)}).encode() + b"\n"
+
+
+def parse_request(raw: bytes) -> tuple[int, Transform, bytes]:
+    head, newline, data = raw[:MAX_HEADER].partition(b"\n")
+    try:
+        if not newline:
+            raise ValueError("no header line")
+        header = json.loads(head)
+        limit = header["limit"]
+        opts = Transform(header["flip_horizontal"], header["flip_vertical"],
+                         header["rotation"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadRequest("bad request header (%s)" % (str(e)[:80],)) from None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1 \
+            or opts.rotation not in ROTATIONS \
+            or not isinstance(opts.flip_horizontal, bool) \
+            or not isinstance(opts.flip_vertical, bool):
+        raise BadRequest("bad request header")
+    return limit, opts, raw[len(head) + 1:]
+
+
+def lower_priority(pid: int = 0) -> None:
+    """Idle CPU priority: run only when nothing else wants the CPU."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+    try:
+        # Also, or instead where SCHED_IDLE is missing: the lowest nice
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except (OSError, AttributeError):
+        pass
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200] or "error"
+
+
+def main() -> int:
+    lower_priority()
+    try:
+        limit, opts, data = parse_request(sys.stdin.buffer.read())
+        out = process_jpeg(data, limit, opts)
+    except ImagingError as e:
+        sys.stderr.write(_one_line(str(e)) + "\n")
+        return e.exit_code
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    # Run by path, the script's folder comes first on sys.path: the
+    # package's other modules must not shadow anything Pillow imports
+    here = os.path.dirname(SCRIPT)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.exit(main())
