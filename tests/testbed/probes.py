@@ -195,6 +195,18 @@ def check_schedule(entries: list[tuple[int, int]], base: float = 2.,
     return problems
 
 
+def send_marker(sim, serial: str, job_id: str) -> dict:
+    """Push a job that fails at once (its file is a 404) and wait for its
+    report: cloud events are handled in order, so once it is in, the
+    printer has handled (and reported) everything pushed before it."""
+    url = sim.add_file("%s.gcode" % (job_id,), b"", "404")
+    since = sim.now()
+    assert sim.push_print(serial, job_id, gcode_url=url) == 1, \
+        "the printer is not online"
+    return sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
+                        serial=serial, timeout=60)
+
+
 def polar_lines(k: Klippy, start: int = 0) -> list[str]:
     """klippy.log lines from polar_cloud or its libraries, from byte
     offset `start`."""
