@@ -20,11 +20,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import queue
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -33,7 +31,8 @@ from typing import Any
 
 import websocket
 
-from tests.testbed.klippy import _LAUNCHER, POLL_INTERVAL
+from tests.testbed.klippy import POLL_INTERVAL
+from tests.testbed.procs import Service, launch, stop_process
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 FLAGS = [
@@ -259,7 +258,7 @@ class Page:
         self._ws.shutdown()
 
 
-class Chromium:
+class Chromium(Service):
     """A headless chromium process with a fresh profile in workdir."""
 
     def __init__(self, workdir: Path, binary: str | None = None) -> None:
@@ -279,10 +278,8 @@ class Chromium:
         cmd = [self.binary, *FLAGS, "--user-data-dir=%s" % (self.profile,),
                "about:blank"]
         with open(self.log_path, "ab") as log:
-            # Dies with the test process (see klippy._LAUNCHER)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log)
         active = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while not (active.exists() and active.read_text().count("\n") >= 1):
@@ -313,18 +310,6 @@ class Chromium:
         for page in self._pages:
             page.close()
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-    def __enter__(self) -> Chromium:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        # a chromium that died on its own keeps its profile
+        if stop_process(proc):
+            shutil.rmtree(self.profile, ignore_errors=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tests.testbed.printer_cfg import printer_cfg
+from tests.testbed.procs import launch, log_tail, read_log, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_INTERVAL = 0.05
@@ -149,27 +150,6 @@ def unlink_extra(flavour: str, name: str) -> None:
         link = pkg / sub / name
         if link.is_symlink():
             link.unlink()
-
-
-# Started in front of klippy and simmcu: asks Linux to SIGTERM the process
-# when the test process goes away (PR_SET_PDEATHSIG survives exec), then
-# execs the real command, so the pid stays the same.
-_LAUNCHER = (
-    "import ctypes, os, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, 15)\n"
-    "except (OSError, AttributeError):\n"
-    "    pass\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def _launch(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
-    """Popen(cmd) that dies with the test process (see _LAUNCHER)."""
-    wrapped = [cmd[0], "-c", _LAUNCHER, str(os.getpid())] + cmd
-    return subprocess.Popen(wrapped, **kwargs)
 
 
 # ---------------------------------------------------------------- API socket
@@ -620,7 +600,7 @@ class Klippy:
         cmd = [str(self.flavour.python), "-m", self.flavour.module,
                str(self.cfg_path), "-a", str(self.api_path), "-l", str(self.log_path)]
         with open(self.stdout_path, "ab") as out:
-            self._proc = _launch(
+            self._proc = launch(
                 cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT)
         if wait_ready:
@@ -633,7 +613,7 @@ class Klippy:
         if not python.exists():
             python = Path(sys.executable)
         with open(self.simmcu_log_path, "ab") as log:
-            self._sim = _launch(
+            self._sim = launch(
                 [str(python), "-m", "tests.testbed.simmcu", "--pty", str(self.pty_path),
                  "--control", str(self.mcu_control_path), *self.simmcu_args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -642,7 +622,7 @@ class Klippy:
         ready, _, _ = select.select([self._sim.stdout], [], [], timeout)
         line = self._sim.stdout.readline() if ready else b""
         if line.strip() != b"READY":
-            self._stop_proc(self._sim, signal.SIGTERM)
+            stop_process(self._sim)
             raise KlippyError("simmcu did not start: %r\n%s" % (
                 line, self.simmcu_log_path.read_text(errors="replace")[-2000:]))
 
@@ -656,22 +636,11 @@ class Klippy:
                 self._conn.close()
                 self._conn = None
         self.mcu.close()
-        if self._proc is not None:
-            self._stop_proc(self._proc, signal.SIGINT)
+        stop_process(self._proc, signal.SIGINT)
         if self._sim is not None:
-            self._stop_proc(self._sim, signal.SIGTERM)
+            stop_process(self._sim)
             if self._sim.stdout is not None:
                 self._sim.stdout.close()
-
-    @staticmethod
-    def _stop_proc(proc: subprocess.Popen, sig: int, grace: float = 10.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
     def __enter__(self) -> Klippy:
         return self
@@ -761,13 +730,10 @@ class Klippy:
 
     # -- logs
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def write_gcode(self, name: str, text: str) -> Path:
         path = self.gcodes_dir / name

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import queue
-import socket
 import subprocess
 import threading
 import time
@@ -32,7 +31,15 @@ from typing import Any, Callable
 
 import websocket
 
-from tests.testbed.klippy import POLL_INTERVAL, REPO, Klippy, _launch
+from tests.testbed.klippy import POLL_INTERVAL, REPO, Klippy
+from tests.testbed.procs import (
+    Service,
+    free_port,
+    launch,
+    log_tail,
+    read_log,
+    stop_process,
+)
 
 VENV = REPO / ".venv-moonraker"
 ENV_SCRIPT = REPO / "scripts" / "moonraker_env.sh"
@@ -61,12 +68,6 @@ enable_moonlight: False
 _venv_lock = threading.Lock()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_moonraker_venv() -> Path:
     """Build .venv-moonraker if needed (scripts/moonraker_env.sh); return its
     python.  Raises RuntimeError with pip's output when it cannot."""
@@ -92,7 +93,7 @@ def _no_proxy_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class Moonraker:
+class Moonraker(Service):
     """One Moonraker process serving the data directory of klippy `k`."""
 
     def __init__(self, k: Klippy, extra_conf: str = "") -> None:
@@ -120,7 +121,7 @@ class Moonraker:
         misc.mkdir(exist_ok=True)
         (misc / "usb.ids").touch()
         with open(self.stdout_path, "ab") as out:
-            self._proc = _launch(
+            self._proc = launch(
                 [str(python), "-m", "moonraker", "-d", str(self.data_path),
                  "-c", str(self.conf_path), "-l", str(self.log_path),
                  "-u", str(self.uds_path)],
@@ -153,29 +154,13 @@ class Moonraker:
         for ws in self._sockets:
             ws.close()
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def __enter__(self) -> Moonraker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        stop_process(proc)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     # -- HTTP
     def request(self, method: str, path: str, body: dict | None = None,

@@ -19,12 +19,11 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.testbed.klippy import _LAUNCHER, POLL_INTERVAL, REPO
-from tests.testbed.moonraker import free_port
+from tests.testbed.klippy import POLL_INTERVAL, REPO
+from tests.testbed.procs import Service, free_port, launch, stop_process
 
 MIME_TYPES = Path("/etc/nginx/mime.types")
 
@@ -119,7 +118,7 @@ def install_sh_snippet(repo: Path = REPO) -> str:
     return proc.stdout
 
 
-class Nginx:
+class Nginx(Service):
     def __init__(self, workdir: Path, moonraker_port: int,
                  repo: Path = REPO, binary: str | None = None) -> None:
         self.binary = binary or find_nginx()
@@ -153,9 +152,8 @@ class Nginx:
         if test.returncode != 0:
             raise RuntimeError("nginx rejects the configuration:\n" + test.stderr)
         with open(self.dir / "nginx.out", "ab") as out:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -172,17 +170,4 @@ class Nginx:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def __enter__(self) -> Nginx:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        stop_process(proc)
