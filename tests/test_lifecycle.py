@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 
 import pytest
 
@@ -389,3 +390,47 @@ def test_report_survives_a_drop_right_after_it_was_received(k, sim):
     # The only thing the cloud may have noticed is that very repeat
     assert [v for v in sim.violations
             if "second terminal report for jobId 'r31-drop'" not in v] == []
+
+
+# ------------------------------------------------- klippy stopped (R23)
+
+def polar_children() -> list[str]:
+    """Processes of ours that could outlive klippy: the key helper and the
+    snapshot worker (both are children of klippy)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % (pid,), "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8",
+                                                               "replace")
+        except OSError:
+            continue
+        if "polar_cloud/imaging.py" in cmdline \
+                or "cryptography.hazmat" in cmdline:
+            found.append("%s %s" % (pid, cmdline[:80]))
+    return found
+
+
+def test_stopping_klippy_leaves_nothing_behind(make_klippy, sim):
+    """R23: Moonraker's [power] (or systemctl) stops klippy, here while a
+    new session is signing its hello: the cloud sees the printer go, and
+    no process of ours outlives klippy."""
+    k = start_provisioned(make_klippy, sim)
+    hist = StateHistory.attach(k)
+    hist.wait_for(lambda st: st["state"] == "online")
+    assert polar_children() == []
+    mark = hist.mark() - 1
+    k.restart()
+    hist.wait_for(lambda st: st["state"] == "connecting", since=mark)
+    pid = k.pid
+    k.stop()
+    assert not os.path.exists("/proc/%d/status" % (pid,))
+    sim.wait_until(lambda: sim.live_sessions(k.serial) == 0, timeout=30)
+    # A helper that was running ends with its pipe (nothing to wait on
+    # but /proc itself)
+    deadline = time.monotonic() + 30.
+    while polar_children() and time.monotonic() < deadline:
+        time.sleep(.1)
+    assert polar_children() == []
