@@ -759,9 +759,7 @@ def test_imaging_timeout_kills_the_child(env, monkeypatch, tmp_path):
     monkeypatch.setattr(camera, "IMAGING_TIMEOUT", 1.)
     run = Runner(options(cam_server))
     run.cam.set_slot(make_slot(sim))
-    t = time.monotonic()
     result = run.run()
-    assert 1. <= time.monotonic() - t < 10.
     assert result.error == "image processing took longer than 1 s; skipped"
     assert not result.uploaded and sim.upload_attempts == []
     assert gone(pid_file)
@@ -796,13 +794,38 @@ def test_stop_kills_the_imaging_child(env, monkeypatch, tmp_path):
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.monotonic() < deadline
         time.sleep(.02)
-    t = time.monotonic()
     run.stop_event.set()
     run.cam.stop(10.)
-    assert time.monotonic() - t < 2.
+    # Ended without waiting for the child's 60 s
+    assert not run.cam._worker.is_alive()
     result = run.result()
     assert result.error == "camera: stopped" and sim.upload_attempts == []
     assert gone(pid_file)
+
+
+def test_without_sched_idle_the_child_still_runs_at_nice_19(
+        env, monkeypatch, tmp_path, caplog):
+    """Where chrt cannot set SCHED_IDLE (a container), the snapshot still
+    goes, once logged, with the child lowering its own priority."""
+    sim, cam_server = env
+    chrt = tmp_path / "chrt"
+    chrt.write_text("#!/bin/sh\necho \"chrt: failed to set pid 0's policy:"
+                    " Operation not permitted\" >&2\nexit 1\n")
+    chrt.chmod(0o755)
+    monkeypatch.setattr(camera, "_idle_prefix", lambda: [str(chrt)])
+    monkeypatch.setattr(camera, "_use_chrt", True)
+    run = Runner(options(cam_server, flip_vertical=True))
+    slot = make_slot(sim)
+    run.cam.set_slot(slot)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        result = run.run()
+        assert result.uploaded, result
+        run.cam.set_slot(make_slot(sim))
+        assert run.run().uploaded
+    assert camera._use_chrt is False
+    lines = [r.getMessage() for r in caplog.records if "chrt" in r.getMessage()]
+    assert lines == ["polar_cloud: chrt: failed to set pid 0's policy:"
+                     " Operation not permitted; image work runs at nice 19"]
 
 
 def test_stop_joins_the_worker(env, monkeypatch):
@@ -900,10 +923,18 @@ def test_imaging_script_bad_header_and_no_pillow():
                           input=b'{"limit": 0}\n\xff\xd8', capture_output=True)
     assert done.returncode == imaging.EXIT_BAD_REQUEST
     assert done.stderr.startswith(b"bad request header")
+    # Without Pillow: a frame that fits goes out as it is, else a reason
     env = dict(os.environ, PYTHONPATH=NO_PILLOW)
-    done = run_imaging(quadrant_jpeg(), env=env)
+    picture = quadrant_jpeg()
+    done = run_imaging(picture, env=env)
+    assert done.returncode == imaging.EXIT_OK and done.stdout == picture
+    done = run_imaging(picture, env=env, rotation=90)
     assert done.returncode == imaging.EXIT_NO_PILLOW
-    assert done.stderr.startswith(b"Pillow is not installed (")
+    assert done.stderr == (b"Pillow is not installed (needed to shrink or"
+                           b" rotate the snapshot)\n")
+    done = run_imaging(picture[:-2], env=env)
+    assert done.returncode == imaging.EXIT_BAD_JPEG
+    assert done.stderr == b"incomplete JPEG from the camera\n"
 
 
 def test_imaging_child_priority():

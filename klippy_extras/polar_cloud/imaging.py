@@ -1,25 +1,30 @@
-# Snapshot image work: decode, transform, shrink and re-encode a JPEG
+# Snapshot image work: fetch from the camera, decode, transform, shrink
+# and re-encode a JPEG
 #
 # Runs as a short-lived child process at idle CPU priority, never inside
-# klippy: Pillow holds the GIL for parts of its work, which would make
-# klippy's reactor late.  camera.py starts it as
+# klippy: Pillow holds the GIL for parts of its work, and reading a 2 MB
+# frame in Python takes it thousands of times, which would make klippy's
+# reactor late.  camera.py starts it as
 #
 #     python /path/to/imaging.py
 #
-# with one JSON header line and then the JPEG on stdin:
+# with one JSON header line on stdin, either with a "fetch" object (the
+# camera's URL and limits: the child fetches the frame itself) or followed
+# by the JPEG:
 #
 #     {"limit": 150000, "flip_horizontal": false, "flip_vertical": false,
-#      "rotation": 0}\n<JPEG bytes>
+#      "rotation": 0, "fetch": {"url": ..., ...}}\n
 #
-# and reads the resulting JPEG (at most limit bytes) from stdout.  On
-# failure it exits with one of the EXIT_* codes and writes one short line
-# to stderr.  This file imports only the standard library and Pillow, and
-# Pillow only when there is work to do: klippy may import it for the
-# constants, as extras.polar_cloud.imaging, without loading Pillow.
+# and reads the resulting JPEG (at most limit bytes) from stdout; stderr
+# says "fetched <bytes>".  On failure it exits with one of the EXIT_* codes
+# and writes one short line to stderr.  Pillow and requests are imported
+# only when there is work to do: klippy imports this file for its
+# constants, as extras.polar_cloud.imaging, without loading either.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -35,7 +40,8 @@ MAX_ENCODES = 8
 MIN_SIDE = 120
 JPEG_EOI = b"\xff\xd9"
 ROTATIONS = (0, 90, 180, 270)
-MAX_HEADER = 4096
+MAX_HEADER = 8192
+JPEG_SOI = b"\xff\xd8"
 
 # Exit codes of the script; 1 is an unexpected error (a traceback)
 EXIT_OK = 0
@@ -53,6 +59,17 @@ class Transform:
     flip_horizontal: bool = False
     flip_vertical: bool = False
     rotation: int = 0           # clockwise, like the front-ends
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Where and how the child gets the frame (camera.py's limits)."""
+    url: str
+    connect_timeout: float
+    read_timeout: float
+    deadline: float             # seconds for the whole answer
+    max_bytes: int
+    chunk: int = 64 * 1024
 
 
 class ImagingError(Exception):
@@ -200,17 +217,90 @@ def process_jpeg(data: bytes, limit: int, opts: Any, Image=None) -> bytes:
     return data if img is None else fit_jpeg(img, limit, opts, Image, at85)
 
 
+def fit_without_pillow(data: bytes, limit: int, opts: Any) -> bytes:
+    """Without Pillow a frame can only go out as it is."""
+    if not data.endswith(JPEG_EOI):
+        raise BadJpeg("incomplete JPEG from the camera")
+    if needs_transform(opts) or len(data) > limit:
+        raise NoPillow("Pillow is not installed (needed to shrink or rotate"
+                       " the snapshot)")
+    return data
+
+
+# Fetching (in the child too)
+
+def request_error(exc: Exception) -> str:
+    """A requests exception in a few plain words."""
+    import requests
+    from urllib3.exceptions import ReadTimeoutError
+    if isinstance(exc, requests.ConnectTimeout):
+        return "no answer (connect timeout)"
+    # A timeout while reading the body comes wrapped in a ConnectionError
+    if isinstance(exc, requests.ReadTimeout) or (
+            exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+        return "no answer (read timeout)"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "incomplete answer"
+    return exc.__class__.__name__
+
+
+def fetch(spec: Fetch) -> bytes:
+    """One frame from the camera's snapshot URL, or raise BadJpeg."""
+    import time
+
+    import requests
+    deadline = time.monotonic() + spec.deadline
+    buf = bytearray()
+    too_big = spec.max_bytes >> 20
+    try:
+        with requests.Session() as http:
+            http.trust_env = False          # a LAN camera: no proxies
+            http.max_redirects = 3
+            with http.get(spec.url, stream=True, timeout=(
+                    spec.connect_timeout, spec.read_timeout)) as resp:
+                if resp.status_code != 200:
+                    raise BadJpeg("HTTP %d" % (resp.status_code,))
+                ctype = resp.headers.get("content-type", "").lower()
+                if ctype.startswith("multipart/"):
+                    raise BadJpeg("snapshot_url serves a video stream, not"
+                                  " a snapshot")
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) > spec.max_bytes:
+                    raise BadJpeg("snapshot larger than %d MB" % (too_big,))
+                for chunk in resp.iter_content(spec.chunk):
+                    buf += chunk
+                    if len(buf) > spec.max_bytes:
+                        raise BadJpeg("snapshot larger than %d MB; is"
+                                      " snapshot_url a stream?" % (too_big,))
+                    if time.monotonic() > deadline:
+                        raise BadJpeg("the camera is too slow")
+    except requests.RequestException as e:
+        raise BadJpeg(request_error(e)) from None
+    if not buf:
+        raise BadJpeg("empty answer")
+    if not buf.startswith(JPEG_SOI):
+        raise BadJpeg("the answer is not a JPEG image")
+    return bytes(buf)
+
+
 # The script
 
-def request(limit: int, opts: Any) -> bytes:
-    """The header line that goes before the JPEG on the script's stdin."""
-    return json.dumps({
+def request(limit: int, opts: Any, fetch: Optional[Fetch] = None) -> bytes:
+    """The header line for the script's stdin (the JPEG follows it unless
+    the child is to fetch the frame itself)."""
+    header = {
         "limit": int(limit), "flip_horizontal": bool(opts.flip_horizontal),
         "flip_vertical": bool(opts.flip_vertical),
-        "rotation": int(opts.rotation)}).encode() + b"\n"
+        "rotation": int(opts.rotation)}
+    if fetch is not None:
+        header["fetch"] = dataclasses.asdict(fetch)
+    return json.dumps(header).encode() + b"\n"
 
 
-def parse_request(raw: bytes) -> tuple[int, Transform, bytes]:
+def parse_request(raw: bytes) -> tuple[int, Transform, bytes,
+                                       Optional[Fetch]]:
     head, newline, data = raw[:MAX_HEADER].partition(b"\n")
     try:
         if not newline:
@@ -219,6 +309,7 @@ def parse_request(raw: bytes) -> tuple[int, Transform, bytes]:
         limit = header["limit"]
         opts = Transform(header["flip_horizontal"], header["flip_vertical"],
                          header["rotation"])
+        spec = Fetch(**header["fetch"]) if "fetch" in header else None
     except (ValueError, KeyError, TypeError) as e:
         raise BadRequest("bad request header (%s)" % (str(e)[:80],)) from None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1 \
@@ -226,7 +317,7 @@ def parse_request(raw: bytes) -> tuple[int, Transform, bytes]:
             or not isinstance(opts.flip_horizontal, bool) \
             or not isinstance(opts.flip_vertical, bool):
         raise BadRequest("bad request header")
-    return limit, opts, raw[len(head) + 1:]
+    return limit, opts, raw[len(head) + 1:], spec
 
 
 def lower_priority(pid: int = 0) -> None:
@@ -249,8 +340,14 @@ def _one_line(text: str) -> str:
 def main() -> int:
     lower_priority()
     try:
-        limit, opts, data = parse_request(sys.stdin.buffer.read())
-        out = process_jpeg(data, limit, opts)
+        limit, opts, data, spec = parse_request(sys.stdin.buffer.read())
+        if spec is not None:
+            data = fetch(spec)
+            sys.stderr.write("fetched %d\n" % (len(data),))
+        try:
+            out = process_jpeg(data, limit, opts)
+        except NoPillow:
+            out = fit_without_pillow(data, limit, opts)
     except ImagingError as e:
         sys.stderr.write(_one_line(str(e)) + "\n")
         return e.exit_code
