@@ -8,7 +8,13 @@ import re
 
 import pytest
 
-from tests.conftest import EXTRA, REPO, polar_section, polar_status
+from tests.conftest import (
+    EXTRA,
+    REPO,
+    polar_section,
+    polar_status,
+    wait_polar,
+)
 from tests.testbed.klippy import KlippyError
 
 
@@ -76,7 +82,9 @@ def test_corrupt_identity_is_a_clear_error(make_klippy, sim, files, message):
     for name, text in files.items():
         (state / name).write_text(text)
     k.start()
-    st = polar_status(k)
+    # The identity is read (the key checked by a child) on the session's
+    # thread, after klippy is ready
+    st = wait_polar(k, lambda s: s.get("state") not in (None, "stopped"))
     assert st["state"] == "auth_failed", st
     assert re.search(message, st["last_error"]), st["last_error"]
     assert k.info()["state"] == "ready"
