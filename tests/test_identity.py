@@ -100,3 +100,18 @@ def test_key_of_another_kind_is_refused(tmp_path):
         f.write(pem)
     with pytest.raises(IdentityError, match="corrupt"):
         IdentityStore(str(tmp_path), "kl").load()
+
+
+def test_key_helper_imports_nothing_from_the_working_directory(
+        tmp_path, monkeypatch):
+    # klippy's working directory may hold anything; the helper child must
+    # not pick up a module planted there
+    planted = tmp_path / "cwd"
+    (planted / "cryptography").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (planted / "cryptography" / "__init__.py").write_text(
+        "open(%r, 'w').close()\n" % (str(marker),))
+    monkeypatch.chdir(planted)
+    store = IdentityStore(str(tmp_path / "state"), "kl")
+    assert store.create_key().startswith("-----BEGIN PUBLIC KEY-----")
+    assert not marker.exists()

@@ -16,55 +16,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .keyhelper import BAD_KEY_EXIT
+
 KEY_FILE = "key.pem"
 IDENTITY_FILE = "identity.json"
 
-# RSA work runs in a child process at low priority: key generation holds
-# the GIL for tens of milliseconds (seconds on a Raspberry Pi), enough to
-# starve klippy's reactor, and importing cryptography would add megabytes
-# to klippy for one signature per connection.  The private key travels on
-# pipes only.
-CRYPTO_SCRIPT = """
-import base64, json, os, sys
-try:
-    os.nice(10)
-except OSError:
-    pass
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-def public(key):
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM,
-        serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
-
-def load(pem):
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        sys.exit(3)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        sys.exit(3)
-    return key
-
-op = sys.argv[1]
-data = sys.stdin.buffer.read()
-if op == "keygen":
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    out = {"private": key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()).decode("ascii"), "public": public(key)}
-elif op == "public":
-    out = {"public": public(load(data))}
-else:
-    req = json.loads(data)
-    sig = load(req["pem"].encode("ascii")).sign(
-        req["data"].encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
-    out = {"signature": base64.b64encode(sig).decode("ascii")}
-sys.stdout.write(json.dumps(out))
-"""
-BAD_KEY_EXIT = 3
+# RSA work runs in a child process at low priority (keyhelper.py): key
+# generation holds the GIL for tens of milliseconds (seconds on a Raspberry
+# Pi), enough to starve klippy's reactor, and importing cryptography would
+# add megabytes to klippy for one signature per connection.  The private
+# key travels on pipes only.  -I: the child imports nothing from klippy's
+# working directory or the user's site-packages.
+KEY_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "keyhelper.py")
 CRYPTO_TIMEOUT = 300.
 
 
@@ -75,7 +39,7 @@ class BadKey(Exception):
 def run_crypto(op: str, data: bytes) -> dict:
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", CRYPTO_SCRIPT, op], input=data,
+            [sys.executable, "-I", KEY_HELPER, op], input=data,
             capture_output=True, timeout=CRYPTO_TIMEOUT)
     except (OSError, subprocess.SubprocessError) as e:
         raise IdentityError("cannot run the key helper: %s" % (e,)) from e

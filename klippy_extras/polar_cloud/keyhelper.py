@@ -1,0 +1,67 @@
+# The printer key's RSA work, in a short-lived child process
+#
+# identity.py runs it as `python -I keyhelper.py <op>` with the input on
+# stdin and reads one JSON object from stdout:
+#   keygen            -> {"private": PEM, "public": PEM}
+#   public  (PEM in)  -> {"public": PEM}
+#   sign    ({"pem", "data"} in) -> {"signature": base64 of PKCS#1 v1.5 SHA-256}
+# A PEM that is not a usable RSA private key exits with BAD_KEY_EXIT.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+
+BAD_KEY_EXIT = 3
+
+
+def public(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM,
+        serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def load(pem: bytes):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        sys.exit(BAD_KEY_EXIT)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        sys.exit(BAD_KEY_EXIT)
+    return key
+
+
+def run(op: str, data: bytes) -> dict:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    if op == "keygen":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return {"private": key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()).decode("ascii"),
+            "public": public(key)}
+    if op == "public":
+        return {"public": public(load(data))}
+    req = json.loads(data)
+    sig = load(req["pem"].encode("ascii")).sign(
+        req["data"].encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    return {"signature": base64.b64encode(sig).decode("ascii")}
+
+
+def main() -> None:
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    sys.stdout.write(json.dumps(run(sys.argv[1], sys.stdin.buffer.read())))
+
+
+if __name__ == "__main__":
+    main()
