@@ -44,10 +44,15 @@ def test_bad_option_is_a_clear_config_error(make_klippy, sim, options,
     k.stop()
 
 
-def test_state_path_inside_config_folder_is_refused(make_klippy, sim):
+@pytest.mark.parametrize("folder", ["config", "gcodes", "logs"])
+def test_state_path_inside_a_served_folder_is_refused(make_klippy, sim,
+                                                      folder):
     k = make_klippy("klipper", extras={"polar_cloud": EXTRA}, start=False)
-    k.extra_cfg = polar_section(sim, state_path=k.config_dir / "secret")
-    with pytest.raises(KlippyError, match="'state_path' .* not be inside"):
+    root = {"config": k.config_dir, "gcodes": k.gcodes_dir,
+            "logs": k.logs_dir}[folder]
+    k.extra_cfg = polar_section(sim, state_path=root / "secret")
+    with pytest.raises(KlippyError, match="'state_path' .* not be inside"
+                       " the printer's %s folder" % (folder,)):
         k.start()
     k.stop()
 

@@ -46,6 +46,26 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+def served_folders(config, config_file: str) -> dict[str, str]:
+    """The folders Moonraker serves to the network: config, gcodes, logs."""
+    folders = {"config": os.path.dirname(os.path.abspath(config_file))}
+    if config.has_section("virtual_sdcard"):
+        path = config.getsection("virtual_sdcard").get("path", None,
+                                                       note_valid=False)
+        if path:
+            folders["gcodes"] = os.path.expanduser(path)
+    log_file = config.get_printer().get_start_args().get("log_file")
+    if log_file:
+        folders["logs"] = os.path.dirname(os.path.abspath(log_file))
+    return folders
+
+
+def served_folder(path: str, folders: dict[str, str]) -> str:
+    """The name of the served folder that holds path, '' if none."""
+    return next((name for name, root in folders.items()
+                 if _inside(path, root)), "")
+
+
 @dataclass(frozen=True)
 class Options:
     server_url: str
@@ -79,10 +99,11 @@ def read_options(config) -> Options:
     if state_path is None:
         state_path = default_state_path(config_file)
     state_path = os.path.normpath(os.path.expanduser(state_path))
-    if _inside(state_path, os.path.dirname(os.path.abspath(config_file))):
+    served = served_folder(state_path, served_folders(config, config_file))
+    if served:
         raise error("Option 'state_path' in section 'polar_cloud' must not be"
-                    " inside the printer config folder (it is served to the"
-                    " network by Moonraker)")
+                    " inside the printer's %s folder (it is served to the"
+                    " network by Moonraker)" % (served,))
     ca_file = config.get("ca_file", "").strip()
     if ca_file:
         ca_file = os.path.abspath(os.path.expanduser(ca_file))
