@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import urllib.parse
 
 import pytest
 
@@ -58,6 +59,7 @@ def test_status_over_http(k, mr, sim):
     # The same fields as printer.polar_cloud, for UIs that query objects
     obj = mr.get("/printer/objects/query?polar_cloud")["status"]["polar_cloud"]
     assert {key: st[key] for key in obj} == obj
+    assert set(st) - set(obj) == {"lines", "token"}
     assert "polar_cloud" in mr.get("/printer/objects/list")["objects"]
 
 
@@ -74,12 +76,36 @@ def test_register_rejects_bad_input_with_a_400(mr, sim, params, error):
     assert sim.received("register") == [] and sim.connected() == 0
 
 
+def token(mr) -> str:
+    return mr.get("/printer/polar_cloud/status")["token"]
+
+
+def test_register_needs_the_status_token(mr, sim):
+    # A page on another origin can make a LAN browser send a GET or a
+    # form POST, but cannot read the status to learn the token
+    for params in ({}, {"token": "0" * 32}):
+        with pytest.raises(MoonrakerError, match="token"):
+            mr.get("/printer/polar_cloud/register?" + urllib.parse.urlencode(
+                dict(email=EMAIL, pin=PIN, **params)))
+        with pytest.raises(MoonrakerError, match="token"):
+            mr.post("/printer/polar_cloud/register", email=EMAIL, pin=PIN,
+                    **params)
+        with pytest.raises(MoonrakerError, match="token"):
+            mr.post("/printer/polar_cloud/unregister", force=True, **params)
+    assert mr.get("/printer/polar_cloud/status")["state"] == "unregistered"
+    assert sim.received("register") == [] and sim.connected() == 0
+    # The token is not among the printer object's fields
+    obj = mr.get("/printer/objects/query?polar_cloud")["status"]["polar_cloud"]
+    assert "token" not in obj
+
+
 def test_register_over_http_watched_over_the_websocket(k, mr, sim):
     ws = mr.websocket()
     first = ws.subscribe({"polar_cloud": None})
     assert first["polar_cloud"]["state"] == "unregistered"
     since = sim.now()
-    reply = mr.post("/printer/polar_cloud/register", email=EMAIL, pin=PIN)
+    reply = mr.post("/printer/polar_cloud/register", email=EMAIL, pin=PIN,
+                    token=token(mr))
     assert reply == {"state": "registering"}
     final = ws.wait_status(
         lambda st: st["polar_cloud"]["state"] == "online", timeout=90)
@@ -107,7 +133,8 @@ def test_register_over_http_watched_over_the_websocket(k, mr, sim):
     assert "serial number: %s" % (serial,) in st["lines"]
     # A second registration is refused while registered
     with pytest.raises(MoonrakerError, match="already registered"):
-        ws.call("printer.polar_cloud.register", {"email": EMAIL, "pin": PIN})
+        ws.call("printer.polar_cloud.register", {"email": EMAIL, "pin": PIN,
+                                                 "token": token(mr)})
     k.serial = serial
 
 
@@ -183,7 +210,8 @@ def test_unregister_over_json_rpc(k, mr, sim):
     serial = k.serial
     ws = mr.websocket()
     ws.subscribe({"polar_cloud": None})
-    assert ws.call("printer.polar_cloud.unregister") == {"state": "unregistering"}
+    assert ws.call("printer.polar_cloud.unregister", {
+        "token": token(mr)}) == {"state": "unregistering"}
     st = ws.wait_status(lambda s: s["polar_cloud"]["state"] == "unregistered")
     assert st["polar_cloud"]["serial_number"] == ""
     assert sim.received("unregister")[-1] == {"serialNumber": serial}

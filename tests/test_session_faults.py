@@ -284,11 +284,13 @@ def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for i in range(1000):
             s._dispatch("temperature", {"bed": "abc"})
-            s._dispatch("bogus%d" % (i % 3,), {})
+            s._dispatch("bogus%d" % (i,), {})
             s._dispatch("command", {"command": "M112"})
             s._dispatch("print", [])
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 6, lines     # 3 unknown names, 3 malformed kinds
+    # one for all 1,000 unknown names, one per malformed kind
+    assert len(lines) == 4, lines
+    assert len(s.rlog.last) == 4
     assert s.bridge.scripts == []
 
 
@@ -442,7 +444,7 @@ def test_flooded_inbox_keeps_job_events(tmp_path):
         item = inbox.get(0.)
         if item is None:
             break
-        got.append(item)
+        got.append(item[1:])
     names = [n for n, _ in got]
     assert len(got) == 256 and inbox.dropped == 1003 - 256
     assert [d for n, d in got if n == "print"] == [{"jobId": "first"},
@@ -458,7 +460,7 @@ def test_inbox_full_of_critical_events_drops_new_ones():
     for i in range(6):
         inbox.put_network("print", {"jobId": str(i)})
     assert inbox.dropped == 2
-    assert [inbox.get(0.)[1]["jobId"] for _ in range(4)] == list("0123")
+    assert [inbox.get(0.)[2]["jobId"] for _ in range(4)] == list("0123")
 
 
 def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
@@ -592,3 +594,23 @@ def test_fleet_comes_back_without_a_stampede():
         return delay
     spike = fleet_reconnects(n, outage, socketio_default)
     assert max_per_second(spike) > 0.03 * n
+
+
+def test_rate_limited_log_keeps_a_bounded_table(caplog):
+    rlog = S.RateLimitedLog(period=600., max_keys=64)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for i in range(5000):
+            rlog("key%d" % (i,), "message %d", i)
+    assert len(rlog.last) <= 64
+    assert rlog("key4999", "again") is False
+
+
+def test_cloud_names_never_become_calls_or_link_news():
+    inbox = S.Inbox(limit=8)
+    calls = []
+    inbox.put_network("disconnect", None)
+    inbox.put_local(calls.append, "local")
+    inbox.put_link("disconnect")
+    kinds = [inbox.get(0.)[:2] for _ in range(3)]
+    assert kinds == [(S.CALL, calls.append), (S.CLOUD, "disconnect"),
+                     (S.LINK, "disconnect")]

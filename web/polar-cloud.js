@@ -428,7 +428,8 @@
     render();
     addMessage("Registering this printer as " + email + "…", "info");
     try {
-      await api("POST", "/printer/polar_cloud/register", { email, pin });
+      const token = await requestToken();
+      await api("POST", "/printer/polar_cloud/register", { email, pin, token });
       // Keep the button off until the new state arrives (the result itself
       // follows as console lines).
       startedAt = Date.now();
@@ -441,12 +442,20 @@
     }
   });
 
+  // The module accepts register and unregister only with the token that a
+  // read of its status gives, which a page on another origin cannot read.
+  async function requestToken() {
+    const st = await api("GET", "/printer/polar_cloud/status");
+    return (st && st.token) || "";
+  }
+
   async function unregister(force) {
     busy = true;
     render();
     addMessage(force ? "Unregistering (forgetting it here in any case)…" : "Unregistering…", "info");
     try {
-      await api("POST", "/printer/polar_cloud/unregister", { force });
+      const token = await requestToken();
+      await api("POST", "/printer/polar_cloud/unregister", { force, token });
     } catch (e) {
       addMessage("Unregister failed: " + e.message, "error");
     } finally {

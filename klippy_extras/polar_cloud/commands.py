@@ -31,6 +31,11 @@ class RemoteCommands:
     def __init__(self, session):
         self.session = session
         self.options = session.options
+        self.sequence = 0
+    def _unique(self, kind: str) -> str:
+        """A queue key for commands that must each run (never coalesced)."""
+        self.sequence += 1
+        return "%s:%d" % (kind, self.sequence)
     def _ready(self, snap: Optional[dict]) -> bool:
         return snap is not None and snap.get("klippy_state") == "ready"
     def _audit(self, event: str, decision: str) -> None:
@@ -43,7 +48,6 @@ class RemoteCommands:
             self._audit("temperature", "refused, printer not ready")
             return
         heaters = snap["static"]["heaters"]
-        lines = []
         for key, target in sorted(targets.items()):
             heater = heaters.get(key)
             if heater is None or heater.get("max") is None:
@@ -53,11 +57,11 @@ class RemoteCommands:
             if clamped != target:
                 self._audit("temperature", "%s %.1f clamped to %.1f"
                             % (key, target, clamped))
-            lines.append("SET_HEATER_TEMPERATURE HEATER=%s TARGET=%.1f"
-                         % (heater["gcode_name"], clamped))
-        if lines:
-            self.session.bridge.run_gcode("\n".join(lines),
-                                          self.session.report_failure("temperature"))
+            # The latest target per heater wins over one still waiting
+            self.session.run_gcode(
+                "heater:" + key, "SET_HEATER_TEMPERATURE HEATER=%s TARGET=%.1f"
+                % (heater["gcode_name"], clamped),
+                self.session.report_failure("temperature"))
     # macro buttons (customCommandList / customCommand)
     def command_list(self) -> list[dict]:
         return [{"label": name.replace("_", " ").title(),
@@ -77,7 +81,8 @@ class RemoteCommands:
             self._audit("customCommand", "refused, printer not ready")
             return
         self._audit("customCommand", "running %s" % (name,))
-        self.session.bridge.run_gcode(name, self.session.report_failure(name))
+        self.session.run_gcode("macro:" + name, name,
+                               self.session.report_failure(name))
     # raw G-code (allow_raw_gcode)
     def raw_gcode(self, data: Any, snap: Optional[dict]) -> None:
         if not self.options.allow_raw_gcode:
@@ -99,7 +104,8 @@ class RemoteCommands:
             return
         self._audit("command", "running %d line(s)"
                     % (len(script.splitlines()),))
-        self.session.bridge.run_gcode(script, self.session.report_failure("G-code"))
+        self.session.run_gcode(self._unique("raw"), script,
+                               self.session.report_failure("G-code"))
     def _check_script(self, script: str) -> str:
         if "{" in script or "}" in script:
             return "templates are not allowed"
@@ -120,8 +126,9 @@ class RemoteCommands:
                                                                 "paused"):
             self._audit("jogPrinter", "refused, printer busy or not ready")
             return
-        self.session.bridge.run_gcode(self._jog_script(data["jogPrinter"]),
-                                      self.session.report_failure("jog"))
+        self.session.run_gcode(self._unique("jog"),
+                               self._jog_script(data["jogPrinter"]),
+                               self.session.report_failure("jog"))
     def _jog_script(self, req: dict) -> str:
         command = req.get("command")
         if command == "home":

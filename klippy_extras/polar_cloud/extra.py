@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import importlib.util
 import logging
+import secrets
 from typing import Callable
 
 from . import protocol
@@ -88,6 +90,11 @@ class ReactorBridge:
             except self.printer.command_error as e:
                 reply(False, str(e))
                 return
+            except Exception:
+                # The caller waits for a reply, whatever went wrong
+                logging.exception("polar_cloud: cloud G-code failed")
+                reply(False, "internal error (see klippy.log)")
+                return
             reply(True, "")
         self.call(run)
 
@@ -104,6 +111,10 @@ class PolarCloud:
         self.sampler = PrinterSampler(self.printer)
         self.sample_timer = None
         self.started = False
+        # Register and unregister over the API need the token that only a
+        # read of polar_cloud/status gives: a web page on another origin
+        # can make a browser send a request, but cannot read the answer
+        self.request_token = secrets.token_hex(16)
         if self.options.verbose is False:
             for name in ("socketio", "engineio", "urllib3", "websocket"):
                 logging.getLogger(name).setLevel(logging.WARNING)
@@ -251,8 +262,15 @@ class PolarCloud:
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     @guarded
     def _handle_status_request(self, web_request) -> None:
-        web_request.send(dict(self.session.public,
-                              lines=self.status_lines()))
+        web_request.send(dict(self.session.public, lines=self.status_lines(),
+                              token=self.request_token))
+    def _check_token(self, web_request) -> None:
+        token = web_request.get_str("token", "")
+        if not hmac.compare_digest(token, self.request_token):
+            raise self.printer.command_error(
+                "missing or stale token: read polar_cloud/status and send"
+                " its 'token' with this request")
+        self.request_token = secrets.token_hex(16)
     @guarded
     def _handle_register_request(self, web_request) -> None:
         email = web_request.get_str("email").strip()
@@ -260,6 +278,7 @@ class PolarCloud:
         error = self._check_register(email, pin)
         if error:
             raise self.printer.command_error(error)
+        self._check_token(web_request)
         self.session.register(email, pin)
         web_request.send({"state": "registering"})
     @guarded
@@ -267,5 +286,6 @@ class PolarCloud:
         force = web_request.get("force", False) in (True, 1, "1", "true")
         if not self.started:
             raise self.printer.command_error("klippy is not ready")
+        self._check_token(web_request)
         self.session.unregister(force)
         web_request.send({"state": "unregistering"})

@@ -41,6 +41,7 @@ MAX_REDIRECTS = 3
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
 OUTBOX_SETTLE = 5.
+PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
 JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode$")
 GCODE_LINE_RE = re.compile(
     rb"^\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*$")
@@ -344,6 +345,7 @@ class JobManager:
         self.job: Optional[Job] = None
         self.seen: collections.deque = collections.deque(maxlen=SEEN_LIMIT)
         self.outbox: list[dict] = []
+        self.saved_outbox: list[dict] = []      # as on disk
         self.unsettled: list[tuple[float, dict]] = []
         self.download: Optional[Download] = None
         self.last_print: dict[str, float] = {}
@@ -366,6 +368,7 @@ class JobManager:
         self.seen.extend(i for i in data.get("seen", []) if isinstance(i, str))
         self.outbox = [m for m in outbox if isinstance(m, dict)
                        and m.get("state") in ("completed", "canceled")]
+        self.saved_outbox = list(self.outbox)
         if self.job is not None and self.job.phase in ("downloading",
                                                        "starting"):
             # Its download (or start) died with the previous klippy and
@@ -383,10 +386,11 @@ class JobManager:
         except OSError as e:
             log.warning("polar_cloud: cannot save job state: %s", e)
     def save_outbox(self) -> None:
-        if self.session.abandoned:
+        if self.session.abandoned or self.outbox == self.saved_outbox:
             return
         try:
             write_json(self.outbox_path, self.outbox)
+            self.saved_outbox = list(self.outbox)
         except OSError as e:
             log.warning("polar_cloud: cannot save the outbox: %s", e)
     # Views for the status message
@@ -420,15 +424,16 @@ class JobManager:
         job = self.job
         if (job is not None and job.job_id == req.job_id) \
                 or req.job_id in self.seen:
-            # once per job and period: a flood of repeats stays quiet
-            self.session.rlog("repeat:" + req.job_id, "print %s already"
-                              " handled; ignoring the repeat", req.job_id)
+            # a flood of repeats stays quiet
+            self.session.rlog("repeat", "print %s already handled; ignoring"
+                              " the repeat", req.job_id)
             return
         self.seen.append(req.job_id)
         reason = self._refusal(req, snap)
         if reason:
+            # Kept in memory only: a refused job sent again after a
+            # restart is simply judged again
             self._refuse(req.job_id, reason)
-            self.save()
             return
         static = snap["static"]
         filename = safe_job_filename(req.job_name, req.job_id)
@@ -443,7 +448,7 @@ class JobManager:
             self.options.max_job_size, self.session.loopback_test_server(),
             self.session.stop_event,
             lambda err, size, jid=req.job_id: self.session.inbox.put_local(
-                "download_done", (jid, err, size)))
+                self.download_done, jid, err, size))
         self.download.start()
         self.session.status_now()
     def _refusal(self, req: protocol.PrintRequest, snap) -> str:
@@ -465,10 +470,17 @@ class JobManager:
         if problem:
             return "refused download URL: %s" % (problem,)
         return ""
+    def refuse_unread(self, job_id: str, reason: str) -> None:
+        """A print whose message could not be read in full."""
+        if job_id not in self.seen:
+            self.seen.append(job_id)
+            self._refuse(job_id, reason)
     def _refuse(self, job_id: str, reason: str) -> None:
-        log.info("polar_cloud: job %s refused: %s", job_id, reason)
-        self.session.console("Polar Cloud: job %s refused: %s"
-                             % (job_id, reason), error=True)
+        # Every refused job is answered; a flood of them logs little
+        if self.session.rlog("refused:" + reason[:40], "job %s refused: %s",
+                             job_id, reason):
+            self.session.console("Polar Cloud: job %s refused: %s"
+                                 % (job_id, reason), error=True, log=False)
         self.queue_final(job_id, "canceled", 0., 0.)
     def download_done(self, job_id: str, error: str, size: int) -> None:
         self.download = None
@@ -484,10 +496,11 @@ class JobManager:
         log.info("polar_cloud: job %s: downloaded %d bytes", job_id, size)
         job.phase = "starting"
         self.save()
-        self.session.bridge.run_gcode(
+        self.session.run_gcode(
+            "print:" + job_id,
             'SDCARD_PRINT_FILE FILENAME="%s"' % (job.filename,),
             lambda ok, err, jid=job_id: self.session.inbox.put_local(
-                "print_started", (jid, ok, err)))
+                self.print_started, jid, ok, err))
     def print_started(self, job_id: str, ok: bool, error: str) -> None:
         job = self.job
         if job is None or job.job_id != job_id or job.phase != "starting":
@@ -511,6 +524,10 @@ class JobManager:
             protocol.check_serial(data, self.session.serial(), action)
         state = (snap or {}).get("print_state")
         ready = (snap or {}).get("klippy_state") == "ready"
+        if action in ("pause", "resume") and ready:
+            state = self._expected_state(action, state)
+            if state is None:
+                return
         applies = ready and {"pause": state == "printing",
                              "resume": state == "paused",
                              "cancel": state in ("printing", "paused")
@@ -532,9 +549,28 @@ class JobManager:
         script = {"pause": "PAUSE", "resume": "RESUME",
                   "cancel": "CANCEL_PRINT"}[action]
         log.info("polar_cloud: cloud %s -> %s", action, script)
-        self.session.bridge.run_gcode(script,
-                                      self.session.report_failure(script))
+        key = "cancel" if action == "cancel" else PAUSE_RESUME
+        self.session.run_gcode(key, script,
+                               self.session.report_failure(script))
         self.session.status_now()
+    def _expected_state(self, action: str, state: str) -> Optional[str]:
+        """The print state once the pause or resume already on its way to
+        klippy has run; None when the new one just undoes a waiting one,
+        or repeats it."""
+        queue = self.session.gcode
+        script = "PAUSE" if action == "pause" else "RESUME"
+        waiting = queue.waiting_script(PAUSE_RESUME)
+        if waiting:
+            if waiting != script:
+                queue.withdraw(PAUSE_RESUME)
+                log.info("polar_cloud: cloud %s undoes the waiting %s",
+                         action, waiting)
+                self.session.status_now()
+            return None
+        running = queue.running_script(PAUSE_RESUME)
+        if running and state in ("printing", "paused"):
+            return "paused" if running == "PAUSE" else "printing"
+        return state
     # Watching the print
     def watch(self, snap: Optional[dict]) -> None:
         job = self.job
@@ -579,7 +615,6 @@ class JobManager:
         serial = self.session.serial() or ""
         self.outbox.append(protocol.build_job(serial, job_id, state, seconds,
                                               filament))
-        self.save_outbox()
         self.flush()
     def flush(self) -> None:
         """Send what is pending.  A sent report leaves the durable outbox at
@@ -592,21 +627,22 @@ class JobManager:
         self.unsettled = [(t, m) for t, m in self.unsettled
                           if not (last_rx > t and now - t >= OUTBOX_SETTLE)]
         if not self.outbox or not self.session.is_online():
+            self.save_outbox()
             return
         serial = self.session.serial()
         pending, self.outbox = self.outbox, []
         for msg in pending:
             wire = dict(msg, serialNumber=serial)
             if self.session.emit("job", wire, callback=self._ack(msg)):
-                log.info("polar_cloud: job %s reported %s", msg["jobId"],
-                         msg["state"])
+                self.session.rlog("reported:" + msg["state"], "job %s"
+                                  " reported %s", msg["jobId"], msg["state"])
                 self.unsettled.append((now, msg))
             else:
                 self.outbox.append(msg)
         self.save_outbox()
     def _ack(self, msg: dict):
         def ack(*args) -> None:     # on the Socket.IO read thread
-            self.session.inbox.put_local("job_ack", msg)
+            self.session.inbox.put_local(self.acknowledged, msg)
         return ack
     def acknowledged(self, msg: dict) -> None:
         self.unsettled = [(t, m) for t, m in self.unsettled if m is not msg]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 from . import camera, protocol
 from .backoff import Backoff
 from .commands import RemoteCommands
+from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
 from .jobs import JobManager
 
@@ -31,6 +33,12 @@ VERSION_INTERVAL = 24 * 3600.
 HELLO_CAMERA_WAIT = 3.
 AUTH_RETRY_DELAY = 30 * 60.
 MAX_NETWORK_QUEUE = 256
+# The largest message read from the cloud (a print with a 16 KB download
+# URL is far below it); larger ones are dropped before decoding
+MAX_INBOUND_BYTES = 1 << 20
+OVERSIZED_HEAD = 4096
+OVERSIZED_EVENT_RE = re.compile(r'^\d+\[\s*"([A-Za-z_]{1,32})"')
+OVERSIZED_JOB_RE = re.compile(r'"jobId"\s*:\s*(?:"([^"\\]{1,128})"|(\d{1,20}))')
 # Outbound packets waiting in python-engineio's (unbounded) send queue; on
 # a slow link status and other refreshable reports stop here.  Job
 # reports always go.
@@ -69,39 +77,63 @@ def duration_text(seconds: float) -> str:
 
 
 class RateLimitedLog:
-    """One line per distinct message per period; repeats are counted."""
+    """One line per key per period; repeats are counted.  Keys name a
+    category of message, never a value the cloud chose; the table is
+    bounded all the same."""
 
-    def __init__(self, period: float = 600.):
+    def __init__(self, period: float = 600., max_keys: int = 256):
         self.period = period
+        self.max_keys = max_keys
         self.last: dict[str, float] = {}
         self.suppressed: dict[str, int] = collections.Counter()
     def __call__(self, key: str, msg: str, *args, level=logging.INFO,
-                 exc_info=None):
+                 exc_info=None) -> bool:
+        """Log unless key was logged within the period; True if logged."""
         now = time.monotonic()
         last = self.last.get(key)
         if last is not None and now - last < self.period:
             self.suppressed[key] += 1
-            return
+            return False
+        if last is None and len(self.last) >= self.max_keys:
+            self._forget_old(now)
         self.last[key] = now
         count = self.suppressed.pop(key, 0)
         if count:
             msg += " (%d similar suppressed)" % (count,)
         log.log(level, "polar_cloud: " + msg, *args, exc_info=exc_info)
+        return True
+    def _forget_old(self, now: float) -> None:
+        expired = [k for k, t in self.last.items() if now - t >= self.period]
+        if len(expired) < self.max_keys // 2:
+            # Still crowded: forget the oldest half
+            expired = sorted(self.last, key=self.last.get)[
+                :self.max_keys // 2]
+        for key in expired:
+            del self.last[key]
+            self.suppressed.pop(key, None)
 
 
 # Never dropped for a flood of other events: losing one would lose a job,
 # a command the user gave in the cloud, or a connection state change.
 CRITICAL_EVENTS = frozenset({
     "print", "pause", "resume", "cancel", "delete", "welcome",
-    "registerResponse", "helloResponse", "unregisterResponse", "_disconnect"})
+    "registerResponse", "helloResponse", "unregisterResponse"})
+# Inbox entries: a cloud event by name, news about the link by name, or a
+# call for the session's own threads.  They never share a namespace:
+# nothing the cloud sends can become link news or a call.
+CLOUD = "cloud"
+LINK = "link"
+CALL = "call"
 
 
 class Inbox:
-    """Events for the supervisor: network events bounded, local ones not.
+    """Work for the supervisor: cloud events (bounded) and calls.
 
-    When a flood fills the network queue, the oldest event that is not
+    News from the link (a disconnect) queues behind the cloud events that
+    came before it; calls from klippy and helper threads go first.  When
+    a flood fills the network queue, the oldest cloud event that is not
     critical makes room; only when the queue holds nothing but critical
-    events is the new one dropped (and counted).
+    events and calls is the new event dropped (and counted).
     """
 
     def __init__(self, limit: int = MAX_NETWORK_QUEUE):
@@ -111,19 +143,27 @@ class Inbox:
         self.limit = limit
         self.dropped = 0
     def put_network(self, name: str, data: Any) -> None:
+        """A cloud event, from the Socket.IO read thread."""
         with self.cond:
             if len(self.network) >= self.limit:
                 self.dropped += 1
-                victim = next((i for i, (n, _d) in enumerate(self.network)
-                               if n not in CRITICAL_EVENTS), None)
+                victim = next((i for i, (kind, n, _d)
+                               in enumerate(self.network) if kind == CLOUD
+                               and n not in CRITICAL_EVENTS), None)
                 if victim is None:
                     return
                 del self.network[victim]
-            self.network.append((name, data))
+            self.network.append((CLOUD, name, data))
             self.cond.notify()
-    def put_local(self, name: str, data: Any = None) -> None:
+    def put_link(self, name: str, data: Any = None) -> None:
+        """News about the link, in order with the cloud events."""
         with self.cond:
-            self.local.append((name, data))
+            self.network.append((LINK, name, data))
+            self.cond.notify()
+    def put_local(self, fn: Callable, *args) -> None:
+        """A call from klippy or a helper thread."""
+        with self.cond:
+            self.local.append((CALL, fn, args))
             self.cond.notify()
     def wake(self) -> None:
         with self.cond:
@@ -139,6 +179,32 @@ class Inbox:
             return None
 
 
+class SizeLimitedSocket:
+    """A websocket whose oversized messages never reach a JSON decoder.
+
+    python-engineio decodes every frame it reads; a 3 MB message of
+    `[{},{},...]` becomes tens of megabytes of Python objects.  An
+    oversized frame is replaced by an Engine.IO no-op here, and the
+    session is told its size and its first bytes.
+    """
+
+    def __init__(self, ws, limit: int, inbox: Inbox):
+        self.ws = ws
+        self.limit = limit
+        self.inbox = inbox
+    def recv(self):
+        data = self.ws.recv()
+        if len(data) <= self.limit:
+            return data
+        head = data[:OVERSIZED_HEAD]
+        if isinstance(head, bytes):
+            head = head.decode("utf-8", "replace")
+        self.inbox.put_link("oversized", (len(data), head))
+        return "6"          # Engine.IO's noop packet
+    def __getattr__(self, name: str):
+        return getattr(self.ws, name)
+
+
 def make_client(inbox: Inbox, options_verify, request_timeout: float):
     """A python-socketio client whose events all land in the inbox."""
     import engineio
@@ -150,6 +216,9 @@ def make_client(inbox: Inbox, options_verify, request_timeout: float):
         # thread per message; handlers only enqueue.  Also note when the
         # server last said anything (pings included) for the liveness guard.
         last_rx = 0.
+        def _read_loop_websocket(self):
+            self.ws = SizeLimitedSocket(self.ws, MAX_INBOUND_BYTES, inbox)
+            super()._read_loop_websocket()
         def _receive_packet(self, pkt):
             self.last_rx = time.monotonic()
             if pkt.packet_type == engineio.packet.MESSAGE:
@@ -161,7 +230,7 @@ def make_client(inbox: Inbox, options_verify, request_timeout: float):
                     # Not even Socket.IO can decode it (say JSON with a
                     # 5,000-digit number): python-engineio would log a
                     # traceback per message; the session logs it once
-                    inbox.put_network("_undecodable", "%s: %.80s" % (
+                    inbox.put_link("undecodable", "%s: %.80s" % (
                         e.__class__.__name__, e))
                 return
             super()._receive_packet(pkt)
@@ -179,7 +248,7 @@ def make_client(inbox: Inbox, options_verify, request_timeout: float):
     def on_any(event, *args):
         inbox.put_network(event, args[0] if args else None)
     sio.on("*", on_any)
-    sio.on("disconnect", lambda *a: inbox.put_network("_disconnect", None))
+    sio.on("disconnect", lambda *a: inbox.put_link("disconnect"))
     return sio
 
 
@@ -225,11 +294,13 @@ class CloudSession:
         self.snapshot: Optional[dict] = None
         self.status_now_flag = False
         self.capabilities: list = []
+        self.gcode = GcodeQueue(bridge.run_gcode,
+                                lambda: self.inbox.put_local(self.gcode.done))
         self.jobs = JobManager(self)
         self.commands = RemoteCommands(self)
         self.camera = camera.Camera(
             options.camera, self.loopback_test_server(), self.stop_event,
-            lambda result: self.inbox.put_local("snapshot_done", result))
+            lambda result: self.inbox.put_local(self._snapshot_done, result))
         self.last_snapshot: Optional[camera.SnapshotResult] = None
         self.public = self._public_view()
         self.missing: list[str] = []
@@ -263,11 +334,11 @@ class CloudSession:
         if changed:
             self.inbox.wake()
     def register(self, email: str, pin: str) -> None:
-        self.inbox.put_local("register", (email, pin))
+        self.inbox.put_local(self._start_register, email, pin)
     def unregister(self, force: bool) -> None:
-        self.inbox.put_local("unregister", force)
+        self.inbox.put_local(self._start_unregister, force)
     def request_snapshot(self) -> None:
-        self.inbox.put_local("snapshot")
+        self.inbox.put_local(self._manual_snapshot)
     # The supervisor
     def _run(self) -> None:
         try:
@@ -282,7 +353,7 @@ class CloudSession:
                 if self.stop_event.is_set():
                     break
                 if item is not None:
-                    self._dispatch(*item)
+                    self._handle(*item)
                 self._tick(time.monotonic())
             except Exception:
                 log.exception("polar_cloud: session error")
@@ -308,8 +379,9 @@ class CloudSession:
         """When the cloud last sent anything, pings included."""
         sio = self.sio
         return getattr(sio.eio, "last_rx", 0.) if sio is not None else 0.
-    def console(self, text: str, error: bool = False) -> None:
-        self.bridge.console(text, error=error)
+    def console(self, text: str, error: bool = False,
+                log: bool = True) -> None:
+        self.bridge.console(text, error=error, log=log)
     def report_failure(self, what: str) -> Callable[[bool, str], None]:
         """A run_gcode reply that tells the console when the script failed."""
         def reply(ok: bool, error: str) -> None:
@@ -317,6 +389,14 @@ class CloudSession:
                 self.bridge.console("Polar Cloud: %s failed: %s"
                                     % (what, error), error=True)
         return reply
+    def run_gcode(self, key: str, script: str,
+                  reply: Callable[[bool, str], None]) -> None:
+        """Run a script on the reactor, one cloud script at a time; a
+        newer script with the same key replaces one still waiting."""
+        if not self.gcode.submit(key, script, reply):
+            self.rlog("gcode-full", "too many cloud commands are waiting for"
+                      " klippy; %d dropped so far", self.gcode.dropped,
+                      level=logging.WARNING)
     def status_now(self) -> None:
         self.status_now_flag = True
     def loopback_test_server(self) -> bool:
@@ -539,28 +619,36 @@ class CloudSession:
             log.info("polar_cloud: sent %s", event)
         return True
     # Event dispatch
-    def _dispatch(self, name: str, data: Any) -> None:
-        if name == "register":
-            self._start_register(*data)
-        elif name == "unregister":
-            self._start_unregister(bool(data))
-        elif name == "_undecodable":
-            self.rlog("undecodable", "dropped a message from the cloud that"
-                      " cannot be decoded (%s)", data, level=logging.WARNING)
-        elif name == "_disconnect":
+    def _handle(self, kind: str, name, data) -> None:
+        if kind == CALL:
+            name(*data)
+        elif kind == LINK:
+            self._link_news(name, data)
+        else:
+            self._dispatch(name, data)
+    def _link_news(self, name: str, data: Any) -> None:
+        if name == "disconnect":
             if self.sio is not None and not self.sio.connected:
                 self._fail("disconnected by Polar Cloud")
-        elif name == "download_done":
-            self.jobs.download_done(*data)
-        elif name == "print_started":
-            self.jobs.print_started(*data)
-        elif name == "job_ack":
-            self.jobs.acknowledged(data)
-        elif name == "snapshot":
-            self._manual_snapshot()
-        elif name == "snapshot_done":
-            self._snapshot_done(data)
-        elif name in CLOUD_EVENTS:
+        elif name == "oversized":
+            self._oversized(*data)
+        elif name == "undecodable":
+            self.rlog("undecodable", "dropped a message from the cloud that"
+                      " cannot be decoded (%s)", data, level=logging.WARNING)
+    def _oversized(self, size: int, head: str) -> None:
+        event = OVERSIZED_EVENT_RE.match(head)
+        name = event.group(1) if event else "?"
+        self.rlog("oversized", "dropped a %d-byte '%s' message from the"
+                  " cloud (the limit is %d bytes)", size, name,
+                  MAX_INBOUND_BYTES, level=logging.WARNING)
+        job = OVERSIZED_JOB_RE.search(head)
+        if name == "print" and job and self.state == ONLINE:
+            # Still answer the job, so it does not hang in the cloud
+            self.jobs.refuse_unread(job.group(1) or job.group(2),
+                                    "the print message is too large")
+    def _dispatch(self, name: str, data: Any) -> None:
+        """A cloud event: only the names in CLOUD_EVENTS are handled."""
+        if name in CLOUD_EVENTS:
             if self.options.verbose:
                 log.info("polar_cloud: received %s", name)
             handler = getattr(self, "_on_" + name, None)
@@ -585,9 +673,8 @@ class CloudSession:
                           " cloud; dropped", name, level=logging.WARNING,
                           exc_info=True)
         else:
-            self.rlog("unknown:" + str(name)[:32],
-                      "ignoring unknown event from the cloud: %.32r", name,
-                      level=logging.WARNING)
+            self.rlog("unknown", "ignoring unknown event from the cloud:"
+                      " %.32r", name, level=logging.WARNING)
     def _on_welcome(self, data: Any) -> None:
         if self.state != CONNECTING:
             return

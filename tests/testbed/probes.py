@@ -259,10 +259,11 @@ def polar_cfg(server_url: str, **options) -> str:
 
 def start_provisioned(make_klippy, sim, server_url: Optional[str] = None,
                       extra_cfg: str = "", env: Optional[dict] = None,
-                      start: bool = True, **options) -> Klippy:
+                      start: bool = True, flavour: str = "klipper",
+                      **options) -> Klippy:
     """A klippy whose printer is already registered with `sim` (server_url
     may point at a proxy in front of it); k.serial, k.state_path set."""
-    k = make_klippy("klipper", extra_cfg=polar_cfg(server_url or sim.url,
+    k = make_klippy(flavour, extra_cfg=polar_cfg(server_url or sim.url,
                                                    **options) + extra_cfg,
                     env=env, extras={"polar_cloud": EXTRA}, start=False)
     k.state_path = k.workdir / "polar_cloud"
