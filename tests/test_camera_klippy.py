@@ -1,4 +1,4 @@
-"""Issue 4 in a real klippy: a loopback webcam, snapshots uploaded through
+"""The webcam in a real klippy: a loopback webcam, snapshots uploaded through
 the cloud's upload URLs, POLAR_SNAPSHOT, and a camera outage that changes
 nothing else."""
 from __future__ import annotations

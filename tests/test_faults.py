@@ -1,11 +1,12 @@
-"""Issue 5: network faults against a real klippy on the simulated MCU, with
+"""Network faults against a real klippy on the simulated MCU, with
 the printer's link to the local Polar Cloud running through a
 fault-injecting proxy (tests/testbed/faultproxy.py).
 
 Every case asserts what klippy, the proxy and the simulator actually saw:
 states and the published backoff schedule (printer.polar_cloud `retries`
 and `retry_in`), connection attempts counted at the cloud, job reports,
-print_stats, klippy.log.  No case asserts on elapsed time.
+print_stats, klippy.log.  No case asserts on elapsed time.  R-numbers refer
+to the acceptance list in docs/testing.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 2: the extra connects, registers and reports live status, in a real
+"""The extra connects, registers and reports live status, in a real
 klippy (upstream Klipper from PyPI) on the simulated MCU, against the
 strict local Polar Cloud."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3: prints from Polar Cloud in a real klippy: download, start,
+"""Prints from Polar Cloud in a real klippy: download, start,
 pause, resume, cancel, complete, exactly once, never lost."""
 from __future__ import annotations
 

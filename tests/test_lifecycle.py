@@ -1,5 +1,6 @@
-"""Issue 5: klippy's own life cycle against the cloud session, in a real
-klippy on the simulated MCU against the local Polar Cloud.
+"""klippy's own life cycle against the cloud session, in a real klippy on
+the simulated MCU against the local Polar Cloud.  R-numbers refer to the
+acceptance list in docs/testing.md.
 
 - RESTART and FIRMWARE_RESTART in a loop, connected and while the cloud
   refuses connections (R20): exactly one live session, threads and file

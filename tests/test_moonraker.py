@@ -1,4 +1,4 @@
-"""Issue 6: the extra as Moonraker and its clients see it.
+"""The extra as Moonraker and its clients see it.
 
 A real Moonraker (PyPI, .venv-moonraker built by scripts/moonraker_env.sh)
 in front of a real klippy on the simulated MCU, with the printer talking to

@@ -1,5 +1,6 @@
-"""Issue 5: hostile input and secrets, in a real klippy on the simulated MCU
-against the local Polar Cloud.
+"""Hostile input and secrets, in a real klippy on the simulated MCU against
+the local Polar Cloud.  R-numbers refer to the acceptance list in
+docs/testing.md.
 
 - Protocol abuse (R6): malformed, wrongly typed, 10 MB and unknown events,
   and a flood of 1,000 during a print; duplicate `print` (R10).
@@ -118,10 +119,9 @@ def test_malformed_and_oversized_events_are_dropped_quietly(k, sim):
     assert sim.violations == []
 
 
-# Once, in CI, an earlier version timed out waiting for status 3 after the
-# reconnect.  It now waits for the console's "printing job" line and runs
-# before the flood test, whose print could still look busy for one 250 ms
-# sample; 7 runs since passed, 3 of them next to a CPU hog.
+# Waits for the console's "printing job" line, not for status 3 after the
+# reconnect (a race), and runs before the flood test, whose print could
+# still look busy for one 250 ms sample.
 def test_duplicate_print_starts_once_even_across_a_reconnect(k, sim):
     """R10: the same job 3x in a burst, then again after a reconnect."""
     text = demo_print(moves=60, hotend=0, bed=0, feedrate=1500)

@@ -1,5 +1,6 @@
-"""Issue 5, klippy-free half: the cloud session's own defences, driven
-directly with a fake bridge and a fake Socket.IO client.
+"""The cloud session's own defences without klippy, driven directly with a
+fake bridge and a fake Socket.IO client.  R-numbers refer to the acceptance
+list in docs/testing.md.
 
 - Every inbound handler is fuzzed with hypothesis (R6): nothing escapes,
   nothing but ProtocolErrors, and only allow-listed G-code comes out.

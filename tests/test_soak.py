@@ -1,5 +1,5 @@
 """R27 in short: the soak (tests/testbed/soak.py) for a few minutes.  The
-long runs are `scripts/soak.sh --minutes 720`; see README."""
+long runs are `scripts/soak.sh --minutes 720`; see docs/testing.md."""
 from __future__ import annotations
 
 import pytest

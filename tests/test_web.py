@@ -1,4 +1,4 @@
-"""Issue 6: the /polar-cloud/ page in a real browser.
+"""The /polar-cloud/ page in a real browser.
 
 nginx serves web/ through install.sh's --nginx snippet inside a MainsailOS
 server block that proxies the API and /websocket to a real Moonraker, in

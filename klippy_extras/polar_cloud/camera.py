@@ -455,7 +455,8 @@ class Camera:
         if worker is not None:
             worker.join(timeout)
     def _matches(self, slot: UploadSlot, job_id: str) -> bool:
-        # idle URLs are not tied to a job; printing URLs are (protocol 9)
+        # idle URLs are not tied to a job; printing URLs are
+        # (docs/protocol.md, section 9)
         return slot.type == "idle" or slot.job_id == job_id
     def _refresh_at(self, slot: UploadSlot) -> float:
         lifetime = slot.expires_at - slot.received_at

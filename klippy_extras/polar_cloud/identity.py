@@ -165,7 +165,7 @@ class IdentityStore:
         except IdentityError as e:
             raise IdentityError("cannot generate the printer key: %s"
                                 % (e,)) from e
-        # PKCS#1 PEM: readable by every RSA library (protocol.md 11.15)
+        # PKCS#1 PEM: readable by every RSA library (docs/protocol.md 2.1)
         pem = made["private"].encode("ascii")
         write_private_file(self.key_path, pem)
         self._private, self._public = pem, made["public"]

@@ -1,7 +1,8 @@
 # Polar Cloud printer protocol: message builders and validators
 #
 # Pure functions, no I/O: everything here is testable without a network,
-# a printer or a thread.  Field names follow ../shared/protocol.md.
+# a printer or a thread.  Field names are the protocol's own, spelled
+# exactly; docs/protocol.md describes the protocol as this module speaks it.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Optional
 
 PROTOCOL_VERSION = "2"
 
-# Printer status codes (protocol.md section 4.1)
+# Printer status codes (docs/protocol.md, section 6.1)
 IDLE = 0
 SERIAL = 1          # printing a local job
 PREPARING = 2       # downloading a cloud job, or heating before first move
@@ -339,7 +340,7 @@ class RegisterResult:
 
 def parse_register_response(data: Any) -> RegisterResult:
     # Success means a serial number and a status that is not FAILED
-    # (protocol.md 11.1): the reply's 'reason' is not reliable.
+    # (docs/protocol.md, section 2.3): the reply's 'reason' is not reliable.
     if isinstance(data, str):
         data = {"status": data}
     if not isinstance(data, dict):

@@ -2,7 +2,8 @@
 
 A strict python-socketio server (Engine.IO v4 / Socket.IO v5, ``/socket.io/``,
 websocket + polling) plus an HTTP side (job files, S3-style uploads, control
-API) on one 127.0.0.1 port.  See protocol.md §12.
+API) on one 127.0.0.1 port.  What it checks: docs/protocol.md; how the tests
+use it: docs/testing.md.
 
 In-process (own thread and asyncio loop; every method is sync and
 thread-safe)::

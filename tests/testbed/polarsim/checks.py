@@ -1,4 +1,4 @@
-"""Strict payload checks for printer -> cloud events (protocol.md §3, §4, §8).
+"""Strict payload checks for printer -> cloud events (docs/protocol.md, 2-6).
 
 Every check returns a list of human-readable problems; an empty list means
 the payload conforms.  The simulator turns each problem into a violation.
@@ -147,7 +147,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# --- register (§8.1) ---------------------------------------------------------
+# --- register (docs/protocol.md 2.3) -----------------------------------------
 
 MY_INFO_SPEC: dict[str, Kind] = {
     "MAC": _mac,
@@ -179,7 +179,7 @@ def check_register(payload: Any) -> list[str]:
     return problems
 
 
-# --- hello (§3.4) ------------------------------------------------------------
+# --- hello (docs/protocol.md 2.4) --------------------------------------------
 
 HELLO_SPEC: dict[str, Kind] = {
     "serialNumber": _nonempty_str,
@@ -214,7 +214,7 @@ def check_hello(payload: Any, required: tuple[str, ...] = HELLO_REQUIRED) -> lis
     return check_fields("hello", payload, HELLO_SPEC, required)
 
 
-# --- status (§4) -------------------------------------------------------------
+# --- status (docs/protocol.md 6.2) -------------------------------------------
 
 TEMPERATURE_FIELDS = (
     "tool0",

@@ -2,7 +2,8 @@
 
 ``GET /files/<name>`` serves files added with :meth:`HttpSide.add_file` in one
 of :data:`FILE_MODES`.  ``POST /upload`` checks an S3 POST-policy multipart
-form against the form issued in a ``getUrlResponse`` (protocol.md §9).
+form against the form issued in a ``getUrlResponse`` (docs/protocol.md,
+section 9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PolarSim: a strict local Polar Cloud (protocol.md §12) for tests and demos.
+"""PolarSim: a strict local Polar Cloud (docs/testing.md) for tests and demos.
 
 A real python-socketio ``AsyncServer`` (Engine.IO v4 / Socket.IO v5, path
 ``/socket.io/``, websocket and polling) plus an aiohttp HTTP side on the same
