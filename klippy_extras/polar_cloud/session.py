@@ -566,9 +566,9 @@ class CloudSession:
         if sio is not None:
             self._close(sio)
         self.online_at = 0.
-        if why != "stopped":
-            # A clean stop delivers what was sent; a lost link may not have
-            self.jobs.link_lost()
+        # Closing aborts the socket at once, so a report still in
+        # python-engineio's send queue (or unacknowledged) goes out again
+        self.jobs.link_lost()
     def _fail(self, why: str) -> None:
         """A connection attempt or live session ended; retry later."""
         was_online = self.state == ONLINE
