@@ -29,14 +29,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from klippy_extras.polar_cloud import auth as auth_mod
 from klippy_extras.polar_cloud import jobs as jobs_mod
+from klippy_extras.polar_cloud import link as links
+from klippy_extras.polar_cloud import ratelog, states
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
 from klippy_extras.polar_cloud.camera import CameraOptions
 from klippy_extras.polar_cloud.identity import Identity
 from klippy_extras.polar_cloud.options import Options
+from klippy_extras.polar_cloud.ratelog import RateLimitedLog
 
 SERIAL = "KL000042"
+# Every event the cloud may send (docs/protocol.md)
+CLOUD_EVENTS = frozenset({
+    "welcome", "registerResponse", "helloResponse", "unregisterResponse",
+    "getUrlResponse", "capabilitiesResponse", "print", "pause", "resume",
+    "cancel", "delete", "temperature", "command", "customCommand",
+    "jogPrinter", "connectPrinter", "update", "sendNextPrintResponse",
+    "getQueueResponse", "keyPair"})
 # Every G-code the session may ever ask klippy to run, with these options
 ALLOWED_GCODE = re.compile(
     r"^(SET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed) TARGET=-?\d+\.\d"
@@ -203,9 +214,9 @@ def make_session(tmp_path, monkeypatch=None, **opts) -> S.CloudSession:
 
 def go_online(s: S.CloudSession) -> None:
     s.identity = identity()
-    s.sio = FakeSio()
-    s.sio.connected = True
-    s.state = S.ONLINE
+    s.link = links.Link(FakeSio())
+    s.link.sio.connected = True
+    s.state = states.ONLINE
 
 
 # --------------------------------------------------------------- fuzzing
@@ -250,20 +261,20 @@ def fuzz_dir():
         yield d
 
 
-@pytest.mark.parametrize("event", sorted(S.CLOUD_EVENTS | {"bogus", ""}))
+@pytest.mark.parametrize("event", sorted(CLOUD_EVENTS | {"bogus", ""}))
 @settings(max_examples=120, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(data=payloads(), state=st.sampled_from(
-    [S.ONLINE, S.CONNECTING, S.AUTHENTICATING, S.REGISTERING]),
+    [states.ONLINE, states.CONNECTING, states.AUTHENTICATING, states.REGISTERING]),
     printing=st.booleans())
 def test_every_inbound_handler_survives_any_payload(
         fuzz_dir, monkeypatch, caplog, event, data, state, printing):
     monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
     s = make_session(fuzz_dir)
     s.state = state
-    if state == S.REGISTERING:
-        s.pending_register = ("", "")
+    if state == states.REGISTERING:
+        s.auth.pending_register = ("", "")
     if printing:
         s.post_snapshot(snapshot(print_state="printing",
                                  filename="x.gcode", is_active=True), True)
@@ -278,6 +289,12 @@ def test_every_inbound_handler_survives_any_payload(
         assert ALLOWED_GCODE.match(script), script
     for line in s.bridge.console_lines:
         assert len(line) < 600
+
+
+def test_every_cloud_event_has_a_handler_or_is_named_unsupported(tmp_path):
+    s = make_session(tmp_path)
+    assert set(s.handlers) | S.UNSUPPORTED_EVENTS == CLOUD_EVENTS
+    assert not set(s.handlers) & S.UNSUPPORTED_EVENTS
 
 
 def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
@@ -336,7 +353,7 @@ def test_injected_handler_exception_is_logged_once_and_contained(
         payload = {"capabilities": ExplodingList()}
     else:
         monkeypatch.setattr(owner, attr, boom)
-    sio = s.sio
+    sio = s.link.sio
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for _ in range(3):
             s._dispatch(event, payload)
@@ -344,7 +361,7 @@ def test_injected_handler_exception_is_logged_once_and_contained(
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
     assert "could not handle '%s'" % (event,) in failures[0].getMessage()
     # The session kept its link: a bad message is not a bad connection
-    assert s.state == S.ONLINE and s.sio is sio and sio.connected
+    assert s.state == states.ONLINE and s.link.sio is sio and sio.connected
 
 
 class ExplodingList(list):
@@ -372,12 +389,12 @@ def wait(pred, timeout=10.):
 
 
 @pytest.mark.parametrize("where", ["jobs.watch", "_check_link",
-                                   "_maybe_send_status"])
+                                   "reporter.maybe_send_status"])
 def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
                                                     caplog, where):
     """R24 for the supervisor: its periodic work raises once."""
     s = make_session(tmp_path)
-    s.state = S.STOPPED
+    s.state = states.STOPPED
     s.identity = None
     monkeypatch.setattr(s.store, "load", lambda: identity(), raising=False)
     monkeypatch.setattr(s.jobs, "load", lambda: None)
@@ -387,7 +404,7 @@ def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
     fired = collections.Counter()
 
     def once(*args, **kw):
-        if not fired["n"] and s.state == S.ONLINE:
+        if not fired["n"] and s.state == states.ONLINE:
             fired["n"] += 1
             raise RuntimeError("injected")
         return real(*args, **kw)
@@ -399,14 +416,14 @@ def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
             for n in (1, 2):
                 assert wait(lambda n=n: len(s.sios) == n)
                 s.inbox.put_network("welcome", {"challenge": "c"})
-                assert wait(lambda: s.state == S.AUTHENTICATING)
+                assert wait(lambda: s.state == states.AUTHENTICATING)
                 s.inbox.put_network("helloResponse", {"status": "SUCCESS"})
                 if n == 1:
                     # the injected failure drops the link and reconnects
                     assert wait(lambda: len(s.sios) == 2)
-            assert wait(lambda: s.state == S.ONLINE)
+            assert wait(lambda: s.state == states.ONLINE)
         finally:
-            s.stop(timeout=5.)
+            s.stop()
             thread.join(5.)
     assert not thread.is_alive()
     assert s.sios[0].connected is False
@@ -433,7 +450,7 @@ def test_download_worker_exception_cancels_the_job(tmp_path, monkeypatch):
 # ------------------------------------------------------ floods and queues
 
 def test_flooded_inbox_keeps_job_events(tmp_path):
-    inbox = S.Inbox(limit=256)
+    inbox = links.Inbox(limit=256)
     inbox.put_network("print", {"jobId": "first"})
     for i in range(1000):
         inbox.put_network("temperature", {"bed": i})
@@ -457,7 +474,7 @@ def test_flooded_inbox_keeps_job_events(tmp_path):
 
 
 def test_inbox_full_of_critical_events_drops_new_ones():
-    inbox = S.Inbox(limit=4)
+    inbox = links.Inbox(limit=4)
     for i in range(6):
         inbox.put_network("print", {"jobId": str(i)})
     assert inbox.dropped == 2
@@ -467,16 +484,16 @@ def test_inbox_full_of_critical_events_drops_new_ones():
 def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
     """R5: python-engineio's send queue is unbounded; the session is not."""
     s = make_session(tmp_path)
-    s.sio.eio.queue.size = S.MAX_OUTBOUND_QUEUE
+    s.link.sio.eio.queue.size = S.MAX_OUTBOUND_QUEUE
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for _ in range(50):
-            assert s._emit("status", {"serialNumber": SERIAL}) is False
+            assert s.emit("status", {"serialNumber": SERIAL}) is False
         s.jobs.queue_final("j9", "completed", 10., 1.)
-    assert [e for e, _ in s.sio.emits] == ["job"]
+    assert [e for e, _ in s.link.sio.emits] == ["job"]
     slow = [r for r in caplog.records if "slow" in r.getMessage()]
     assert len(slow) == 1
-    s.sio.eio.queue.size = 0
-    assert s._emit("status", {"serialNumber": SERIAL}) is True
+    s.link.sio.eio.queue.size = 0
+    assert s.emit("status", {"serialNumber": SERIAL}) is True
 
 
 # ------------------------------------------------------------- log volume
@@ -485,8 +502,9 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     """A 30-minute outage, in simulated time: a line per state change and
     reason, one summary line per 10 minutes, one line when it is over."""
     clock = [1000.]
-    monkeypatch.setattr(S, "time", types.SimpleNamespace(
-        monotonic=lambda: clock[0], time=time.time))
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    for module in (S, auth_mod, links, ratelog):
+        monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
     s.client_factory = lambda inbox, verify, timeout: FakeSio(
         fail_connect=True)
@@ -502,12 +520,12 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
         s.client_factory = lambda inbox, verify, timeout: FakeSio()
         clock[0] = s.retry_at
         s._tick(clock[0])
-        s._on_welcome({"challenge": "c"})
+        s.on_welcome({"challenge": "c"})
         s._tick(clock[0] + 4.)
-        s._on_helloResponse({"status": "SUCCESS"})
+        s.auth.on_hello_response({"status": "SUCCESS"})
     lines = [r.getMessage() for r in caplog.records]
     assert attempts >= 15
-    assert s.state == S.ONLINE and s.offline_since == 0.
+    assert s.state == states.ONLINE and s.offline_since == 0.
     # The lost link and its first refusal; then one summary per period,
     # saying for how long and how many attempts; then back online
     summaries = [line for line in lines if "offline for" in line]
@@ -528,8 +546,10 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
     status says so instead of a misleading TLS error, retries follow the
     backoff schedule, and once NTP steps the clock the real error shows."""
     clock, wall = [1000.], [978307200.]
-    monkeypatch.setattr(S, "time", types.SimpleNamespace(
-        monotonic=lambda: clock[0], time=lambda: wall[0]))
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0],
+                                 time=lambda: wall[0])
+    for module in (S, auth_mod, links, ratelog):
+        monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
     s.client_factory = lambda inbox, verify, timeout: FakeSio(
         fail_connect=True)
@@ -539,7 +559,7 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
         delays.append(s.retry_at - clock[0])
         clock[0] = s.retry_at
         s._tick(clock[0])
-        assert s.state == S.BACKOFF
+        assert s.state == states.BACKOFF
         assert s.public["last_error"] == (
             "the system clock is not set (2001-01-01); waiting for NTP")
     assert delays == [2. * 2 ** i for i in range(5)]
@@ -598,7 +618,7 @@ def test_fleet_comes_back_without_a_stampede():
 
 
 def test_rate_limited_log_keeps_a_bounded_table(caplog):
-    rlog = S.RateLimitedLog(period=600., max_keys=64)
+    rlog = RateLimitedLog(period=600., max_keys=64)
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for i in range(5000):
             rlog("key%d" % (i,), "message %d", i)
@@ -607,11 +627,11 @@ def test_rate_limited_log_keeps_a_bounded_table(caplog):
 
 
 def test_cloud_names_never_become_calls_or_link_news():
-    inbox = S.Inbox(limit=8)
+    inbox = links.Inbox(limit=8)
     calls = []
     inbox.put_network("disconnect", None)
     inbox.put_local(calls.append, "local")
     inbox.put_link("disconnect")
     kinds = [inbox.get(0.)[:2] for _ in range(3)]
-    assert kinds == [(S.CALL, calls.append), (S.CLOUD, "disconnect"),
-                     (S.LINK, "disconnect")]
+    assert kinds == [(links.CALL, calls.append), (links.CLOUD, "disconnect"),
+                     (links.LINK, "disconnect")]

@@ -32,6 +32,16 @@ class RemoteCommands:
         self.session = session
         self.options = session.options
         self.sequence = 0
+        for event, method in (("temperature", "temperature"),
+                              ("command", "raw_gcode"),
+                              ("customCommand", "custom_command"),
+                              ("jogPrinter", "jog")):
+            session.on(event, lambda data, method=method: getattr(
+                self, method)(data, session.snapshot()))
+        for event in ("connectPrinter", "update"):
+            # Updates come through Moonraker's update_manager, never the
+            # cloud
+            session.on(event, lambda data, event=event: self.refuse(event))
     def _unique(self, kind: str) -> str:
         """A queue key for commands that must each run (never coalesced)."""
         self.sequence += 1

@@ -183,9 +183,12 @@ class PolarCloud:
         return eventtime + SAMPLE_INTERVAL
     # Status
     def get_status(self, eventtime=None) -> dict:
-        return self.session.public
-    def status_lines(self) -> list[str]:
         info = self.session.public
+        if info["state"] == "backoff":
+            return dict(info, retry_in=self.session.retry_in())
+        return info
+    def status_lines(self) -> list[str]:
+        info = self.get_status()
         state = info["state"]
         shown = state
         if info.get("retries") and state in ("connecting", "authenticating",

@@ -351,6 +351,11 @@ class JobManager:
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
         self.estimate = 0.
+        session.on("print", lambda data: self.handle_print(
+            data, session.snapshot()))
+        for action in ("pause", "resume", "cancel"):
+            session.on(action, lambda data, action=action: self.control(
+                action, data, session.snapshot()))
     # Persistence (session thread)
     def load(self) -> None:
         try:
@@ -447,7 +452,7 @@ class JobManager:
             req.url, static["sdcard_dir"], filename,
             self.options.max_job_size, self.session.loopback_test_server(),
             self.session.stop_event,
-            lambda err, size, jid=req.job_id: self.session.inbox.put_local(
+            lambda err, size, jid=req.job_id: self.session.post(
                 self.download_done, jid, err, size))
         self.download.start()
         self.session.status_now()
@@ -499,7 +504,7 @@ class JobManager:
         self.session.run_gcode(
             "print:" + job_id,
             'SDCARD_PRINT_FILE FILENAME="%s"' % (job.filename,),
-            lambda ok, err, jid=job_id: self.session.inbox.put_local(
+            lambda ok, err, jid=job_id: self.session.post(
                 self.print_started, jid, ok, err))
     def print_started(self, job_id: str, ok: bool, error: str) -> None:
         job = self.job
@@ -642,7 +647,7 @@ class JobManager:
         self.save_outbox()
     def _ack(self, msg: dict):
         def ack(*args) -> None:     # on the Socket.IO read thread
-            self.session.inbox.put_local(self.acknowledged, msg)
+            self.session.post(self.acknowledged, msg)
         return ack
     def acknowledged(self, msg: dict) -> None:
         self.unsettled = [(t, m) for t, m in self.unsettled if m is not msg]
@@ -653,5 +658,8 @@ class JobManager:
             self.unsettled = []
             self.save_outbox()
     def stop(self) -> None:
-        if self.download is not None:
-            self.download.join(2.)
+        """Any thread: the download ends by itself (it watches the
+        session's stop event)."""
+        download = self.download
+        if download is not None:
+            download.cancel()

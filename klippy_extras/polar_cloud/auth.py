@@ -1,0 +1,202 @@
+# Who the printer is to Polar Cloud: registration, unregistration and the
+# signed hello.  Runs on the session thread.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from . import camera, protocol
+from .identity import IdentityError, IdentityStore
+from .states import (
+    AUTH_FAILED,
+    AUTHENTICATING,
+    DISABLED,
+    ONLINE,
+    REGISTERING,
+    UNREGISTERED,
+)
+
+REPLY_TIMEOUT = 30.
+# A rejected hello rarely clears by itself: retry after a long pause
+AUTH_RETRY_DELAY = 30 * 60.
+DELETED_TEXT = ("was deleted in Polar Cloud; register it again with"
+                " POLAR_REGISTER")
+
+log = logging.getLogger("polar_cloud")
+
+
+class Auth:
+    def __init__(self, session, store: IdentityStore):
+        self.session = session
+        self.store = store
+        self.options = session.options
+        self.pending_register: Optional[tuple[str, str]] = None
+        self.pending_unregister = False
+        self.unregister_deadline = 0.
+        session.on("registerResponse", self.on_register_response,
+                   online=False)
+        session.on("helloResponse", self.on_hello_response, online=False)
+        session.on("unregisterResponse", self.on_unregister_response)
+        session.on("delete", self.on_delete)
+    # Registration
+    def start_register(self, email: str, pin: str) -> None:
+        session = self.session
+        if session.state == DISABLED:
+            return
+        self.pending_register = (email, pin)
+        session.identity = None
+        session.backoff.reset()
+        session.console("Polar Cloud: preparing the printer key...",
+                        log=False)
+        try:
+            try:
+                key = self.store.load_key()
+            except IdentityError as e:
+                # An explicit registration may replace an unusable key
+                log.warning("polar_cloud: replacing the printer key: %s", e)
+                key = None
+            if key is None:
+                self.store.create_key()
+            self.store.save_machine()
+            session.snapshots.probe()
+        except IdentityError as e:
+            self.finish_register(False, str(e))
+            return
+        session.connect()
+        if session.link is None:
+            self.finish_register(False, session.last_error)
+    def send_register(self) -> None:
+        email, pin = self.pending_register
+        machine = self.store.machine()
+        msg = protocol.build_register(
+            self.options.manufacturer, email, pin, self.store.public_pem(),
+            machine["mfg_sn"], machine["mac"],
+            self.options.machine_type, self.options.printer_make)
+        self.session.wait_reply(REGISTERING, REPLY_TIMEOUT)
+        # The PIN leaves memory with this message
+        self.pending_register = ("", "")
+        self.session.emit("register", msg)
+    def on_register_response(self, data: Any) -> None:
+        session = self.session
+        if session.state != REGISTERING:
+            return
+        result = protocol.parse_register_response(data)
+        if not result.ok:
+            if result.reason in ("NO_SERIAL", "MALFORMED"):
+                log.warning("polar_cloud: unexpected registerResponse shape"
+                            " (%s)", sorted(data) if isinstance(data, dict)
+                            else type(data).__name__)
+            self.finish_register(False, result.message)
+            return
+        try:
+            session.identity = self.store.save(result.serial,
+                                               self.options.server_url)
+        except (IdentityError, OSError) as e:
+            self.finish_register(False, "cannot save the identity: %s" % e)
+            return
+        self.finish_register(True, result.serial)
+        # The protocol wants a fresh connection for the hello
+        session.connect()
+    def finish_register(self, ok: bool, detail: str) -> None:
+        session = self.session
+        self.pending_register = None
+        if ok:
+            session.last_error = ""
+            session.console("Polar Cloud: registered, serial number %s;"
+                            " connecting" % (detail,))
+            log.info("polar_cloud: registered as %s", detail)
+            return
+        session.drop_connection("registration failed")
+        session.identity = None
+        session.set_state(UNREGISTERED, detail)
+        session.console("Polar Cloud registration failed: %s" % (detail,),
+                        error=True)
+        log.warning("polar_cloud: registration failed: %s", detail)
+    # Unregistration
+    def start_unregister(self, force: bool) -> None:
+        session = self.session
+        if session.identity is None:
+            session.console("Polar Cloud: this printer is not registered")
+            return
+        if session.state != ONLINE:
+            if not force:
+                session.console(
+                    "Polar Cloud is not reachable, so the printer stays"
+                    " registered. POLAR_UNREGISTER FORCE=1 forgets it on this"
+                    " printer only (then delete it on polar3d.com).",
+                    error=True)
+                return
+            self.forget("unregistered on this printer only")
+            return
+        self.pending_unregister = True
+        session.emit("unregister", {"serialNumber": session.identity.serial})
+        self.unregister_deadline = time.monotonic() + REPLY_TIMEOUT
+    def on_unregister_response(self, data: Any) -> None:
+        if not self.pending_unregister:
+            return
+        self.pending_unregister = False
+        ok, message = protocol.parse_status_reply(data, "unregisterResponse")
+        if not ok:
+            self.session.console("Polar Cloud refused to unregister: %s"
+                                 % (message or "no reason given"), error=True)
+            return
+        self.forget("unregistered")
+    def check_unregister(self, now: float) -> None:
+        if self.pending_unregister and now >= self.unregister_deadline:
+            self.pending_unregister = False
+            self.session.console("Polar Cloud did not answer the unregister"
+                                 " request; the printer stays registered",
+                                 error=True)
+    def forget(self, why: str) -> None:
+        session = self.session
+        serial = session.identity.serial if session.identity else "?"
+        try:
+            self.store.wipe()
+        except (IdentityError, OSError) as e:
+            log.warning("polar_cloud: cannot wipe identity: %s", e)
+        session.identity = None
+        session.camera.forget_urls()
+        session.drop_connection(why)
+        session.set_state(UNREGISTERED, "")
+        session.console("Polar Cloud: printer %s %s" % (serial, why))
+        log.info("polar_cloud: printer %s %s", serial, why)
+    def on_delete(self, data: Any) -> None:
+        if isinstance(data, dict):
+            protocol.check_serial(data, self.session.serial(), "delete")
+        self._deleted()
+    def _deleted(self) -> None:
+        self.forget(DELETED_TEXT)
+        self.session.last_error = "printer deleted in Polar Cloud"
+        self.session.publish()
+    # Authentication
+    def send_hello(self, challenge: str) -> None:
+        session = self.session
+        ident = session.identity
+        msg = protocol.build_hello(
+            ident.serial, self.store.sign(challenge), ident.mac,
+            ident.mfg_sn, self.options.printer_make, session.version,
+            session.local_ip, camera.camera_hints(
+                self.options.camera, session.local_ip,
+                session.camera.available() is True))
+        session.wait_reply(AUTHENTICATING, REPLY_TIMEOUT, session.last_error)
+        session.emit("hello", msg)
+    def on_hello_response(self, data: Any) -> None:
+        session = self.session
+        if session.state != AUTHENTICATING:
+            return
+        status, message = protocol.parse_hello_response(data)
+        if status == "SUCCESS":
+            session.authenticated()
+            return
+        if status == "DELETED":
+            self._deleted()
+            return
+        session.drop_connection("hello rejected")
+        session.retry_at = time.monotonic() + AUTH_RETRY_DELAY
+        session.set_state(AUTH_FAILED, "Polar Cloud rejected the printer: %s"
+                          % (message,))
+        session.console("Polar Cloud rejected the printer: %s" % (message,),
+                        error=True)

@@ -1,0 +1,74 @@
+# What the printer tells Polar Cloud unasked: status and version reports.
+# A status goes out when something the cloud shows changed, or when its
+# interval is up; runs on the session thread.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+from typing import Optional
+
+from . import protocol
+
+VERSION_INTERVAL = 24 * 3600.
+
+
+class Reporter:
+    def __init__(self, session):
+        self.session = session
+        self.options = session.options
+        self.last_status: Optional[dict] = None
+        self.last_key = None
+        self.last_time = 0.
+        self.version_sent_at = 0.
+        self.count = 0
+        self.now_flag = False
+    def status_now(self) -> None:
+        """Send a status at the next chance, changed or not."""
+        self.now_flag = True
+    def online(self, now: float) -> None:
+        """A new session: everything goes out again."""
+        self.last_key = None
+        self.send_version(now)
+    def work(self, now: float) -> None:
+        if now - self.version_sent_at > VERSION_INTERVAL:
+            self.send_version(now)
+        self.maybe_send_status(now)
+    def send_version(self, now: float) -> None:
+        self.version_sent_at = now
+        self.session.emit("setVersion", {
+            "serialNumber": self.session.serial(),
+            "runningVersion": self.session.version})
+    def status_message(self) -> Optional[dict]:
+        session = self.session
+        snap = session.snapshot()
+        if snap is None:
+            return None
+        job = session.jobs.view(snap)
+        code = protocol.status_code(snap, job)
+        job_id = protocol.status_job_id(snap, job, code)
+        return protocol.build_status(
+            session.serial(), snap, code, job_id,
+            slicer_estimate=session.jobs.slicer_estimate(snap),
+            error_text=snap.get("state_message", ""))
+    def maybe_send_status(self, now: float) -> None:
+        msg = self.status_message()
+        if msg is None:
+            return
+        targets = tuple(v for k, v in sorted(msg.items())
+                        if k.startswith("target"))
+        key = (msg["status"], msg["jobId"], targets)
+        active = msg["status"] not in (protocol.IDLE, protocol.OFFLINE,
+                                       protocol.ERROR) or any(targets)
+        interval = (self.options.active_interval if active
+                    else self.options.status_interval)
+        if key == self.last_key and not self.now_flag \
+                and now - self.last_time < interval:
+            return
+        self.now_flag = False
+        if self.session.emit("status", msg):
+            self.session.jobs.status_sent(msg["status"])
+            self.count += 1
+            self.last_key = key
+            self.last_time = now
+            self.last_status = msg
+            self.session.publish()

@@ -1,0 +1,68 @@
+# When to take webcam snapshots, and where their results go.  The camera
+# module does the work (in a helper child); this decides when, on the
+# session thread.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from . import camera, protocol
+
+
+class Snapshots:
+    def __init__(self, session):
+        self.session = session
+        self.camera = camera.Camera(
+            session.options.camera, session.loopback_test_server(),
+            session.stop_event,
+            lambda result: session.post(self.done, result))
+        self.last: Optional[camera.SnapshotResult] = None
+        session.on("getUrlResponse", self.on_url_response)
+    def kind(self) -> tuple[str, str]:
+        job = self.session.jobs.view()
+        if job is not None and job.phase in ("downloading", "starting",
+                                             "printing"):
+            return "printing", job.job_id
+        return "idle", protocol.NO_JOB_ID
+    def probe(self) -> None:
+        """A first snapshot, so the hello can say whether there is a
+        camera."""
+        now = time.monotonic()
+        if self.camera.due("idle", now):
+            self.camera.start("idle", protocol.NO_JOB_ID, now)
+    def work(self, now: float) -> None:
+        kind, job_id = self.kind()
+        cam = self.camera
+        if cam.needs_url(kind, job_id, now) and self.session.emit("getUrl", {
+                "serialNumber": self.session.serial(), "method": "post",
+                "type": kind, "jobId": job_id}):
+            cam.url_requested(kind, job_id, now)
+        if cam.due(kind, now, job_id):
+            cam.start(kind, job_id, now)
+    def manual(self) -> None:
+        kind, job_id = self.kind()
+        if not self.camera.start(kind, job_id, time.monotonic(), manual=True):
+            self.session.console("Polar Cloud: a snapshot is already running"
+                                 " (or the session is stopping)")
+    def on_url_response(self, data: Any) -> None:
+        self.camera.set_slot(camera.parse_url_response(
+            data, self.session.serial(), self.session.loopback_test_server(),
+            time.monotonic()))
+    def done(self, result: camera.SnapshotResult) -> None:
+        self.last = result
+        if not result.manual:
+            return
+        if result.fetched:
+            text = "snapshot %d bytes, %d bytes after processing" % (
+                result.fetched, result.final)
+        else:
+            text = "no snapshot"
+        if result.uploaded:
+            text += "; uploaded to Polar Cloud"
+        elif result.error:
+            text += "; %s" % (result.error,)
+        else:
+            text += "; not uploaded (no upload URL yet)"
+        self.session.console("Polar Cloud: " + text, error=not result.ok)
