@@ -64,8 +64,15 @@ def job_id_from_filename(filename: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
+# Not public although Python's ipaddress does not call them private
+SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
+#                                                         Tailscale
+
+
 def _address_is_public(addr: str) -> bool:
     ip = ipaddress.ip_address(addr)
+    if ip.version == 4 and any(ip in net for net in SHARED_NETS):
+        return False
     return not (ip.is_private or ip.is_loopback or ip.is_link_local
                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
@@ -74,6 +81,7 @@ def check_url(url: str, allow_loopback_http: bool) -> str:
     """Return an error text for a download URL the policy refuses."""
     try:
         parts = urllib.parse.urlsplit(url)
+        _port = parts.port             # raises for a port out of range
     except ValueError:
         return "not a URL"
     host = parts.hostname or ""
@@ -98,19 +106,35 @@ def check_url(url: str, allow_loopback_http: bool) -> str:
     return ""
 
 
-def check_resolved(host: str, allow_loopback: bool) -> str:
-    """After DNS: refuse names that resolve to private addresses."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError as e:
-        return "cannot resolve %s: %s" % (host, e)
-    for info in infos:
-        addr = info[4][0]
+Address = tuple[int, tuple]        # (family, sockaddr)
+
+
+def resolve(host: str, port: int) -> list[Address]:
+    """Every address of host, from one lookup."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
+
+
+def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
+    """Error text when any of a name's addresses is not allowed."""
+    if not addresses:
+        return "the name has no address"
+    for _family, sockaddr in addresses:
+        addr = sockaddr[0]
         if allow_loopback and ipaddress.ip_address(addr).is_loopback:
             continue
         if not _address_is_public(addr):
             return "the address is not public"
     return ""
+
+
+def check_resolved(host: str, allow_loopback: bool) -> str:
+    """After DNS: refuse names that resolve to private addresses."""
+    try:
+        addresses = resolve(host, 0)
+    except OSError as e:
+        return "cannot resolve %s: %s" % (host, e)
+    return refused_address(addresses, allow_loopback)
 
 
 def sniff_gcode(head: bytes) -> str:
