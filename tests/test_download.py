@@ -1,8 +1,10 @@
 """The Download worker against hostile file servers: cancel and the total
 timeout end it whatever the server does, it connects only to the address
-it checked (and still verifies the certificate for the name)."""
+it checked (and still verifies the certificate for the name), and no
+signed URL reaches the log."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -175,3 +177,21 @@ def test_a_name_with_a_private_address_is_refused(tmp_path, monkeypatch,
     assert results == [("refused download URL: the address is not public",
                         0)]
     assert srv.connections == 0
+
+
+# ------------------------------------------------------- the log
+
+def test_no_signed_url_query_in_the_log(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    query = ("X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature="
+             + "5ec2e7" * 10)
+    with FileServer(BODY) as srv:
+        dl, results = start_download(srv.url("/x.gcode?" + query), tmp_path)
+        dl.join(30.)
+    assert results == [("", len(BODY))]
+    # urllib3 did log the request (the capture works), without the query
+    assert [r for r in caplog.records if r.name.startswith("urllib3")
+            and "/x.gcode" in r.getMessage()]
+    assert "5ec2e7" not in caplog.text
+    assert "AKIAEXAMPLE" not in caplog.text

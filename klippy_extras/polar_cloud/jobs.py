@@ -214,6 +214,36 @@ class DownloadError(Exception):
 
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
+URL_QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
+URLLIB3_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
+                   "urllib3.poolmanager", "urllib3.response",
+                   "urllib3.util.retry")
+
+
+class HideUrlQueries(logging.Filter):
+    """A signed URL carries its secret in the query: urllib3's debug lines
+    (verbose) keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        if "?" in text:
+            record.msg = URL_QUERY_RE.sub("?...", text)
+            record.args = None
+        return True
+
+
+def hide_url_queries() -> None:
+    """Install HideUrlQueries on urllib3's loggers (a logger's filter sees
+    only its own records, not its children's)."""
+    for name in URLLIB3_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideUrlQueries) for f in logger.filters):
+            logger.addFilter(HideUrlQueries())
+
+
 class Connections:
     """A download's sockets.  They connect only to the addresses checked
     for the download, and another thread can interrupt whatever they wait
@@ -370,6 +400,7 @@ class Download:
         if reason:
             raise DownloadError(reason)
     def _run(self) -> None:
+        hide_url_queries()
         error = ""
         size = 0
         try:
