@@ -27,10 +27,12 @@ from tests.testbed.probes import (
     EXTRA,
     StateHistory,
     fd_kinds,
+    fd_targets,
     health_problems,
     log_size,
     polar_cfg,
     polar_lines,
+    poll_until,
     proc_stats,
     send_marker,
     settle,
@@ -211,6 +213,61 @@ def test_restart_during_a_download(k, sim):
     st = k.query("polar_cloud")["polar_cloud"]
     assert st["status_code"] == 0, st
     assert sim.violations == []
+
+
+DOWNLOAD_THREADS = "polar_cloud-dow"     # /proc cuts names at 15 chars
+
+
+def download_leftovers(k) -> list[str]:
+    """What a download holds in klippy: its threads and its .part file,
+    open or on disk."""
+    return ([n for n in thread_names(k.pid) if n.startswith(DOWNLOAD_THREADS)]
+            + [t for t in fd_targets(k.pid) if ".part" in t]
+            + [f for f in os.listdir(k.gcodes_dir) if f.endswith(".part")])
+
+
+def start_dripping_job(k, sim, job_id: str) -> float:
+    """A job whose file server sends one byte a second; returns once the
+    download is under way (its .part file is open)."""
+    text = demo_print(moves=200, hotend=0, bed=0).encode()
+    url = sim.add_file(job_id + ".gcode", text, "slow", rate=1)
+    since = sim.now()
+    sim.push_print(k.serial, job_id, gcode_url=url)
+    poll_until(lambda: [t for t in fd_targets(k.pid) if ".part" in t],
+               30, "an open .part file")
+    return since
+
+
+@pytest.mark.parametrize("end_by", ["cancel", "restart"])
+def test_a_dripping_download_ends_at_once(k, sim, end_by):
+    """A file server that sends one byte a second: a cloud cancel, or a
+    RESTART, ends the download at once.  No thread, socket or .part file
+    stays in klippy, and the cloud hears one 'canceled'."""
+    online_again(k, sim)
+    sockets = fd_kinds(k.pid).get("socket", 0)
+    job_id = "drip-" + end_by
+    since = start_dripping_job(k, sim, job_id)
+    assert fd_kinds(k.pid).get("socket", 0) > sockets
+    started = time.monotonic()
+    if end_by == "cancel":
+        sim.cancel(k.serial)
+    else:
+        k.restart()
+    poll_until(lambda: not download_leftovers(k), 30,
+               "the download to end")
+    took = time.monotonic() - started
+    final = sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
+                         serial=k.serial, timeout=60)
+    assert final["state"] == "canceled"
+    online_again(k, sim)
+    send_marker(sim, k.serial, "marker-" + job_id)
+    assert len(final_reports(sim, k, job_id)) == 1
+    assert sim.file_requests(job_id + ".gcode") == 1
+    poll_until(lambda: fd_kinds(k.pid).get("socket", 0) <= sockets, 30,
+               "the download's socket closed")
+    assert k.query("print_stats")["print_stats"]["state"] != "printing"
+    assert sim.violations == []
+    print("%s ended a 1 byte/s download in %.2f s" % (end_by, took))
 
 
 def test_restart_during_registration_keeps_one_key(make_klippy, sim):

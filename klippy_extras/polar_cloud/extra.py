@@ -17,6 +17,7 @@ import secrets
 from typing import Callable
 
 from . import protocol
+from .jobs import hide_url_queries
 from .options import read_options
 from .printer_state import PrinterSampler
 from .session import CloudSession
@@ -118,6 +119,7 @@ class PolarCloud:
         if self.options.verbose is False:
             for name in ("socketio", "engineio", "urllib3", "websocket"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+        hide_url_queries()      # signed URLs, verbose or not
         # Lifecycle
         self.printer.register_event_handler("klippy:ready",
                                             self._handle_ready)

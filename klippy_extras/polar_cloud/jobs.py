@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import collections
+import errno
+import functools
 import ipaddress
 import logging
 import os
 import re
+import select
 import shutil
 import socket
 import threading
@@ -65,8 +68,15 @@ def job_id_from_filename(filename: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
+# Not public although Python's ipaddress does not call them private
+SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
+#                                                         Tailscale
+
+
 def _address_is_public(addr: str) -> bool:
     ip = ipaddress.ip_address(addr)
+    if ip.version == 4 and any(ip in net for net in SHARED_NETS):
+        return False
     return not (ip.is_private or ip.is_loopback or ip.is_link_local
                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
@@ -75,6 +85,7 @@ def check_url(url: str, allow_loopback_http: bool) -> str:
     """Return an error text for a download URL the policy refuses."""
     try:
         parts = urllib.parse.urlsplit(url)
+        _port = parts.port             # raises for a port out of range
     except ValueError:
         return "not a URL"
     host = parts.hostname or ""
@@ -99,19 +110,35 @@ def check_url(url: str, allow_loopback_http: bool) -> str:
     return ""
 
 
-def check_resolved(host: str, allow_loopback: bool) -> str:
-    """After DNS: refuse names that resolve to private addresses."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError as e:
-        return "cannot resolve %s: %s" % (host, e)
-    for info in infos:
-        addr = info[4][0]
+Address = tuple[int, tuple]        # (family, sockaddr)
+
+
+def resolve(host: str, port: int) -> list[Address]:
+    """Every address of host, from one lookup."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
+
+
+def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
+    """Error text when any of a name's addresses is not allowed."""
+    if not addresses:
+        return "the name has no address"
+    for _family, sockaddr in addresses:
+        addr = sockaddr[0]
         if allow_loopback and ipaddress.ip_address(addr).is_loopback:
             continue
         if not _address_is_public(addr):
             return "the address is not public"
     return ""
+
+
+def check_resolved(host: str, allow_loopback: bool) -> str:
+    """After DNS: refuse names that resolve to private addresses."""
+    try:
+        addresses = resolve(host, 0)
+    except OSError as e:
+        return "cannot resolve %s: %s" % (host, e)
+    return refused_address(addresses, allow_loopback)
 
 
 def sniff_gcode(head: bytes) -> str:
@@ -186,12 +213,155 @@ class DownloadError(Exception):
     pass
 
 
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+URL_QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
+URLLIB3_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
+                   "urllib3.poolmanager", "urllib3.response",
+                   "urllib3.util.retry")
+
+
+class HideUrlQueries(logging.Filter):
+    """A signed URL carries its secret in the query: urllib3's debug lines
+    (verbose) keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        if "?" in text:
+            record.msg = URL_QUERY_RE.sub("?...", text)
+            record.args = None
+        return True
+
+
+def hide_url_queries() -> None:
+    """Install HideUrlQueries on urllib3's loggers (a logger's filter sees
+    only its own records, not its children's)."""
+    for name in URLLIB3_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideUrlQueries) for f in logger.filters):
+            logger.addFilter(HideUrlQueries())
+
+
+class Connections:
+    """A download's sockets.  They connect only to the addresses checked
+    for the download, and another thread can interrupt whatever they wait
+    for (a connect, a TLS handshake, a read): shutdown() wakes it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # Duplicates: ssl's wrap_socket() detaches the original socket
+        self.handles: list[socket.socket] = []
+        self.aborted = False
+    def connect(self, addresses: list[Address],
+                timeout: float) -> socket.socket:
+        error = OSError("no address to connect to")
+        for family, sockaddr in addresses:
+            try:
+                return self._connect(family, sockaddr, timeout)
+            except OSError as e:
+                error = e
+        raise error
+    def _connect(self, family: int, sockaddr: tuple,
+                 timeout: float) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._start_connect(sock, sockaddr)
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(int(timeout * 1000)):
+                raise socket.timeout("connect timed out")
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err and self.aborted:
+                err = errno.ECONNABORTED
+            if err:
+                raise OSError(err, os.strerror(err))
+            sock.settimeout(timeout)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+    def _start_connect(self, sock: socket.socket, sockaddr: tuple) -> None:
+        # Under the lock: abort() comes either before (no connect at all)
+        # or after the socket is connecting (its shutdown ends the connect)
+        with self.lock:
+            if self.aborted:
+                raise ConnectionAbortedError(errno.ECONNABORTED, "aborted")
+            self.handles.append(sock.dup())
+            sock.setblocking(False)
+            err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+    def abort(self) -> None:
+        """Any thread; never blocks."""
+        with self.lock:
+            self.aborted = True
+            for handle in self.handles:
+                try:
+                    handle.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    def close(self) -> None:
+        with self.lock:
+            handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.close()
+
+
+@functools.cache
+def _pool_classes() -> dict:
+    """urllib3 pools whose connections go through Connections (imported
+    late: klippy loads this module even when urllib3 is missing)."""
+    from urllib3 import connection, connectionpool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    def pinned(base):
+        class PinnedConnection(base):
+            # self.host stays the name: the Host header, SNI and the
+            # certificate check use it; only the peer address is pinned
+            def __init__(self, *args, addresses=(), connections=None, **kw):
+                super().__init__(*args, **kw)
+                self.addresses = addresses
+                self.connections = connections
+            def _new_conn(self):
+                try:
+                    return self.connections.connect(self.addresses,
+                                                    CONNECT_TIMEOUT)
+                except socket.timeout as e:
+                    raise ConnectTimeoutError(self, "timed out") from e
+                except OSError as e:
+                    raise NewConnectionError(self, str(e)) from e
+        return PinnedConnection
+
+    class HTTPPool(connectionpool.HTTPConnectionPool):
+        ConnectionCls = pinned(connection.HTTPConnection)
+
+    class HTTPSPool(connectionpool.HTTPSConnectionPool):
+        ConnectionCls = pinned(connection.HTTPSConnection)
+    return {"http": HTTPPool, "https": HTTPSPool}
+
+
+def _default_ca_certs() -> str:
+    from requests.certs import where
+    return where()
+
+
+def _request_target(parts: urllib.parse.SplitResult) -> str:
+    return (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
 class Download:
-    """Stream a G-code URL into a hidden temp file, then rename it."""
+    """Stream a G-code URL into a hidden temp file, then rename it.
+
+    cancel(), a stop and the total timeout end it within moments whatever
+    the server does: they shut its socket down under any blocking call."""
 
     def __init__(self, url: str, dest_dir: str, filename: str, max_bytes: int,
                  allow_loopback: bool, stop: threading.Event,
-                 on_done: Callable[[str, int], None]):
+                 on_done: Callable[[str, int], None],
+                 ca_certs: Optional[str] = None):
         self.url = url
         self.dest_dir = dest_dir
         self.filename = filename
@@ -199,78 +369,148 @@ class Download:
         self.allow_loopback = allow_loopback
         self.stop = stop
         self.on_done = on_done
+        self.ca_certs = ca_certs
         self.cancelled = threading.Event()
+        self.expired = threading.Event()
+        self.connections = Connections()
         self.tmp_path = os.path.join(dest_dir, ".%s.part" % (filename,))
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="polar_cloud-download")
+        self.deadline = threading.Timer(TOTAL_TIMEOUT, self._expire)
+        self.deadline.daemon = True
+        self.deadline.name = "polar_cloud-download-deadline"
     def start(self) -> None:
         self.thread.start()
     def cancel(self) -> None:
+        """Any thread; never blocks."""
         self.cancelled.set()
+        self.connections.abort()
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
+    def _expire(self) -> None:
+        self.expired.set()
+        self.connections.abort()
+    def _abort_reason(self) -> str:
+        if self.expired.is_set():
+            return "download took too long"
+        if self.cancelled.is_set() or self.stop.is_set():
+            return "download aborted"
+        return ""
+    def _check_aborted(self) -> None:
+        reason = self._abort_reason()
+        if reason:
+            raise DownloadError(reason)
     def _run(self) -> None:
+        hide_url_queries()
         error = ""
         size = 0
         try:
+            self.deadline.start()
             size = self._download()
-        except DownloadError as e:
-            error = str(e)
         except Exception as e:
-            log.exception("polar_cloud: download failed")
-            error = "download failed: %s" % (e.__class__.__name__,)
+            error = self._failure(e)
         finally:
+            self._stop_deadline()
+            self.connections.close()
             try:
                 os.unlink(self.tmp_path)
             except OSError:
                 pass
         self.on_done(error, size)
-    def _open(self, session):
+    def _stop_deadline(self) -> None:
+        self.deadline.cancel()
+        if self.deadline.ident is not None:
+            self.deadline.join()        # wakes at once: it waits on an Event
+    def _failure(self, e: Exception) -> str:
+        # An aborted download fails in whatever way the shut socket made
+        # it fail: report why it was aborted instead
+        reason = self._abort_reason()
+        if reason:
+            return reason
+        if isinstance(e, DownloadError):
+            return str(e)
+        log.exception("polar_cloud: download failed")
+        return "download failed: %s" % (e.__class__.__name__,)
+    def _checked_addresses(self, host: str, port: int) -> list[Address]:
+        """One lookup, every address checked: the download connects to
+        these only, never to a second lookup's answer (DNS rebinding)."""
+        try:
+            addresses = resolve(host, port)
+        except OSError as e:
+            raise DownloadError("cannot resolve %s: %s" % (host, e)) from e
+        problem = refused_address(addresses, self.allow_loopback)
+        if problem:
+            raise DownloadError("refused download URL: %s" % (problem,))
+        return addresses
+    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address]):
+        from urllib3.util import Timeout
+        options = {"port": parts.port or DEFAULT_PORTS[parts.scheme],
+                   "maxsize": 1, "retries": False,
+                   "timeout": Timeout(connect=CONNECT_TIMEOUT,
+                                      read=READ_TIMEOUT),
+                   "addresses": addresses, "connections": self.connections}
+        if parts.scheme == "https":
+            options.update(cert_reqs="CERT_REQUIRED",
+                           ca_certs=self.ca_certs or _default_ca_certs())
+        return _pool_classes()[parts.scheme](parts.hostname, **options)
+    def _request(self, url: str):
+        """One GET to an address checked for the URL's host."""
+        from urllib3.exceptions import HTTPError
+        problem = check_url(url, self.allow_loopback)
+        if problem:
+            raise DownloadError("refused download URL: %s" % (problem,))
+        self._check_aborted()
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+        pool = self._pool(parts, self._checked_addresses(parts.hostname,
+                                                         port))
+        try:
+            resp = pool.urlopen("GET", _request_target(parts),
+                                redirect=False, retries=False,
+                                preload_content=False)
+        except BaseException as e:
+            pool.close()
+            if isinstance(e, (HTTPError, OSError)):
+                raise DownloadError("download failed: %s"
+                                    % (e.__class__.__name__,)) from e
+            raise
+        return pool, resp
+    def _open(self):
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
-            problem = check_url(url, self.allow_loopback)
-            if not problem:
-                host = urllib.parse.urlsplit(url).hostname
-                problem = check_resolved(host, self.allow_loopback)
-            if problem:
-                raise DownloadError("refused download URL: %s" % (problem,))
-            resp = session.get(url, stream=True, allow_redirects=False,
-                               timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-            if resp.is_redirect:
-                url = urllib.parse.urljoin(url, resp.headers.get(
-                    "location", ""))
-                resp.close()
-                continue
-            return resp
+            pool, resp = self._request(url)
+            location = resp.headers.get("location")
+            if resp.status not in REDIRECT_CODES or not location:
+                return pool, resp
+            resp.close()
+            pool.close()
+            url = urllib.parse.urljoin(url, location)
         raise DownloadError("too many redirects")
     def _download(self) -> int:
-        import requests
         free = shutil.disk_usage(self.dest_dir).free
         if free < FREE_SPACE_MARGIN:
             raise DownloadError("insufficient disk space")
-        started = time.monotonic()
-        with requests.Session() as session:
-            try:
-                resp = self._open(session)
-            except requests.RequestException as e:
-                raise DownloadError("download failed: %s"
-                                    % (e.__class__.__name__,)) from e
-            with resp:
-                if resp.status_code != 200:
-                    raise DownloadError("download failed: HTTP %d"
-                                        % (resp.status_code,))
-                length = resp.headers.get("content-length")
-                if length is not None and length.isdigit():
-                    if int(length) > self.max_bytes:
-                        raise DownloadError("the file is larger than"
-                                            " max_job_size")
-                    if int(length) + FREE_SPACE_MARGIN > free:
-                        raise DownloadError("insufficient disk space")
-                if "text/html" in resp.headers.get("content-type", ""):
-                    raise DownloadError("not a G-code file (an HTML page)")
-                return self._stream(resp, started)
-    def _stream(self, resp, started: float) -> int:
-        import requests
+        pool, resp = self._open()
+        try:
+            self._check_headers(resp, free)
+            return self._stream(resp)
+        finally:
+            resp.close()
+            pool.close()
+    def _check_headers(self, resp, free: int) -> None:
+        if resp.status != 200:
+            raise DownloadError("download failed: HTTP %d" % (resp.status,))
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.max_bytes:
+                raise DownloadError("the file is larger than max_job_size")
+            if int(length) + FREE_SPACE_MARGIN > free:
+                raise DownloadError("insufficient disk space")
+        if "text/html" in resp.headers.get("content-type", ""):
+            raise DownloadError("not a G-code file (an HTML page)")
+    def _stream(self, resp) -> int:
+        from urllib3.exceptions import HTTPError
+        self._check_aborted()
         size = 0
         checked = False
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
@@ -278,11 +518,8 @@ class Download:
         paced_from = time.monotonic()
         with os.fdopen(fd, "wb") as f:
             try:
-                for chunk in resp.iter_content(CHUNK):
-                    if self.stop.is_set() or self.cancelled.is_set():
-                        raise DownloadError("download aborted")
-                    if time.monotonic() - started > TOTAL_TIMEOUT:
-                        raise DownloadError("download took too long")
+                for chunk in resp.stream(CHUNK):
+                    self._check_aborted()
                     if not checked:
                         problem = sniff_gcode(chunk[:4096])
                         if problem:
@@ -295,12 +532,12 @@ class Download:
                     f.write(chunk)
                     ahead = paced_from + size / MAX_RATE - time.monotonic()
                     if ahead > 0.:
-                        time.sleep(ahead)
+                        self.cancelled.wait(ahead)
                     if size % (16 * CHUNK) < len(chunk) and \
                             shutil.disk_usage(self.dest_dir).free \
                             < FREE_SPACE_MARGIN:
                         raise DownloadError("insufficient disk space")
-            except requests.RequestException as e:
+            except HTTPError as e:
                 raise DownloadError("download interrupted: %s"
                                     % (e.__class__.__name__,)) from e
             except OSError as e:
@@ -313,6 +550,7 @@ class Download:
                 raise DownloadError("download interrupted (truncated)")
             f.flush()
             os.fsync(f.fileno())
+        self._check_aborted()
         os.replace(self.tmp_path, os.path.join(self.dest_dir, self.filename))
         return size
 

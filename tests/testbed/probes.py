@@ -6,6 +6,7 @@ printer.polar_cloud, klippy.log accounting and direct provisioning.
     hist.backoffs(since=i)                 # [(retries, retry_in), ...]
     base = proc_stats(k.pid)               # threads, fds, RSS
     settle(k.pid, base)                    # poll /proc until back (deadline)
+    poll_until(lambda: ..., timeout)       # poll /proc for anything
     serial = provision(k.state_path, sim)  # identity without POLAR_REGISTER
 """
 
@@ -94,6 +95,32 @@ def settle(pid: int, baseline: ProcStats, tolerance: int = 2,
         if time.monotonic() >= deadline:
             return now
         time.sleep(SETTLE_POLL)
+
+
+def poll_until(check: Callable[[], object], timeout: float = 30.,
+               what: str = "condition") -> object:
+    """Poll check() (something in /proc: there is no event for it) until
+    it returns something truthy, and return that; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s: not reached within %.0fs"
+                                 % (what, timeout))
+        time.sleep(SETTLE_POLL)
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What the process's file descriptors point to (socket:[...], paths)."""
+    targets = []
+    for fd in os.listdir("/proc/%d/fd" % (pid,)):
+        try:
+            targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            continue
+    return targets
 
 
 class StateHistory(ObjectSubscription):

@@ -1,0 +1,144 @@
+"""A tiny HTTP(S) file server for Download unit tests, on any loopback
+address, with hostile behaviours.
+
+    srv = FileServer(body, behaviour="drip_body", interval=0.2).start()
+    srv.url("/x.gcode")            # http://127.0.0.1:PORT/x.gcode
+    srv.dripping.wait(10)          # the first dripped byte went out
+    srv.client_gone.wait(10)       # the client closed its end
+    srv.requests                   # [{"path", "host", "sni"}, ...]
+
+Behaviours:
+  ok           200 with the body
+  drip_body    full headers (Content-Length: body + 1 MB), then one byte
+               of the body per `interval`, until the client goes away
+  drip_headers the status line, then one byte of a header per `interval`
+TLS: pass `cert` (a make_certs() entry); the SNI the client sent is
+recorded.  Threaded and blocking, like tlsproxy.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Optional
+
+
+class FileServer:
+    def __init__(self, body: bytes = b"G28\n", behaviour: str = "ok",
+                 interval: float = 0.2, host: str = "127.0.0.1",
+                 port: int = 0, cert: Optional[dict] = None) -> None:
+        self.body = body
+        self.behaviour = behaviour
+        self.interval = interval
+        self.host = host
+        self.port = port
+        self.requests: list[dict] = []
+        self.connections = 0
+        self.dripping = threading.Event()
+        self.client_gone = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ctx = None
+        if cert is not None:
+            self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ctx.load_cert_chain(cert["cert"], cert["key"])
+            self._ctx.sni_callback = self._note_sni
+        self._sni = threading.local()    # the handshake runs on the
+        #                                  connection's own thread
+        self._listener: Optional[socket.socket] = None
+
+    def url(self, path: str = "/x.gcode", host: Optional[str] = None) -> str:
+        scheme = "https" if self._ctx is not None else "http"
+        return "%s://%s:%d%s" % (scheme, host or self.host, self.port, path)
+
+    def start(self) -> FileServer:
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((self.host, self.port))
+        lsock.listen(16)
+        lsock.settimeout(0.2)
+        self._listener = lsock
+        self.port = lsock.getsockname()[1]
+        threading.Thread(target=self._accept_loop, name="fileserver",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> FileServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _note_sni(self, _sslobj, name, _ctx) -> None:
+        self._sni.name = name
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _addr = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,),
+                             name="fileserver-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        sni = None
+        try:
+            conn.settimeout(10)
+            if self._ctx is not None:
+                self._sni.name = None
+                conn = self._ctx.wrap_socket(conn, server_side=True)
+                sni = self._sni.name
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            self._record(head, sni)
+            self._respond(conn)
+        except (OSError, ssl.SSLError):
+            self.client_gone.set()
+        finally:
+            conn.close()
+
+    def _record(self, head: bytes, sni: Optional[str]) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        with self._lock:
+            self.requests.append({"path": lines[0].split(" ")[1],
+                                  "host": headers.get("host"), "sni": sni})
+
+    def _respond(self, conn: socket.socket) -> None:
+        if self.behaviour == "ok":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s"
+                         % (len(self.body), self.body))
+            return
+        if self.behaviour == "drip_body":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                         % (len(self.body) + (1 << 20),))
+            drip = self.body * (1 << 20)
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            drip = b"X-Drip: " + b"a" * (1 << 20)
+        for i in range(len(drip)):
+            # The pace of a hostile server, not a synchronisation
+            if self._stop.wait(self.interval if i else 0):
+                return
+            conn.sendall(drip[i:i + 1])
+            self.dripping.set()
