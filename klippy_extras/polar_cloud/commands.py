@@ -8,15 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import protocol
+from . import gcode_policy, protocol
 
 log = logging.getLogger("polar_cloud")
 
 MACRO_PREFIX = "macro/"
 MAX_RAW = 1000
-DENIED_COMMANDS = {"SAVE_CONFIG", "RESTART", "FIRMWARE_RESTART",
-                   "SET_KINEMATIC_POSITION", "RUN_SHELL_COMMAND",
-                   "SDCARD_PRINT_FILE", "POLAR_REGISTER", "POLAR_UNREGISTER"}
 MAX_JOG = 1000.
 MAX_FEED = 12000.
 
@@ -33,8 +30,8 @@ class RemoteCommands:
         self.options = session.options
     def _ready(self, snap: Optional[dict]) -> bool:
         return snap is not None and snap.get("klippy_state") == "ready"
-    def _audit(self, event: str, decision: str) -> None:
-        self.session.rlog("cmd:%s:%s" % (event, decision[:30]),
+    def _audit(self, event: str, decision: str, key: str = "") -> None:
+        self.session.rlog("cmd:%s:%s" % (event, key or decision[:30]),
                           "cloud %s: %s", event, decision)
     # temperature
     def temperature(self, data: Any, snap: Optional[dict]) -> None:
@@ -92,22 +89,23 @@ class RemoteCommands:
             script = "\n".join(script)
         if not isinstance(script, str) or len(script) > MAX_RAW:
             raise protocol.ProtocolError("command: not a G-code string")
-        problem = self._check_script(script)
-        if problem or not self._ready(snap):
-            self._audit("command", "refused, %s"
-                        % (problem or "printer not ready"))
+        problem = gcode_policy.check_script(script,
+                                            self.options.cloud_macros)
+        if problem:
+            self._refuse_gcode(problem)
+            return
+        if not self._ready(snap):
+            self._audit("command", "refused, printer not ready")
             return
         self._audit("command", "running %d line(s)"
                     % (len(script.splitlines()),))
         self.session.bridge.run_gcode(script, self.session.report_failure("G-code"))
-    def _check_script(self, script: str) -> str:
-        if "{" in script or "}" in script:
-            return "templates are not allowed"
-        for line in script.splitlines():
-            word = line.split(";", 1)[0].strip().split(" ", 1)[0].upper()
-            if word in DENIED_COMMANDS:
-                return "%s is never run from the cloud" % (word,)
-        return ""
+    def _refuse_gcode(self, problem: str) -> None:
+        # One key for all of them: the log stays bounded in a flood, and
+        # the console tells the user about each one
+        self._audit("command", "refused, %s" % (problem,), key="refused")
+        self.session.bridge.console("Polar Cloud: refused G-code: %s"
+                                    % (problem,), error=True, log=False)
     # jogging (allow_jog)
     def jog(self, data: Any, snap: Optional[dict]) -> None:
         if not self.options.allow_jog:
