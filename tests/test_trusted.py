@@ -93,3 +93,31 @@ def test_jog_homes_and_moves(k, sim):
     bed_target(k, 13.)
     k.gcode("M140 S0")
     assert k.info()["state"] == "ready"
+
+
+def modal_state(k):
+    move = k.query("gcode_move")["gcode_move"]
+    return move["absolute_coordinates"], move["absolute_extrude"], \
+        move["speed"]
+
+
+def test_jogs_leave_no_modal_state_behind(k, sim):
+    k.gcode("G28\nG90\nM82\nG1 X20 Y20 F1200")
+    before = modal_state(k)
+    assert before[:2] == (True, True)
+    out = k.subscribe_output()
+    try:
+        # Past the end of the X axis: the move fails half-way through the
+        # jog's script
+        sim.jog_printer(k.serial, {"command": "jog", "x": 900, "speed": 6000})
+        assert "out of range" in out.wait_for(r"Polar Cloud: jog failed")
+        assert modal_state(k) == before
+        sim.jog_printer(k.serial, {"command": "extrude", "amount": 2})
+        sim.jog_printer(k.serial, {"command": "jog", "y": 5, "speed": 6000})
+        sim.command(k.serial, "M140 S14")     # runs after both jogs
+        bed_target(k, 14.)
+        assert modal_state(k) == before
+        assert not [line for line in out.lines if "failed" in line][1:]
+    finally:
+        out.close()
+    k.gcode("M140 S0")

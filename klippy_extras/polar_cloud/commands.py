@@ -16,6 +16,11 @@ MACRO_PREFIX = "macro/"
 MAX_RAW = 1000
 MAX_JOG = 1000.
 MAX_FEED = 12000.
+# Every jog runs between these, so that it leaves no G91, M83 or feed
+# rate behind; a failing line skips the rest of a script, so a failed
+# jog restores at once from its reply
+SAVE_JOG_STATE = "SAVE_GCODE_STATE NAME=polar_jog"
+RESTORE_JOG_STATE = "RESTORE_GCODE_STATE NAME=polar_jog"
 
 
 def _number(value: Any, what: str) -> float:
@@ -118,8 +123,21 @@ class RemoteCommands:
                                                                 "paused"):
             self._audit("jogPrinter", "refused, printer busy or not ready")
             return
-        self.session.bridge.run_gcode(self._jog_script(data["jogPrinter"]),
-                                      self.session.report_failure("jog"))
+        script = "\n".join((SAVE_JOG_STATE, self._jog_script(
+            data["jogPrinter"]), RESTORE_JOG_STATE))
+        self.session.bridge.run_gcode(script, self._jog_reply())
+    def _jog_reply(self):
+        """On a failure, restore the state before anything else runs."""
+        bridge = self.session.bridge
+        report = self.session.report_failure("jog")
+        def reply(ok: bool, error: str) -> None:
+            if not ok:
+                problem = bridge.run_gcode_now(RESTORE_JOG_STATE)
+                if problem:
+                    log.warning("polar_cloud: jog state not restored: %s",
+                                problem)
+            report(ok, error)
+        return reply
     def _jog_script(self, req: dict) -> str:
         command = req.get("command")
         if command == "home":
@@ -145,9 +163,8 @@ class RemoteCommands:
                 raise protocol.ProtocolError("jogPrinter: nothing to move")
             speed = min(_number(req.get("speed", 3000), "speed"), MAX_FEED)
             mode = "G90" if req.get("absolute") is True else "G91"
-            return "SAVE_GCODE_STATE NAME=polar_jog\n%s\nG1 %s F%.0f\n" \
-                "RESTORE_GCODE_STATE NAME=polar_jog" % (
-                    mode, " ".join(moves), max(speed, 60.))
+            return "%s\nG1 %s F%.0f" % (mode, " ".join(moves),
+                                         max(speed, 60.))
         raise protocol.ProtocolError("jogPrinter: unknown command")
     def refuse(self, event: str) -> None:
         self._audit(event, "not supported by this printer")

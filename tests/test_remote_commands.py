@@ -1,5 +1,6 @@
-"""Raw G-code from the cloud (allow_raw_gcode): every line is read the way
-Klipper and Kalico read it, and only allow-listed commands ever run.
+"""Cloud commands without a klippy.  Raw G-code (allow_raw_gcode): every
+line is read the way Klipper and Kalico read it, and only allow-listed
+commands ever run.  Jogging (allow_jog) leaves no modal state behind.
 
 The last tests feed the same lines to each klippy flavour's own G-code
 dispatcher (tests/testbed/gcode_oracle.py) to check that what runs is
@@ -66,6 +67,10 @@ class FakeBridge:
 
     def console(self, text: str, error: bool = False, log: bool = True):
         self.console_lines.append(text)
+
+    def run_gcode_now(self, script: str) -> str:
+        self.scripts.append("now: " + script)
+        return ""
 
 
 class FakeSession:
@@ -165,6 +170,44 @@ def test_raw_gcode_stays_off_unless_allowed():
     assert session.bridge.scripts == []
     assert session.audits == ["cloud command: refused (allow_raw_gcode is"
                               " off)"]
+
+
+# --------------------------------------------------------------- jogging
+
+JOGS = [{"command": "home", "axes": ["x", "y"]},
+        {"command": "extrude", "amount": -3},
+        {"command": "jog", "x": 5, "z": -1},
+        {"command": "jog", "y": 10, "absolute": True}]
+
+
+def jog(request: dict) -> FakeSession:
+    session = FakeSession()
+    RemoteCommands(session).jog({"jogPrinter": request}, READY)
+    return session
+
+
+@pytest.mark.parametrize("request_", JOGS)
+def test_every_jog_saves_and_restores_the_gcode_state(request_):
+    [script] = jog(request_).bridge.scripts
+    lines = script.split("\n")
+    assert lines[0] == "SAVE_GCODE_STATE NAME=polar_jog"
+    assert lines[-1] == "RESTORE_GCODE_STATE NAME=polar_jog"
+    assert all("STATE" not in line for line in lines[1:-1])
+
+
+@pytest.mark.parametrize("request_", JOGS)
+def test_a_failed_jog_restores_the_state_before_reporting(request_):
+    session = jog(request_)
+    session.bridge.replies[0](False, "Move out of range")
+    assert session.bridge.scripts[1:] == [
+        "now: RESTORE_GCODE_STATE NAME=polar_jog"]
+    assert session.failures == [("jog", "Move out of range")]
+
+
+def test_a_jog_that_worked_restores_nothing_more():
+    session = jog(JOGS[2])
+    session.bridge.replies[0](True, "")
+    assert len(session.bridge.scripts) == 1 and session.failures == []
 
 
 # ------------------------------------- what klippy itself makes of a line
