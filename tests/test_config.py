@@ -29,6 +29,9 @@ from tests.testbed.klippy import KlippyError
     ({"printer_make": "x" * 80}, "'printer_make'"),
     ({"max_job_size": "0"}, "max_job_size"),
     ({"cloud_macros": "LOAD_FILAMENT, rm -rf"}, "'cloud_macros'"),
+    ({"cloud_macros": "SAVE_CONFIG"}, "'cloud_macros' .* 'SAVE_CONFIG' is"
+     " not a gcode_macro"),
+    ({"cloud_macros": "G28"}, "'cloud_macros' .* 'G28' is not a gcode_macro"),
     ({"rotation": "45"}, "rotation"),
     ({"snapshot_url": "ftp://cam/x"}, "snapshot_url"),
     ({"max_image_size": "10"}, "max_image_size"),
@@ -41,6 +44,18 @@ def test_bad_option_is_a_clear_config_error(make_klippy, sim, options,
                     extras={"polar_cloud": EXTRA}, start=False)
     with pytest.raises(KlippyError, match=message):
         k.start()
+    k.stop()
+
+
+def test_cloud_macros_may_be_defined_anywhere_in_printer_cfg(make_klippy,
+                                                            sim):
+    # Before and after [polar_cloud], in any case
+    before = "[gcode_macro Purge_Line]\ngcode:\n  G4 P1\n"
+    after = "[gcode_macro load_filament]\ngcode:\n  G4 P1\n"
+    k = make_klippy("klipper", extra_cfg=before + polar_section(
+        sim, cloud_macros="LOAD_FILAMENT, purge_line") + after,
+        extras={"polar_cloud": EXTRA})
+    assert k.info()["state"] == "ready"
     k.stop()
 
 

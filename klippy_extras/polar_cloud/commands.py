@@ -8,17 +8,19 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import protocol
+from . import gcode_policy, protocol
 
 log = logging.getLogger("polar_cloud")
 
 MACRO_PREFIX = "macro/"
 MAX_RAW = 1000
-DENIED_COMMANDS = {"SAVE_CONFIG", "RESTART", "FIRMWARE_RESTART",
-                   "SET_KINEMATIC_POSITION", "RUN_SHELL_COMMAND",
-                   "SDCARD_PRINT_FILE", "POLAR_REGISTER", "POLAR_UNREGISTER"}
 MAX_JOG = 1000.
 MAX_FEED = 12000.
+# Every jog runs between these, so that it leaves no G91, M83 or feed
+# rate behind; a failing line skips the rest of a script, so a failed
+# jog restores at once from its reply
+SAVE_JOG_STATE = "SAVE_GCODE_STATE NAME=polar_jog"
+RESTORE_JOG_STATE = "RESTORE_GCODE_STATE NAME=polar_jog"
 
 
 def _number(value: Any, what: str) -> float:
@@ -48,8 +50,8 @@ class RemoteCommands:
         return "%s:%d" % (kind, self.sequence)
     def _ready(self, snap: Optional[dict]) -> bool:
         return snap is not None and snap.get("klippy_state") == "ready"
-    def _audit(self, event: str, decision: str) -> None:
-        self.session.rlog("cmd:%s:%s" % (event, decision[:30]),
+    def _audit(self, event: str, decision: str, key: str = "") -> None:
+        self.session.rlog("cmd:%s:%s" % (event, key or decision[:30]),
                           "cloud %s: %s", event, decision)
     # temperature
     def temperature(self, data: Any, snap: Optional[dict]) -> None:
@@ -107,23 +109,24 @@ class RemoteCommands:
             script = "\n".join(script)
         if not isinstance(script, str) or len(script) > MAX_RAW:
             raise protocol.ProtocolError("command: not a G-code string")
-        problem = self._check_script(script)
-        if problem or not self._ready(snap):
-            self._audit("command", "refused, %s"
-                        % (problem or "printer not ready"))
+        problem = gcode_policy.check_script(script,
+                                            self.options.cloud_macros)
+        if problem:
+            self._refuse_gcode(problem)
+            return
+        if not self._ready(snap):
+            self._audit("command", "refused, printer not ready")
             return
         self._audit("command", "running %d line(s)"
                     % (len(script.splitlines()),))
         self.session.run_gcode(self._unique("raw"), script,
                                self.session.report_failure("G-code"))
-    def _check_script(self, script: str) -> str:
-        if "{" in script or "}" in script:
-            return "templates are not allowed"
-        for line in script.splitlines():
-            word = line.split(";", 1)[0].strip().split(" ", 1)[0].upper()
-            if word in DENIED_COMMANDS:
-                return "%s is never run from the cloud" % (word,)
-        return ""
+    def _refuse_gcode(self, problem: str) -> None:
+        # One key for all of them: the log stays bounded in a flood, and
+        # the console tells the user about each one
+        self._audit("command", "refused, %s" % (problem,), key="refused")
+        self.session.bridge.console("Polar Cloud: refused G-code: %s"
+                                    % (problem,), error=True, log=False)
     # jogging (allow_jog)
     def jog(self, data: Any, snap: Optional[dict]) -> None:
         if not self.options.allow_jog:
@@ -136,9 +139,21 @@ class RemoteCommands:
                                                                 "paused"):
             self._audit("jogPrinter", "refused, printer busy or not ready")
             return
-        self.session.run_gcode(self._unique("jog"),
-                               self._jog_script(data["jogPrinter"]),
-                               self.session.report_failure("jog"))
+        script = "\n".join((SAVE_JOG_STATE, self._jog_script(
+            data["jogPrinter"]), RESTORE_JOG_STATE))
+        self.session.run_gcode(self._unique("jog"), script, self._jog_reply())
+    def _jog_reply(self):
+        """On a failure, restore the state before anything else runs."""
+        bridge = self.session.bridge
+        report = self.session.report_failure("jog")
+        def reply(ok: bool, error: str) -> None:
+            if not ok:
+                problem = bridge.run_gcode_now(RESTORE_JOG_STATE)
+                if problem:
+                    log.warning("polar_cloud: jog state not restored: %s",
+                                problem)
+            report(ok, error)
+        return reply
     def _jog_script(self, req: dict) -> str:
         command = req.get("command")
         if command == "home":
@@ -164,9 +179,8 @@ class RemoteCommands:
                 raise protocol.ProtocolError("jogPrinter: nothing to move")
             speed = min(_number(req.get("speed", 3000), "speed"), MAX_FEED)
             mode = "G90" if req.get("absolute") is True else "G91"
-            return "SAVE_GCODE_STATE NAME=polar_jog\n%s\nG1 %s F%.0f\n" \
-                "RESTORE_GCODE_STATE NAME=polar_jog" % (
-                    mode, " ".join(moves), max(speed, 60.))
+            return "%s\nG1 %s F%.0f" % (mode, " ".join(moves),
+                                         max(speed, 60.))
         raise protocol.ProtocolError("jogPrinter: unknown command")
     def refuse(self, event: str) -> None:
         self._audit(event, "not supported by this printer")

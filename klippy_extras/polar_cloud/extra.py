@@ -14,6 +14,7 @@ import hmac
 import importlib.util
 import logging
 import secrets
+import threading
 from typing import Callable
 
 from . import protocol
@@ -63,6 +64,8 @@ class ReactorBridge:
         self.reactor = printer.get_reactor()
         self.gcode = printer.lookup_object("gcode")
         self.alive = True
+        # Made at config time, on the reactor's thread
+        self.reactor_thread = threading.get_ident()
     def call(self, fn: Callable, *args) -> None:
         if not self.alive:
             return
@@ -98,6 +101,18 @@ class ReactorBridge:
                 return
             reply(True, "")
         self.call(run)
+    def run_gcode_now(self, script: str) -> str:
+        """Run a script at once from a run_gcode reply (on the reactor):
+        before any other callback, behind at most a command that already
+        waited for the G-code lock.  '' when it ran, else klippy's error."""
+        if threading.get_ident() != self.reactor_thread:
+            self.run_gcode(script, lambda ok, error: None)
+            return "not on the reactor, queued"
+        try:
+            self.gcode.run_script(script)
+        except self.printer.command_error as e:
+            return str(e)
+        return ""
 
 
 class PolarCloud:

@@ -66,6 +66,37 @@ def served_folder(path: str, folders: dict[str, str]) -> str:
                  if _inside(path, root)), "")
 
 
+def defined_macros(config) -> set:
+    """The names of the [gcode_macro] sections anywhere in printer.cfg
+    (and its includes), whatever their order relative to [polar_cloud]."""
+    names = set()
+    for section in config.get_prefix_sections("gcode_macro "):
+        words = section.get_name().split()
+        if len(words) == 2:
+            names.add(words[1].upper())
+    return names
+
+
+def read_cloud_macros(config) -> tuple:
+    # A comma or newline separated list, as in other Klipper list options
+    macros = [m.strip().upper() for m in re.split(
+        r"[,\n]", config.get("cloud_macros", ""))]
+    macros = tuple(m for m in macros if m)
+    for name in macros:
+        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
+            raise config.error("Option 'cloud_macros' in section"
+                               " 'polar_cloud' has an invalid macro name"
+                               " '%s'" % (name[:40],))
+    defined = defined_macros(config) if macros else set()
+    for name in macros:
+        if name not in defined:
+            raise config.error("Option 'cloud_macros' in section"
+                               " 'polar_cloud': '%s' is not a gcode_macro"
+                               " (only your own [gcode_macro] sections can"
+                               " be run from the cloud)" % (name,))
+    return macros
+
+
 @dataclass(frozen=True)
 class Options:
     server_url: str
@@ -127,14 +158,7 @@ def read_options(config) -> Options:
                                  maxval=1024 * 1024) * 1024 * 1024
     allow_raw_gcode = config.getboolean("allow_raw_gcode", False)
     allow_jog = config.getboolean("allow_jog", False)
-    # A comma or newline separated list, as in other Klipper list options
-    macros = [m.strip().upper() for m in re.split(
-        r"[,\n]", config.get("cloud_macros", ""))]
-    macros = tuple(m for m in macros if m)
-    for name in macros:
-        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
-            raise error("Option 'cloud_macros' in section 'polar_cloud' has"
-                        " an invalid macro name '%s'" % (name[:40],))
+    macros = read_cloud_macros(config)
     return Options(server_url=server_url, state_path=state_path,
                    manufacturer=manufacturer, printer_make=printer_make,
                    machine_type=machine_type, status_interval=status_interval,
