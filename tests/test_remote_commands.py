@@ -86,6 +86,12 @@ class FakeSession:
     def serial(self) -> str:
         return "KL000001"
 
+    def on(self, event: str, handler, online: bool = True) -> None:
+        pass
+
+    def run_gcode(self, key: str, script: str, reply) -> None:
+        self.bridge.run_gcode(script, reply)
+
     def rlog(self, key: str, msg: str, *args, **kw) -> None:
         self.audits.append(msg % args)
 
