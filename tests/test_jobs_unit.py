@@ -70,3 +70,19 @@ def test_sniff_gcode(head, ok):
 ])
 def test_slicer_estimate(text, seconds):
     assert jobs.parse_slicer_estimate(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    ";TIME:" + "9" * 309 + "\n",
+    "; estimated printing time (normal mode) = inf\n",
+    "; estimated printing time (normal mode) = nan\n",
+    "; estimated printing time (normal mode) = 1e999\n",
+    "; estimated printing time (normal mode) = -60\n",
+    "; total estimated time: " + "9" * 309 + "d\n",
+    ";TIME:99999999999\n",              # three thousand years
+])
+def test_implausible_slicer_estimate_is_ignored(text, tmp_path):
+    assert jobs.parse_slicer_estimate(text) == 0.
+    path = tmp_path / "x.gcode"
+    path.write_text(text + "G28\n")
+    assert jobs.read_slicer_estimate(str(path)) == 0.

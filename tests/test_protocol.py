@@ -1,4 +1,6 @@
 """The pure protocol layer: message shapes, status mapping, validation."""
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -64,6 +66,57 @@ def test_build_status_types_and_times():
         "estimatedTime"] == 5000
     idle = p.build_status("KL1", snap(), p.IDLE, p.NO_JOB_ID)
     assert "startTime" not in idle and idle["jobId"] == "0"
+
+
+INF, NAN = float("inf"), float("nan")
+HUGE = float("9" * 309)         # what float() makes of 309 nines: inf
+HUGE_INT = pytest.param(10 ** 400, id="huge-int")
+
+
+def message_numbers(msg):
+    return [v for v in msg.values()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def assert_sendable(msg):
+    for value in message_numbers(msg):
+        assert math.isfinite(value) and abs(value) <= p.MAX_COUNT, msg
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, 1e300, HUGE_INT])
+def test_build_status_survives_non_finite_numbers(bad):
+    s = snap(print_state="printing", filename="a.gcode", print_duration=bad,
+             total_duration=bad, filament_used=bad, progress=.5,
+             file_position=bad, file_size=bad,
+             heaters={"tool0": (bad, bad)})
+    for code in (p.SERIAL, p.PRINTING, p.PAUSED, p.COMPLETE):
+        msg = p.build_status("KL1", s, code, "123", slicer_estimate=bad)
+        assert_sendable(msg)
+
+
+@pytest.mark.parametrize("bad", [INF, NAN, HUGE, 1e300, -5., 0.])
+def test_a_bad_slicer_estimate_is_ignored(bad):
+    s = snap(print_state="printing", print_duration=100., progress=.25)
+    assert p.estimate_total_time(s, bad) == 400
+    assert p.build_status("KL1", s, p.SERIAL, "123", bad)[
+        "estimatedTime"] == 400
+
+
+@pytest.mark.parametrize("progress", [INF, NAN, -1., 7.])
+def test_progress_is_a_fraction(progress):
+    s = snap(print_state="printing", print_duration=100., progress=progress)
+    msg = p.build_status("KL1", s, p.SERIAL, "123")
+    assert_sendable(msg)
+    assert msg["progressDetail"] in ("Printing: 0.0%", "Printing: 100.0%")
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, HUGE_INT])
+def test_build_job_survives_non_finite_numbers(bad):
+    msg = p.build_job("KL1", "j1", "completed", bad, bad)
+    assert_sendable(msg)
+    assert msg["state"] == "completed"
+    big = p.build_job("KL1", "j1", "canceled", 1e300, 1e300)
+    assert big["printSeconds"] == big["filamentUsed"] == p.MAX_COUNT
 
 
 def test_transform_bits():

@@ -157,10 +157,12 @@ def _duration(text: str) -> float:
 
 
 def parse_slicer_estimate(text: str) -> float:
+    """The slicer's estimate in seconds; 0 when absent or implausible."""
     for pattern in ESTIMATE_PATTERNS:
         match = pattern.search(text)
         if match:
-            return _duration(match.group(1))
+            seconds = _duration(match.group(1))
+            return seconds if protocol.usable_estimate(seconds) else 0.
     return 0.
 
 

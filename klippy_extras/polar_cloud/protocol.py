@@ -49,6 +49,12 @@ SERIAL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMAIL_RE = re.compile(r"^[^@\s;#\"']{1,64}@[^@\s;#\"']{1,255}\.[^@\s;#\"']{1,63}$")
 PIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 MAX_TEXT = 256
+# Numbers sent are ints that fit in 32 bits: no count the cloud needs is
+# larger, and any consumer can store them
+MAX_COUNT = 2 ** 31 - 1
+# A slicer estimate beyond this is a broken or hostile file, not a print
+MAX_ESTIMATE = 366 * 86400.
+MAX_TEMP = 9999.
 
 
 class ProtocolError(ValueError):
@@ -72,6 +78,23 @@ def finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def bounded_count(value: Any) -> int:
+    """A number for a message: 0 unless finite, clamped to 0..MAX_COUNT."""
+    if not finite_number(value):
+        return 0
+    return int(min(max(value, 0), MAX_COUNT))
+
+
+def fraction(value: Any) -> float:
+    if not finite_number(value):
+        return 0.
+    return min(max(float(value), 0.), 1.)
+
+
+def usable_estimate(seconds: Any) -> bool:
+    return finite_number(seconds) and 0. < seconds <= MAX_ESTIMATE
 
 
 def utc_iso(timestamp: float) -> str:
@@ -153,8 +176,8 @@ def build_job(serial: str, job_id: str, state: str, print_seconds: float,
     if state not in ("completed", "canceled"):
         raise ValueError("job state must be completed or canceled")
     return {"serialNumber": serial, "jobId": job_id, "state": state,
-            "printSeconds": int(max(0., print_seconds)),
-            "filamentUsed": int(max(0., filament_used))}
+            "printSeconds": bounded_count(print_seconds),
+            "filamentUsed": bounded_count(filament_used)}
 
 
 def transform_bits(flip_h: bool, flip_v: bool, rotation: int) -> int:
@@ -237,28 +260,38 @@ PROGRESS_TEXT = {
 
 
 def estimate_total_time(snap: dict, slicer_estimate: float) -> int:
-    if slicer_estimate > 0.:
+    if usable_estimate(slicer_estimate):
         return int(slicer_estimate)
-    progress = snap.get("progress", 0.)
-    duration = snap.get("print_duration", 0.)
-    if progress >= 0.01 and duration > 0.:
-        return int(duration / progress)
+    progress = fraction(snap.get("progress"))
+    duration = snap.get("print_duration")
+    if progress >= 0.01 and finite_number(duration) and duration > 0.:
+        return bounded_count(duration / progress)
     return 0
 
 
 def _temp(value: Any) -> float:
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.
     if not math.isfinite(value):
         return 0.
-    return round(value, 1)
+    return round(min(max(value, -MAX_TEMP), MAX_TEMP), 1)
+
+
+def _start_time(snap: dict) -> str:
+    """When the print started, if the snapshot can say."""
+    total = snap.get("total_duration")
+    wall_time = snap.get("wall_time")
+    if not (finite_number(total) and finite_number(wall_time)) \
+            or not 0. < total < wall_time:
+        return ""
+    return utc_iso(wall_time - total)
 
 
 def build_status(serial: str, snap: dict, code: int, job_id: str,
                  slicer_estimate: float = 0., error_text: str = "") -> dict:
-    progress = float(snap.get("progress", 0.) or 0.)
+    progress = fraction(snap.get("progress"))
     msg = {
         "serialNumber": serial, "status": code, "protocol": PROTOCOL_VERSION,
         "jobId": job_id, "progress": PROGRESS_TEXT.get(code, ""),
@@ -274,14 +307,14 @@ def build_status(serial: str, snap: dict, code: int, job_id: str,
         msg["progressDetail"] = "%s: %.1f%%" % (label, pct)
         if code == PREPARING and snap.get("print_state") != "printing":
             msg["progressDetail"] = "Downloading file for job: %s" % job_id
-        msg["printSeconds"] = int(snap.get("print_duration", 0.) or 0.)
-        msg["filamentUsed"] = int(snap.get("filament_used", 0.) or 0.)
-        msg["bytesRead"] = int(snap.get("file_position", 0) or 0)
-        msg["fileSize"] = int(snap.get("file_size", 0) or 0)
+        msg["printSeconds"] = bounded_count(snap.get("print_duration"))
+        msg["filamentUsed"] = bounded_count(snap.get("filament_used"))
+        msg["bytesRead"] = bounded_count(snap.get("file_position"))
+        msg["fileSize"] = bounded_count(snap.get("file_size"))
         msg["estimatedTime"] = estimate_total_time(snap, slicer_estimate)
-        total = float(snap.get("total_duration", 0.) or 0.)
-        if total > 0.:
-            msg["startTime"] = utc_iso(snap.get("wall_time", 0.) - total)
+        start = _start_time(snap)
+        if start:
+            msg["startTime"] = start
     elif code == ERROR:
         msg["progressDetail"] = error_text[:MAX_TEXT] or "Error"
     for key, (temp, target) in snap.get("heaters", {}).items():
