@@ -25,6 +25,13 @@ def test_safe_job_filename(name, job_id, expected):
     assert jobs.job_id_from_filename(filename) == job_id
 
 
+@pytest.mark.parametrize("filename", [
+    "Benchy_polar-77.gcode\n", "Benchy_polar-77.gcode\nx",
+    "Benchy_polar-77.gcode.bak", "Benchy_polar-.gcode"])
+def test_job_id_from_other_file_names(filename):
+    assert jobs.job_id_from_filename(filename) is None
+
+
 @pytest.mark.parametrize("url,loopback_ok,ok", [
     ("https://s3.amazonaws.com/bucket/x.gcode", False, True),
     ("http://s3.amazonaws.com/x.gcode", False, False),

@@ -182,6 +182,23 @@ def test_parse_print():
             p.parse_print(bad, "KL1")
 
 
+@pytest.mark.parametrize("job_id", ["77\n", "77\r\n", "\n77", "77\n78"])
+def test_job_id_is_the_whole_value(job_id):
+    with pytest.raises(p.ProtocolError):
+        p.parse_print({"jobId": job_id, "gcodeFile": "https://x/y.gcode"},
+                      "KL1")
+
+
+def test_values_with_a_trailing_newline_are_refused():
+    assert not p.parse_register_response(
+        {"status": "SUCCESS", "serialNumber": "KL000001\n"}).ok
+    assert p.validate_email("a@b.co\n") and p.validate_pin("1234\n")
+    with pytest.raises(p.ProtocolError):
+        p.parse_temperature({"tool0\n": 200}, None)
+    with pytest.raises(p.ProtocolError):
+        p.parse_temperature({"tool0": "200\nM112"}, None)
+
+
 def test_parse_temperature():
     assert p.parse_temperature({"tool0": 200, "bed": "60", "x": 1}, None) == {
         "tool0": 200., "bed": 60.}

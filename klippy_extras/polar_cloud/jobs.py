@@ -41,9 +41,9 @@ MAX_REDIRECTS = 3
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
 OUTBOX_SETTLE = 5.
-JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode$")
+JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode\Z")
 GCODE_LINE_RE = re.compile(
-    rb"^\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*$")
+    rb"\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*")
 
 
 # Pure helpers
@@ -53,7 +53,7 @@ def safe_job_filename(job_name: str, job_id: str) -> str:
     cloud: ASCII letters, digits, '_', '-' and '.' only, no leading dot."""
     text = unicodedata.normalize("NFKD", job_name or "")
     text = text.encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"\.(gcode|gco|g|stl|3mf)$", "", text, flags=re.I)
+    text = re.sub(r"\.(gcode|gco|g|stl|3mf)\Z", "", text, flags=re.I)
     text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
     text = re.sub(r"\.{2,}", ".", text)[:60].strip("._-") or "polar_job"
     return "%s_polar-%s.gcode" % (text, job_id)
@@ -127,7 +127,7 @@ def sniff_gcode(head: bytes) -> str:
     if len(lines) > 1:
         lines = lines[:-1]          # the last line may be cut mid-way
     for line in lines[:200]:
-        if not GCODE_LINE_RE.match(line.rstrip(b"\r")):
+        if not GCODE_LINE_RE.fullmatch(line.rstrip(b"\r")):
             return "not a G-code file"
     return ""
 
@@ -360,7 +360,7 @@ class JobManager:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
         job = data.get("job")
-        if isinstance(job, dict) and protocol.JOB_ID_RE.match(
+        if isinstance(job, dict) and protocol.JOB_ID_RE.fullmatch(
                 str(job.get("job_id", ""))):
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)

@@ -44,10 +44,11 @@ RETRYABLE_REGISTER_REASONS = {
     "SERVER_ERROR": "Polar Cloud could not add the printer; try again later",
 }
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-EMAIL_RE = re.compile(r"^[^@\s;#\"']{1,64}@[^@\s;#\"']{1,255}\.[^@\s;#\"']{1,63}$")
-PIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+# Whole values: use fullmatch (match() and "$" accept a trailing newline)
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SERIAL_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EMAIL_RE = re.compile(r"[^@\s;#\"']{1,64}@[^@\s;#\"']{1,255}\.[^@\s;#\"']{1,63}")
+PIN_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 MAX_TEXT = 256
 # Numbers sent are ints that fit in 32 bits: no count the cloud needs is
 # larger, and any consumer can store them
@@ -124,7 +125,7 @@ def validate_email(email: str) -> Optional[str]:
     """Return an error text, or None when the e-mail looks usable."""
     if not email:
         return "EMAIL is required"
-    if not EMAIL_RE.match(email):
+    if not EMAIL_RE.fullmatch(email):
         return "EMAIL does not look like an e-mail address"
     return None
 
@@ -132,7 +133,7 @@ def validate_email(email: str) -> Optional[str]:
 def validate_pin(pin: str) -> Optional[str]:
     if not pin:
         return "PIN is required"
-    if not PIN_RE.match(pin):
+    if not PIN_RE.fullmatch(pin):
         return "PIN must be letters and digits only (the Polar Cloud PIN)"
     return None
 
@@ -383,7 +384,7 @@ def parse_register_response(data: Any) -> RegisterResult:
     reason = data.get("reason")
     reason = reason if isinstance(reason, str) else ""
     if status != "FAILED" and isinstance(serial, str) \
-            and SERIAL_RE.match(serial):
+            and SERIAL_RE.fullmatch(serial):
         return RegisterResult(True, serial=serial)
     if status != "FAILED":
         return RegisterResult(False, reason="NO_SERIAL",
@@ -439,7 +440,7 @@ def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
     job_id = data.get("jobId")
     if isinstance(job_id, int) and not isinstance(job_id, bool):
         job_id = str(job_id)
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise ProtocolError("print: jobId is missing or not a safe token")
     # A long name is the user's file name, not an attack: keep the start
     # (the file name made from it is cut much shorter anyway)
@@ -455,7 +456,7 @@ def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
     return PrintRequest(job_id, job_name, url, kind)
 
 
-TEMPERATURE_KEY_RE = re.compile(r"^(tool(\d{1,2})|bed|chamber)$")
+TEMPERATURE_KEY_RE = re.compile(r"tool\d{1,2}|bed|chamber")
 
 
 def parse_temperature(data: Any, serial: Optional[str]) -> dict:
@@ -466,12 +467,12 @@ def parse_temperature(data: Any, serial: Optional[str]) -> dict:
     for key, value in data.items():
         if key == "serialNumber":
             continue
-        if not TEMPERATURE_KEY_RE.match(key):
+        if not TEMPERATURE_KEY_RE.fullmatch(key):
             continue
         if isinstance(value, bool):
             raise ProtocolError("temperature: %s is not a number" % key)
         if isinstance(value, str):
-            if not re.match(r"^\s*-?\d{1,4}(\.\d{1,3})?\s*$", value):
+            if not re.fullmatch(r"\s*-?\d{1,4}(\.\d{1,3})?\s*", value):
                 raise ProtocolError("temperature: %s is not a number" % key)
             value = float(value)
         if not finite_number(value):
