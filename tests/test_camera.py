@@ -203,6 +203,14 @@ def test_url_response_values_are_whole_tokens():
               True, now)
 
 
+def test_url_response_refusal_is_one_line():
+    reply = {"status": "FAILED",
+             "message": "no bucket\n// Klipper state: Ready\u2028x"}
+    with pytest.raises(protocol.ProtocolError) as refused:
+        camera.parse_url_response(reply, SERIAL, True, time.monotonic())
+    assert str(refused.value).isprintable()
+
+
 def test_options_defaults():
     opts = camera.read_camera_options(FakeConfig())
     assert opts == camera.CameraOptions()

@@ -165,6 +165,47 @@ def test_hello_response():
     assert p.parse_hello_response(None)[0] == "FAILED"
 
 
+FAKE_LINE = "// Klipper state: Ready"
+BREAKS = ["\n", "\r", "\r\n", "\t", "\x00", "\x1b[2J", "\x7f", "\x85", "\x9b",
+          "\u2028", "\u2029", "\u202e", "\ud800"]
+
+
+@pytest.mark.parametrize("brk", BREAKS)
+def test_cloud_text_is_one_clean_line(brk):
+    text = p.cloud_text("refused" + brk + FAKE_LINE)
+    assert text.startswith("refused") and text.endswith(FAKE_LINE)
+    assert text.isprintable()
+
+
+def test_cloud_text_is_bounded():
+    assert p.cloud_text("x" * 10000) == "x" * 200
+    assert p.cloud_text("x" * 100, limit=40) == "x" * 40
+    assert p.cloud_text("  a \n\n b  ") == "a b"
+    assert p.cloud_text(None) == "" and p.cloud_text(5) == ""
+
+
+@given(st.text())
+def test_cloud_text_never_breaks_a_line(value):
+    text = p.cloud_text(value, limit=50)
+    assert len(text) <= 50
+    assert text.isprintable()
+
+
+@pytest.mark.parametrize("brk", BREAKS)
+def test_cloud_messages_are_one_line(brk):
+    said = "Printer key mismatch" + brk + FAKE_LINE
+    texts = [
+        p.parse_hello_response({"status": "FAILED", "message": said})[1],
+        p.parse_status_reply({"status": "FAILED", "message": said}, "x")[1],
+        p.parse_register_response({"status": "FAILED", "reason": said}
+                                  ).message,
+        p.parse_register_response({"status": "FAILED", "reason": said}
+                                  ).reason,
+    ]
+    for text in texts:
+        assert "\n" not in text and "\r" not in text and text.isprintable()
+
+
 def test_parse_print():
     r = p.parse_print({"serialNumber": "KL1", "jobId": "abc-1",
                        "jobName": "Benchy", "gcodeFile": "https://x/y.gcode"},

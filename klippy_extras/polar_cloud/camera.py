@@ -202,9 +202,7 @@ def parse_url_response(data: Any, serial: Optional[str],
     if not isinstance(data, dict):
         raise protocol.ProtocolError("%s: payload is not an object" % (event,))
     if data.get("status") != "SUCCESS":
-        message = data.get("message")
-        message = message[:protocol.MAX_TEXT] if isinstance(message, str) \
-            else ""
+        message = protocol.cloud_text(data.get("message"))
         raise protocol.ProtocolError("%s: %s" % (
             event, message or "status %.20r" % (data.get("status"),)))
     protocol.check_serial(data, serial, event)

@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -96,6 +97,22 @@ def fraction(value: Any) -> float:
 
 def usable_estimate(seconds: Any) -> bool:
     return finite_number(seconds) and 0. < seconds <= MAX_ESTIMATE
+
+
+def cloud_text(value: Any, limit: int = 200) -> str:
+    """Text from the cloud made fit to show or log: one line of printable
+    characters, at most limit long.  Raw, a newline in it would print
+    console lines that look like Klipper's own."""
+    if not isinstance(value, str):
+        return ""
+    kept = []
+    for char in value[:4 * limit]:
+        category = unicodedata.category(char)
+        if category in ("Cc", "Zs", "Zl", "Zp"):
+            kept.append(" ")        # control characters, line breaks
+        elif category[0] != "C":    # drops bidi overrides, surrogates
+            kept.append(char)
+    return " ".join("".join(kept).split())[:limit]
 
 
 def utc_iso(timestamp: float) -> str:
@@ -383,6 +400,7 @@ def parse_register_response(data: Any) -> RegisterResult:
     serial = data.get("serialNumber")
     reason = data.get("reason")
     reason = reason if isinstance(reason, str) else ""
+    shown = cloud_text(reason, 40)
     if status != "FAILED" and isinstance(serial, str) \
             and SERIAL_RE.fullmatch(serial):
         return RegisterResult(True, serial=serial)
@@ -395,8 +413,8 @@ def parse_register_response(data: Any) -> RegisterResult:
                               message=TERMINAL_REGISTER_REASONS[reason])
     text = RETRYABLE_REGISTER_REASONS.get(
         reason, "Polar Cloud refused the registration (%s)"
-        % (reason[:40] or "no reason given"))
-    return RegisterResult(False, reason=reason or "FAILED", message=text)
+        % (shown or "no reason given"))
+    return RegisterResult(False, reason=shown or "FAILED", message=text)
 
 
 def parse_hello_response(data: Any) -> tuple[str, str]:
@@ -406,8 +424,7 @@ def parse_hello_response(data: Any) -> tuple[str, str]:
     if not isinstance(data, dict):
         return "FAILED", "malformed helloResponse"
     status = data.get("status")
-    message = data.get("message")
-    message = message[:MAX_TEXT] if isinstance(message, str) else ""
+    message = cloud_text(data.get("message"))
     if status == "SUCCESS":
         return "SUCCESS", ""
     if status == "DELETED" or "deleted" in message.lower():
@@ -421,8 +438,7 @@ def parse_status_reply(data: Any, event: str) -> tuple[bool, str]:
         data = {"status": data}
     if not isinstance(data, dict):
         return False, "malformed %s" % event
-    message = data.get("message")
-    message = message[:MAX_TEXT] if isinstance(message, str) else ""
+    message = cloud_text(data.get("message"))
     return data.get("status") == "SUCCESS", message
 
 
