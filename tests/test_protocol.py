@@ -206,6 +206,17 @@ def test_cloud_messages_are_one_line(brk):
         assert "\n" not in text and "\r" not in text and text.isprintable()
 
 
+@pytest.mark.parametrize("message", [
+    "Printer key mismatch; the old key was deleted",
+    "deleted", "Printer has been deleted; it was restored",
+    "Printer has been deleted\nagain",
+])
+def test_failed_hello_mentioning_deleted_is_not_a_deletion(message):
+    status, text = p.parse_hello_response({"status": "FAILED",
+                                           "message": message})
+    assert status == "FAILED" and text == p.cloud_text(message)
+
+
 def test_parse_print():
     r = p.parse_print({"serialNumber": "KL1", "jobId": "abc-1",
                        "jobName": "Benchy", "gcodeFile": "https://x/y.gcode"},

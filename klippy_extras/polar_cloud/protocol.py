@@ -417,6 +417,9 @@ def parse_register_response(data: Any) -> RegisterResult:
     return RegisterResult(False, reason=shown or "FAILED", message=text)
 
 
+DELETED_MESSAGE = "Printer has been deleted"
+
+
 def parse_hello_response(data: Any) -> tuple[str, str]:
     """Return (SUCCESS|FAILED|DELETED, message)."""
     if isinstance(data, str):
@@ -427,7 +430,11 @@ def parse_hello_response(data: Any) -> tuple[str, str]:
     message = cloud_text(data.get("message"))
     if status == "SUCCESS":
         return "SUCCESS", ""
-    if status == "DELETED" or "deleted" in message.lower():
+    # Deletion wipes the key: only the DELETED status says so, or the one
+    # FAILED message the server is known to send for it (protocol.md 3.2),
+    # never a message that merely mentions the word
+    if status == "DELETED" or (status == "FAILED"
+                               and message == DELETED_MESSAGE):
         return "DELETED", message or "printer was deleted in Polar Cloud"
     return "FAILED", message or "Polar Cloud rejected the printer's hello"
 
