@@ -183,6 +183,34 @@ class FakeConfig:
         return choices[choice]
 
 
+def loopback_url_response(**kw):
+    reply = {"status": "SUCCESS", "serialNumber": SERIAL, "type": "idle",
+             "expires": 600, "contentType": "image/jpeg",
+             "url": "http://127.0.0.1:9/upload", "fields": {"key": "k"}}
+    reply.update(kw)
+    return reply
+
+
+def test_url_response_values_are_whole_tokens():
+    parse = camera.parse_url_response
+    now = time.monotonic()
+    assert parse(loopback_url_response(jobId="77"), SERIAL, True,
+                 now).job_id == "77"
+    assert parse(loopback_url_response(jobId="77\n"), SERIAL, True,
+                 now).job_id == ""
+    with pytest.raises(protocol.ProtocolError):
+        parse(loopback_url_response(contentType="image/jpeg\n"), SERIAL,
+              True, now)
+
+
+def test_url_response_refusal_is_one_line():
+    reply = {"status": "FAILED",
+             "message": "no bucket\n// Klipper state: Ready\u2028x"}
+    with pytest.raises(protocol.ProtocolError) as refused:
+        camera.parse_url_response(reply, SERIAL, True, time.monotonic())
+    assert str(refused.value).isprintable()
+
+
 def test_options_defaults():
     opts = camera.read_camera_options(FakeConfig())
     assert opts == camera.CameraOptions()

@@ -3,12 +3,13 @@ pause, resume, cancel, complete, exactly once, never lost."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import pytest
 
 from tests.conftest import polar_status, register, wait_objects, wait_polar
-from tests.testbed.gcode_files import demo_print
+from tests.testbed.gcode_files import demo_print, overflowing_numbers_print
 
 MACROS = """
 [gcode_macro POLAR_TEST_MACRO]
@@ -101,6 +102,31 @@ def test_cloud_job_full_lifecycle(k, sim):
     wait_status(sim, k, since, lambda d: d["status"] == 0
                 and d["jobId"] == "0", timeout=90)
     assert len(final_jobs(sim, k, "job-1")) == 1
+    assert sim.violations == []
+
+
+def numbers_in(msg):
+    return [v for v in msg.values()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def test_numbers_beyond_float_range_do_not_stop_reporting(k, sim):
+    since = send_job(sim, k, "job-inf", text=overflowing_numbers_print())
+    # Printing (3) rather than preparing: print_stats counts print time
+    # once filament was used, so this status went out with it infinite
+    printing = wait_status(sim, k, since, lambda d: d["status"] == 3)
+    assert printing["jobId"] == "job-inf"
+    final = wait_final(sim, k, "job-inf", since)
+    wait_status(sim, k, since, lambda d: d["status"] == 0
+                and d["jobId"] == "0", timeout=90)
+    # Klipper counted infinite filament, the cloud was told finite numbers
+    assert k.query("print_stats")["print_stats"]["filament_used"] \
+        == math.inf
+    assert len(final_jobs(sim, k, "job-inf")) == 1
+    assert final["state"] == "completed"
+    for msg in sim.received("status", serial=k.serial, since=since) \
+            + [final]:
+        assert all(math.isfinite(v) for v in numbers_in(msg)), msg
     assert sim.violations == []
 
 

@@ -25,6 +25,13 @@ def test_safe_job_filename(name, job_id, expected):
     assert jobs.job_id_from_filename(filename) == job_id
 
 
+@pytest.mark.parametrize("filename", [
+    "Benchy_polar-77.gcode\n", "Benchy_polar-77.gcode\nx",
+    "Benchy_polar-77.gcode.bak", "Benchy_polar-.gcode"])
+def test_job_id_from_other_file_names(filename):
+    assert jobs.job_id_from_filename(filename) is None
+
+
 @pytest.mark.parametrize("url,loopback_ok,ok", [
     ("https://s3.amazonaws.com/bucket/x.gcode", False, True),
     ("http://s3.amazonaws.com/x.gcode", False, False),
@@ -96,3 +103,19 @@ def test_sniff_gcode(head, ok):
 ])
 def test_slicer_estimate(text, seconds):
     assert jobs.parse_slicer_estimate(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    ";TIME:" + "9" * 309 + "\n",
+    "; estimated printing time (normal mode) = inf\n",
+    "; estimated printing time (normal mode) = nan\n",
+    "; estimated printing time (normal mode) = 1e999\n",
+    "; estimated printing time (normal mode) = -60\n",
+    "; total estimated time: " + "9" * 309 + "d\n",
+    ";TIME:99999999999\n",              # three thousand years
+])
+def test_implausible_slicer_estimate_is_ignored(text, tmp_path):
+    assert jobs.parse_slicer_estimate(text) == 0.
+    path = tmp_path / "x.gcode"
+    path.write_text(text + "G28\n")
+    assert jobs.read_slicer_estimate(str(path)) == 0.

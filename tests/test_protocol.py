@@ -1,4 +1,6 @@
 """The pure protocol layer: message shapes, status mapping, validation."""
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -66,6 +68,57 @@ def test_build_status_types_and_times():
     assert "startTime" not in idle and idle["jobId"] == "0"
 
 
+INF, NAN = float("inf"), float("nan")
+HUGE = float("9" * 309)         # what float() makes of 309 nines: inf
+HUGE_INT = pytest.param(10 ** 400, id="huge-int")
+
+
+def message_numbers(msg):
+    return [v for v in msg.values()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def assert_sendable(msg):
+    for value in message_numbers(msg):
+        assert math.isfinite(value) and abs(value) <= p.MAX_COUNT, msg
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, 1e300, HUGE_INT])
+def test_build_status_survives_non_finite_numbers(bad):
+    s = snap(print_state="printing", filename="a.gcode", print_duration=bad,
+             total_duration=bad, filament_used=bad, progress=.5,
+             file_position=bad, file_size=bad,
+             heaters={"tool0": (bad, bad)})
+    for code in (p.SERIAL, p.PRINTING, p.PAUSED, p.COMPLETE):
+        msg = p.build_status("KL1", s, code, "123", slicer_estimate=bad)
+        assert_sendable(msg)
+
+
+@pytest.mark.parametrize("bad", [INF, NAN, HUGE, 1e300, -5., 0.])
+def test_a_bad_slicer_estimate_is_ignored(bad):
+    s = snap(print_state="printing", print_duration=100., progress=.25)
+    assert p.estimate_total_time(s, bad) == 400
+    assert p.build_status("KL1", s, p.SERIAL, "123", bad)[
+        "estimatedTime"] == 400
+
+
+@pytest.mark.parametrize("progress", [INF, NAN, -1., 7.])
+def test_progress_is_a_fraction(progress):
+    s = snap(print_state="printing", print_duration=100., progress=progress)
+    msg = p.build_status("KL1", s, p.SERIAL, "123")
+    assert_sendable(msg)
+    assert msg["progressDetail"] in ("Printing: 0.0%", "Printing: 100.0%")
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, HUGE_INT])
+def test_build_job_survives_non_finite_numbers(bad):
+    msg = p.build_job("KL1", "j1", "completed", bad, bad)
+    assert_sendable(msg)
+    assert msg["state"] == "completed"
+    big = p.build_job("KL1", "j1", "canceled", 1e300, 1e300)
+    assert big["printSeconds"] == big["filamentUsed"] == p.MAX_COUNT
+
+
 def test_transform_bits():
     assert p.transform_bits(False, False, 0) == 0
     assert p.transform_bits(True, False, 0) == 1
@@ -112,6 +165,58 @@ def test_hello_response():
     assert p.parse_hello_response(None)[0] == "FAILED"
 
 
+FAKE_LINE = "// Klipper state: Ready"
+BREAKS = ["\n", "\r", "\r\n", "\t", "\x00", "\x1b[2J", "\x7f", "\x85", "\x9b",
+          "\u2028", "\u2029", "\u202e", "\ud800"]
+
+
+@pytest.mark.parametrize("brk", BREAKS)
+def test_cloud_text_is_one_clean_line(brk):
+    text = p.cloud_text("refused" + brk + FAKE_LINE)
+    assert text.startswith("refused") and text.endswith(FAKE_LINE)
+    assert text.isprintable()
+
+
+def test_cloud_text_is_bounded():
+    assert p.cloud_text("x" * 10000) == "x" * 200
+    assert p.cloud_text("x" * 100, limit=40) == "x" * 40
+    assert p.cloud_text("  a \n\n b  ") == "a b"
+    assert p.cloud_text(None) == "" and p.cloud_text(5) == ""
+
+
+@given(st.text())
+def test_cloud_text_never_breaks_a_line(value):
+    text = p.cloud_text(value, limit=50)
+    assert len(text) <= 50
+    assert text.isprintable()
+
+
+@pytest.mark.parametrize("brk", BREAKS)
+def test_cloud_messages_are_one_line(brk):
+    said = "Printer key mismatch" + brk + FAKE_LINE
+    texts = [
+        p.parse_hello_response({"status": "FAILED", "message": said})[1],
+        p.parse_status_reply({"status": "FAILED", "message": said}, "x")[1],
+        p.parse_register_response({"status": "FAILED", "reason": said}
+                                  ).message,
+        p.parse_register_response({"status": "FAILED", "reason": said}
+                                  ).reason,
+    ]
+    for text in texts:
+        assert "\n" not in text and "\r" not in text and text.isprintable()
+
+
+@pytest.mark.parametrize("message", [
+    "Printer key mismatch; the old key was deleted",
+    "deleted", "Printer has been deleted; it was restored",
+    "Printer has been deleted\nagain",
+])
+def test_failed_hello_mentioning_deleted_is_not_a_deletion(message):
+    status, text = p.parse_hello_response({"status": "FAILED",
+                                           "message": message})
+    assert status == "FAILED" and text == p.cloud_text(message)
+
+
 def test_parse_print():
     r = p.parse_print({"serialNumber": "KL1", "jobId": "abc-1",
                        "jobName": "Benchy", "gcodeFile": "https://x/y.gcode"},
@@ -127,6 +232,23 @@ def test_parse_print():
                 {"jobId": "a", "gcodeFile": 5}):
         with pytest.raises(p.ProtocolError):
             p.parse_print(bad, "KL1")
+
+
+@pytest.mark.parametrize("job_id", ["77\n", "77\r\n", "\n77", "77\n78"])
+def test_job_id_is_the_whole_value(job_id):
+    with pytest.raises(p.ProtocolError):
+        p.parse_print({"jobId": job_id, "gcodeFile": "https://x/y.gcode"},
+                      "KL1")
+
+
+def test_values_with_a_trailing_newline_are_refused():
+    assert not p.parse_register_response(
+        {"status": "SUCCESS", "serialNumber": "KL000001\n"}).ok
+    assert p.validate_email("a@b.co\n") and p.validate_pin("1234\n")
+    with pytest.raises(p.ProtocolError):
+        p.parse_temperature({"tool0\n": 200}, None)
+    with pytest.raises(p.ProtocolError):
+        p.parse_temperature({"tool0": "200\nM112"}, None)
 
 
 def test_parse_temperature():

@@ -60,7 +60,7 @@ BACKOFF_INTERVAL = 300.
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-CONTENT_TYPE_RE = re.compile(r"^image/p?jpe?g$")
+CONTENT_TYPE_RE = re.compile(r"image/p?jpe?g")
 S3_CODE_RE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
 MAX_FIELDS = 32
 MAX_FIELD_VALUE = 8192
@@ -202,9 +202,7 @@ def parse_url_response(data: Any, serial: Optional[str],
     if not isinstance(data, dict):
         raise protocol.ProtocolError("%s: payload is not an object" % (event,))
     if data.get("status") != "SUCCESS":
-        message = data.get("message")
-        message = message[:protocol.MAX_TEXT] if isinstance(message, str) \
-            else ""
+        message = protocol.cloud_text(data.get("message"))
         raise protocol.ProtocolError("%s: %s" % (
             event, message or "status %.20r" % (data.get("status"),)))
     protocol.check_serial(data, serial, event)
@@ -238,12 +236,12 @@ def parse_url_response(data: Any, serial: Optional[str],
         raise protocol.ProtocolError("%s: bad maxSize" % (event,))
     content_type = data.get("contentType") or "image/jpeg"
     if not isinstance(content_type, str) \
-            or not CONTENT_TYPE_RE.match(content_type):
+            or not CONTENT_TYPE_RE.fullmatch(content_type):
         raise protocol.ProtocolError("%s: contentType is not a JPEG type"
                                      % (event,))
     job_id = data.get("jobId")
     job_id = job_id if isinstance(job_id, str) \
-        and protocol.JOB_ID_RE.match(job_id) else ""
+        and protocol.JOB_ID_RE.fullmatch(job_id) else ""
     return UploadSlot(kind, job_id, url, dict(fields),
                       _expiry(data.get("expires"), now), max_size,
                       content_type, received_at=now)

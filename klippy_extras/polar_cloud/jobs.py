@@ -45,9 +45,9 @@ FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
 OUTBOX_SETTLE = 5.
 PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
-JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode$")
+JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode\Z")
 GCODE_LINE_RE = re.compile(
-    rb"^\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*$")
+    rb"\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*")
 
 
 # Pure helpers
@@ -57,7 +57,7 @@ def safe_job_filename(job_name: str, job_id: str) -> str:
     cloud: ASCII letters, digits, '_', '-' and '.' only, no leading dot."""
     text = unicodedata.normalize("NFKD", job_name or "")
     text = text.encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"\.(gcode|gco|g|stl|3mf)$", "", text, flags=re.I)
+    text = re.sub(r"\.(gcode|gco|g|stl|3mf)\Z", "", text, flags=re.I)
     text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
     text = re.sub(r"\.{2,}", ".", text)[:60].strip("._-") or "polar_job"
     return "%s_polar-%s.gcode" % (text, job_id)
@@ -155,7 +155,7 @@ def sniff_gcode(head: bytes) -> str:
     if len(lines) > 1:
         lines = lines[:-1]          # the last line may be cut mid-way
     for line in lines[:200]:
-        if not GCODE_LINE_RE.match(line.rstrip(b"\r")):
+        if not GCODE_LINE_RE.fullmatch(line.rstrip(b"\r")):
             return "not a G-code file"
     return ""
 
@@ -185,10 +185,12 @@ def _duration(text: str) -> float:
 
 
 def parse_slicer_estimate(text: str) -> float:
+    """The slicer's estimate in seconds; 0 when absent or implausible."""
     for pattern in ESTIMATE_PATTERNS:
         match = pattern.search(text)
         if match:
-            return _duration(match.group(1))
+            seconds = _duration(match.group(1))
+            return seconds if protocol.usable_estimate(seconds) else 0.
     return 0.
 
 
@@ -603,7 +605,7 @@ class JobManager:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
         job = data.get("job")
-        if isinstance(job, dict) and protocol.JOB_ID_RE.match(
+        if isinstance(job, dict) and protocol.JOB_ID_RE.fullmatch(
                 str(job.get("job_id", ""))):
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)

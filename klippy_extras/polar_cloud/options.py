@@ -83,7 +83,7 @@ def read_cloud_macros(config) -> tuple:
         r"[,\n]", config.get("cloud_macros", ""))]
     macros = tuple(m for m in macros if m)
     for name in macros:
-        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name):
             raise config.error("Option 'cloud_macros' in section"
                                " 'polar_cloud' has an invalid macro name"
                                " '%s'" % (name[:40],))
@@ -142,11 +142,11 @@ def read_options(config) -> Options:
             raise error("Option 'ca_file' in section 'polar_cloud' must be a"
                         " readable file of PEM CA certificates")
     manufacturer = config.get("manufacturer", "kl").strip()
-    if not re.match(r"^[A-Za-z]{1,16}$", manufacturer):
+    if not re.fullmatch(r"[A-Za-z]{1,16}", manufacturer):
         raise error("Option 'manufacturer' in section 'polar_cloud' must be"
                     " a Polar manufacturer code such as 'kl'")
     printer_make = config.get("printer_make", "Cartesian").strip()
-    if not re.match(r"^[\w .+()/-]{1,64}$", printer_make):
+    if not re.fullmatch(r"[\w .+()/-]{1,64}", printer_make):
         raise error("Option 'printer_make' in section 'polar_cloud' must be"
                     " a printer model name of up to 64 plain characters")
     machine_type = config.getchoice("machine_type", MACHINE_TYPES,

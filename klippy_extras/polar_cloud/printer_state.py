@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
+
+from .protocol import finite_number
 
 
 def heater_key(name: str) -> Optional[str]:
@@ -19,6 +21,12 @@ def heater_key(name: str) -> Optional[str]:
     if name.split()[-1] == "chamber" or name == "heater_chamber":
         return "chamber"
     return None
+
+
+def _number(value: Any) -> float:
+    """A G-code file can drive Klipper's counters to inf or nan (G92 E1e999):
+    the snapshot holds finite numbers only."""
+    return float(value) if finite_number(value) else 0.
 
 
 class PrinterSampler:
@@ -86,20 +94,22 @@ class PrinterSampler:
         if self.print_stats is not None:
             ps = self.print_stats.get_status(eventtime)
             snap.update(print_state=ps["state"], filename=ps["filename"],
-                        print_duration=ps["print_duration"],
-                        total_duration=ps["total_duration"],
-                        filament_used=ps["filament_used"],
+                        print_duration=_number(ps["print_duration"]),
+                        total_duration=_number(ps["total_duration"]),
+                        filament_used=_number(ps["filament_used"]),
                         print_message=ps["message"])
         if self.sdcard is not None:
             sd = self.sdcard.get_status(eventtime)
-            snap.update(progress=sd["progress"], is_active=sd["is_active"],
+            snap.update(progress=_number(sd["progress"]),
+                        is_active=sd["is_active"],
                         file_position=sd["file_position"],
                         file_size=sd["file_size"],
                         file_path=sd["file_path"] or "")
         heaters = {}
         for key, heater in self.heaters.items():
             hs = heater.get_status(eventtime)
-            heaters[key] = (hs.get("temperature", 0.), hs.get("target", 0.))
+            heaters[key] = (_number(hs.get("temperature", 0.)),
+                            _number(hs.get("target", 0.)))
         snap["heaters"] = heaters
         key = (category, snap.get("print_state"), snap.get("filename"),
                snap.get("is_active"),

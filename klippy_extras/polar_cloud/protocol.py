@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,11 +46,18 @@ RETRYABLE_REGISTER_REASONS = {
     "SERVER_ERROR": "Polar Cloud could not add the printer; try again later",
 }
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-EMAIL_RE = re.compile(r"^[^@\s;#\"']{1,64}@[^@\s;#\"']{1,255}\.[^@\s;#\"']{1,63}$")
-PIN_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+# Whole values: use fullmatch (match() and "$" accept a trailing newline)
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SERIAL_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EMAIL_RE = re.compile(r"[^@\s;#\"']{1,64}@[^@\s;#\"']{1,255}\.[^@\s;#\"']{1,63}")
+PIN_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 MAX_TEXT = 256
+# Numbers sent are ints that fit in 32 bits: no count the cloud needs is
+# larger, and any consumer can store them
+MAX_COUNT = 2 ** 31 - 1
+# A slicer estimate beyond this is a broken or hostile file, not a print
+MAX_ESTIMATE = 366 * 86400.
+MAX_TEMP = 9999.
 
 
 class ProtocolError(ValueError):
@@ -73,6 +81,39 @@ def finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def bounded_count(value: Any) -> int:
+    """A number for a message: 0 unless finite, clamped to 0..MAX_COUNT."""
+    if not finite_number(value):
+        return 0
+    return int(min(max(value, 0), MAX_COUNT))
+
+
+def fraction(value: Any) -> float:
+    if not finite_number(value):
+        return 0.
+    return min(max(float(value), 0.), 1.)
+
+
+def usable_estimate(seconds: Any) -> bool:
+    return finite_number(seconds) and 0. < seconds <= MAX_ESTIMATE
+
+
+def cloud_text(value: Any, limit: int = 200) -> str:
+    """Text from the cloud made fit to show or log: one line of printable
+    characters, at most limit long.  Raw, a newline in it would print
+    console lines that look like Klipper's own."""
+    if not isinstance(value, str):
+        return ""
+    kept = []
+    for char in value[:4 * limit]:
+        category = unicodedata.category(char)
+        if category in ("Cc", "Zs", "Zl", "Zp"):
+            kept.append(" ")        # control characters, line breaks
+        elif category[0] != "C":    # drops bidi overrides, surrogates
+            kept.append(char)
+    return " ".join("".join(kept).split())[:limit]
 
 
 def utc_iso(timestamp: float) -> str:
@@ -102,7 +143,7 @@ def validate_email(email: str) -> Optional[str]:
     """Return an error text, or None when the e-mail looks usable."""
     if not email:
         return "EMAIL is required"
-    if not EMAIL_RE.match(email):
+    if not EMAIL_RE.fullmatch(email):
         return "EMAIL does not look like an e-mail address"
     return None
 
@@ -110,7 +151,7 @@ def validate_email(email: str) -> Optional[str]:
 def validate_pin(pin: str) -> Optional[str]:
     if not pin:
         return "PIN is required"
-    if not PIN_RE.match(pin):
+    if not PIN_RE.fullmatch(pin):
         return "PIN must be letters and digits only (the Polar Cloud PIN)"
     return None
 
@@ -154,8 +195,8 @@ def build_job(serial: str, job_id: str, state: str, print_seconds: float,
     if state not in ("completed", "canceled"):
         raise ValueError("job state must be completed or canceled")
     return {"serialNumber": serial, "jobId": job_id, "state": state,
-            "printSeconds": int(max(0., print_seconds)),
-            "filamentUsed": int(max(0., filament_used))}
+            "printSeconds": bounded_count(print_seconds),
+            "filamentUsed": bounded_count(filament_used)}
 
 
 def transform_bits(flip_h: bool, flip_v: bool, rotation: int) -> int:
@@ -238,28 +279,38 @@ PROGRESS_TEXT = {
 
 
 def estimate_total_time(snap: dict, slicer_estimate: float) -> int:
-    if slicer_estimate > 0.:
+    if usable_estimate(slicer_estimate):
         return int(slicer_estimate)
-    progress = snap.get("progress", 0.)
-    duration = snap.get("print_duration", 0.)
-    if progress >= 0.01 and duration > 0.:
-        return int(duration / progress)
+    progress = fraction(snap.get("progress"))
+    duration = snap.get("print_duration")
+    if progress >= 0.01 and finite_number(duration) and duration > 0.:
+        return bounded_count(duration / progress)
     return 0
 
 
 def _temp(value: Any) -> float:
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.
     if not math.isfinite(value):
         return 0.
-    return round(value, 1)
+    return round(min(max(value, -MAX_TEMP), MAX_TEMP), 1)
+
+
+def _start_time(snap: dict) -> str:
+    """When the print started, if the snapshot can say."""
+    total = snap.get("total_duration")
+    wall_time = snap.get("wall_time")
+    if not (finite_number(total) and finite_number(wall_time)) \
+            or not 0. < total < wall_time:
+        return ""
+    return utc_iso(wall_time - total)
 
 
 def build_status(serial: str, snap: dict, code: int, job_id: str,
                  slicer_estimate: float = 0., error_text: str = "") -> dict:
-    progress = float(snap.get("progress", 0.) or 0.)
+    progress = fraction(snap.get("progress"))
     msg = {
         "serialNumber": serial, "status": code, "protocol": PROTOCOL_VERSION,
         "jobId": job_id, "progress": PROGRESS_TEXT.get(code, ""),
@@ -275,14 +326,14 @@ def build_status(serial: str, snap: dict, code: int, job_id: str,
         msg["progressDetail"] = "%s: %.1f%%" % (label, pct)
         if code == PREPARING and snap.get("print_state") != "printing":
             msg["progressDetail"] = "Downloading file for job: %s" % job_id
-        msg["printSeconds"] = int(snap.get("print_duration", 0.) or 0.)
-        msg["filamentUsed"] = int(snap.get("filament_used", 0.) or 0.)
-        msg["bytesRead"] = int(snap.get("file_position", 0) or 0)
-        msg["fileSize"] = int(snap.get("file_size", 0) or 0)
+        msg["printSeconds"] = bounded_count(snap.get("print_duration"))
+        msg["filamentUsed"] = bounded_count(snap.get("filament_used"))
+        msg["bytesRead"] = bounded_count(snap.get("file_position"))
+        msg["fileSize"] = bounded_count(snap.get("file_size"))
         msg["estimatedTime"] = estimate_total_time(snap, slicer_estimate)
-        total = float(snap.get("total_duration", 0.) or 0.)
-        if total > 0.:
-            msg["startTime"] = utc_iso(snap.get("wall_time", 0.) - total)
+        start = _start_time(snap)
+        if start:
+            msg["startTime"] = start
     elif code == ERROR:
         msg["progressDetail"] = error_text[:MAX_TEXT] or "Error"
     for key, (temp, target) in snap.get("heaters", {}).items():
@@ -350,8 +401,9 @@ def parse_register_response(data: Any) -> RegisterResult:
     serial = data.get("serialNumber")
     reason = data.get("reason")
     reason = reason if isinstance(reason, str) else ""
+    shown = cloud_text(reason, 40)
     if status != "FAILED" and isinstance(serial, str) \
-            and SERIAL_RE.match(serial):
+            and SERIAL_RE.fullmatch(serial):
         return RegisterResult(True, serial=serial)
     if status != "FAILED":
         return RegisterResult(False, reason="NO_SERIAL",
@@ -362,8 +414,11 @@ def parse_register_response(data: Any) -> RegisterResult:
                               message=TERMINAL_REGISTER_REASONS[reason])
     text = RETRYABLE_REGISTER_REASONS.get(
         reason, "Polar Cloud refused the registration (%s)"
-        % (reason[:40] or "no reason given"))
-    return RegisterResult(False, reason=reason or "FAILED", message=text)
+        % (shown or "no reason given"))
+    return RegisterResult(False, reason=shown or "FAILED", message=text)
+
+
+DELETED_MESSAGE = "Printer has been deleted"
 
 
 def parse_hello_response(data: Any) -> tuple[str, str]:
@@ -373,11 +428,14 @@ def parse_hello_response(data: Any) -> tuple[str, str]:
     if not isinstance(data, dict):
         return "FAILED", "malformed helloResponse"
     status = data.get("status")
-    message = data.get("message")
-    message = message[:MAX_TEXT] if isinstance(message, str) else ""
+    message = cloud_text(data.get("message"))
     if status == "SUCCESS":
         return "SUCCESS", ""
-    if status == "DELETED" or "deleted" in message.lower():
+    # Deletion wipes the key: only the DELETED status says so, or the one
+    # FAILED message the server is known to send for it (protocol.md 3.2),
+    # never a message that merely mentions the word
+    if status == "DELETED" or (status == "FAILED"
+                               and message == DELETED_MESSAGE):
         return "DELETED", message or "printer was deleted in Polar Cloud"
     return "FAILED", message or "Polar Cloud rejected the printer's hello"
 
@@ -388,8 +446,7 @@ def parse_status_reply(data: Any, event: str) -> tuple[bool, str]:
         data = {"status": data}
     if not isinstance(data, dict):
         return False, "malformed %s" % event
-    message = data.get("message")
-    message = message[:MAX_TEXT] if isinstance(message, str) else ""
+    message = cloud_text(data.get("message"))
     return data.get("status") == "SUCCESS", message
 
 
@@ -407,7 +464,7 @@ def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
     job_id = data.get("jobId")
     if isinstance(job_id, int) and not isinstance(job_id, bool):
         job_id = str(job_id)
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise ProtocolError("print: jobId is missing or not a safe token")
     # A long name is the user's file name, not an attack: keep the start
     # (the file name made from it is cut much shorter anyway)
@@ -423,7 +480,7 @@ def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
     return PrintRequest(job_id, job_name, url, kind)
 
 
-TEMPERATURE_KEY_RE = re.compile(r"^(tool(\d{1,2})|bed|chamber)$")
+TEMPERATURE_KEY_RE = re.compile(r"tool\d{1,2}|bed|chamber")
 
 
 def parse_temperature(data: Any, serial: Optional[str]) -> dict:
@@ -434,12 +491,12 @@ def parse_temperature(data: Any, serial: Optional[str]) -> dict:
     for key, value in data.items():
         if key == "serialNumber":
             continue
-        if not TEMPERATURE_KEY_RE.match(key):
+        if not TEMPERATURE_KEY_RE.fullmatch(key):
             continue
         if isinstance(value, bool):
             raise ProtocolError("temperature: %s is not a number" % key)
         if isinstance(value, str):
-            if not re.match(r"^\s*-?\d{1,4}(\.\d{1,3})?\s*$", value):
+            if not re.fullmatch(r"\s*-?\d{1,4}(\.\d{1,3})?\s*", value):
                 raise ProtocolError("temperature: %s is not a number" % key)
             value = float(value)
         if not finite_number(value):
