@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import threading
@@ -42,8 +43,6 @@ FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
 OUTBOX_SETTLE = 5.
 JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode$")
-GCODE_LINE_RE = re.compile(
-    rb"^\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*$")
 
 
 # Pure helpers
@@ -113,23 +112,162 @@ def check_resolved(host: str, allow_loopback: bool) -> str:
     return ""
 
 
-def sniff_gcode(head: bytes) -> str:
-    """Return an error when the start of a file is clearly not G-code."""
-    if not head.strip():
-        return "the file is empty"
-    if b"\0" in head:
-        return "not a G-code file (binary data)"
-    low = head[:512].lstrip().lower()
-    if head.startswith((b"PK\x03\x04", b"\x7fELF")) or low.startswith(
-            (b"<!doctype", b"<html", b"<?xml", b"{")):
-        return "not a G-code file"
-    lines = head.split(b"\n")
-    if len(lines) > 1:
-        lines = lines[:-1]          # the last line may be cut mid-way
-    for line in lines[:200]:
-        if not GCODE_LINE_RE.match(line.rstrip(b"\r")):
-            return "not a G-code file"
-    return ""
+# What Klipper runs from a file (klippy/gcode.py): a letter and a number
+# ("G1", "m104", "M862.3"), or an extended command, case-insensitive, that
+# may start with '_' and takes KEY=value arguments ("print_start BED=60",
+# "_HEAT_SOAK").  Both may follow a line number; ';' starts a comment.
+TRADITIONAL_RE = re.compile(
+    rb"(?:[Nn]\d+\s*)?[A-Za-z]\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+    rb"(?:[\s*;A-Za-z]|$)")
+EXTENDED_RE = re.compile(
+    rb"(?:[Nn]\d+\s*)?[A-Za-z_][A-Za-z0-9_]{1,127}(?:\s+(?P<args>[^#*;]*))?"
+    rb"(?:[#*;].*)?")
+UTF8_BOM = b"\xef\xbb\xbf"
+# Bytes never found in a G-code text file (tab, CR, FF, VT and DOS's ^Z
+# end-of-file mark are)
+CONTROL_RE = re.compile(rb"[\x00-\x08\x0e-\x19\x1b-\x1f\x7f]")
+# The first line that is neither blank nor a comment
+COMMAND_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^;\s]", re.M)
+# Wrong downloads, by their first bytes (after a BOM and blank space)
+NOT_GCODE_MAGIC = [
+    (b"PK\x03\x04", "a ZIP or 3MF archive"),
+    (b"GCDE", "binary G-code (.bgcode): export plain-text G-code for"
+              " Klipper"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x7fELF", "a program"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "an image"),
+    (b"\xff\xd8\xff", "an image"),
+    (b"<", "an HTML or XML page"),
+    (b"{", "JSON"),
+    (b"[", "JSON"),
+]
+SNIFF_LINES = 20            # command lines judged
+SNIFF_MAX_LINE = 64 * 1024  # a longer line without a newline is junk
+
+
+def gcode_command_line(line: bytes) -> bool:
+    """Would Klipper run this line (not a comment, not blank) as a
+    command?  Mirrors klippy/gcode.py's parsing."""
+    line = line.strip()
+    if CONTROL_RE.search(line):
+        return False
+    if TRADITIONAL_RE.match(line):
+        return True
+    match = EXTENDED_RE.fullmatch(line)
+    if match is None:
+        return False
+    args = (match.group("args") or b"").strip()
+    if not args:
+        return True
+    try:
+        words = shlex.split(args.decode("utf-8", "replace"))
+    except ValueError:
+        return False
+    return all("=" in w and not w.startswith("=") for w in words)
+
+
+class GcodeSniffer:
+    """Tell early whether a download is a G-code file Klipper can print.
+
+    Fed the file in pieces; judges the first bytes (archives, binary
+    G-code, web pages, JSON) and then the first few command lines, however
+    many comment lines come before them (thumbnails are thousands).
+    feed() returns "" while undecided or fine and an error text once the
+    file is refused; finish() at the end of the file gives the verdict."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.head_checked = False
+        self.in_long_comment = False
+        self.commands = 0
+        self.any_text = False
+        self.verdict: Optional[str] = None
+    @property
+    def decided(self) -> bool:
+        return self.verdict is not None
+    def feed(self, data: bytes) -> str:
+        if self.verdict is not None:
+            return self.verdict
+        if self.head_checked and b"\0" in data:
+            return self._decide("not a G-code file (binary data)")
+        if self.in_long_comment:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return ""
+            self.in_long_comment = False
+            data = data[nl + 1:]
+        self.buf += data
+        if not self.head_checked:
+            view = self.buf[3:] if self.buf.startswith(UTF8_BOM) \
+                else self.buf
+            if len(view.lstrip()) < 8 and len(self.buf) < 4096:
+                return ""           # too little to judge yet
+            if self._check_head():
+                return self.verdict or ""
+        return self._scan(final=False)
+    def finish(self) -> str:
+        if self.verdict is None and not self.head_checked:
+            self._check_head()
+        if self.verdict is None:
+            self._scan(final=True)
+        if self.verdict is None:
+            self._decide("" if self.commands else
+                         "not a G-code file (only comments)"
+                         if self.any_text else "the file is empty")
+        return self.verdict or ""
+    def _decide(self, verdict: str) -> str:
+        self.verdict = verdict
+        self.buf = b""
+        return verdict
+    def _check_head(self) -> bool:
+        self.head_checked = True
+        if self.buf.startswith(UTF8_BOM):
+            self.buf = self.buf[len(UTF8_BOM):]
+        head = self.buf.lstrip()
+        for magic, what in NOT_GCODE_MAGIC:
+            if head.startswith(magic):
+                self._decide("not a G-code file (%s)" % (what,))
+                return True
+        if b"\0" in self.buf:
+            self._decide("not a G-code file (binary data)")
+            return True
+        return False
+    def _scan(self, final: bool) -> str:
+        buf = self.buf
+        end = len(buf) if final else buf.rfind(b"\n") + 1
+        if not self.any_text and buf[:end].strip():
+            self.any_text = True
+        pos = 0
+        while pos < end:
+            match = COMMAND_LINE_RE.search(buf, pos, end)
+            if match is None:
+                break
+            nl = buf.find(b"\n", match.start(), end)
+            stop = end if nl < 0 else nl
+            line = buf[match.start():stop]
+            pos = stop + 1
+            if line.strip() == b"%":        # a tape mark: Klipper skips it
+                continue
+            if not gcode_command_line(line):
+                return self._decide("not a G-code file")
+            self.commands += 1
+            if self.commands >= SNIFF_LINES:
+                return self._decide("")
+        self.buf = buf[end:]
+        if len(self.buf) > SNIFF_MAX_LINE:
+            # One endless line: a comment (skipped to its end) or junk
+            if not self.buf.lstrip().startswith(b";"):
+                return self._decide("not a G-code file")
+            self.buf = b""
+            self.any_text = self.in_long_comment = True
+        return ""
+
+
+def sniff_gcode(data: bytes) -> str:
+    """Return an error when data (a whole file) is not G-code."""
+    sniffer = GcodeSniffer()
+    return sniffer.feed(data) or sniffer.finish()
 
 
 ESTIMATE_PATTERNS = [
@@ -271,7 +409,7 @@ class Download:
     def _stream(self, resp, started: float) -> int:
         import requests
         size = 0
-        checked = False
+        sniffer = GcodeSniffer()
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o644)
         paced_from = time.monotonic()
@@ -282,15 +420,17 @@ class Download:
                         raise DownloadError("download aborted")
                     if time.monotonic() - started > TOTAL_TIMEOUT:
                         raise DownloadError("download took too long")
-                    if not checked:
-                        problem = sniff_gcode(chunk[:4096])
+                    if not sniffer.decided:
+                        problem = sniffer.feed(chunk)
                         if problem:
                             raise DownloadError(problem)
-                        checked = True
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise DownloadError("the file is larger than"
                                             " max_job_size")
+                    if size == len(chunk) and chunk.startswith(UTF8_BOM):
+                        # klippy does not skip a BOM: "Malformed command"
+                        chunk = chunk[len(UTF8_BOM):]
                     f.write(chunk)
                     ahead = paced_from + size / MAX_RATE - time.monotonic()
                     if ahead > 0.:
@@ -305,8 +445,9 @@ class Download:
             except OSError as e:
                 raise DownloadError("cannot write the file: %s"
                                     % (e.strerror,)) from e
-            if not checked:
-                raise DownloadError("the file is empty")
+            problem = sniffer.finish()
+            if problem:
+                raise DownloadError(problem)
             length = resp.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) != size:
                 raise DownloadError("download interrupted (truncated)")
