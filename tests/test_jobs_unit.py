@@ -1,12 +1,16 @@
-"""Pure job helpers: file names, URL policy, content sniffing, estimates."""
+"""Pure job helpers: file names, URL policy, content sniffing, estimates;
+the job manager's answers to cloud prints (a fake session)."""
 import os
 import random
+import re
+import threading
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klippy_extras.polar_cloud import jobs
+from klippy_extras.polar_cloud import jobs, protocol
 
 
 @pytest.mark.parametrize("name,job_id,expected", [
@@ -176,6 +180,19 @@ def test_sniffer_decides_early_and_skips_thumbnails():
     assert sniffer.finish() == ""
 
 
+@pytest.mark.parametrize("job_id", [
+    "job 7/ä", "../../etc/passwd", "a\nb", "x" * 65, "x" * 128, "\ud800",
+    "C:\\x", ".", "..", "🙂"])
+def test_unsafe_job_ids_get_a_hashed_file_name(job_id):
+    filename = jobs.safe_job_filename("Benchy", job_id)
+    assert re.fullmatch(r"Benchy_polar\.[0-9a-f]{16}\.gcode", filename)
+    # not mistaken for a safe id's name; the id is kept in the job state
+    assert jobs.job_id_from_filename(filename) is None
+    assert jobs.safe_job_filename("Benchy", job_id + "x") != filename
+    shown = jobs.shown_id(job_id)
+    assert shown.isprintable() and len(shown) <= 64
+
+
 @pytest.mark.parametrize("text,seconds", [
     (";FLAVOR:Marlin\n;TIME:6039\n", 6039.),
     ("; estimated printing time (normal mode) = 1h 2m 3s\n", 3723.),
@@ -187,3 +204,177 @@ def test_sniffer_decides_early_and_skips_thumbnails():
 def test_slicer_estimate(text, seconds):
     assert jobs.parse_slicer_estimate(text) == seconds
 
+
+# The job manager's answer to a cloud print (a fake session, no network)
+
+class FakeSession:
+    def __init__(self, state_dir):
+        self.options = types.SimpleNamespace(state_path=str(state_dir),
+                                             max_job_size=1 << 20)
+        self.abandoned = False
+        self.stop_event = threading.Event()
+        self.inbox = types.SimpleNamespace(put_local=lambda *a: None)
+        self.console_lines: list[str] = []
+        self.logged: list[str] = []
+        self.sent: list[tuple[str, dict]] = []
+    def serial(self):
+        return "KL1"
+    def rlog(self, key, fmt, *args, **kw):
+        self.logged.append(fmt % args)
+    def console(self, text, error=False):
+        self.console_lines.append(text)
+    def loopback_test_server(self):
+        return False
+    def status_now(self):
+        pass
+    def is_online(self):
+        return True
+    def last_rx(self):
+        return 0.
+    def emit(self, event, data, callback=None):
+        self.sent.append((event, data))
+        return True
+
+
+class FakeDownload:
+    made: list = []
+    def __init__(self, url, dest_dir, filename, *args):
+        self.url, self.dest_dir, self.filename = url, dest_dir, filename
+        FakeDownload.made.append(self)
+    def start(self):
+        pass
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    FakeDownload.made = []
+    monkeypatch.setattr(jobs, "Download", FakeDownload)
+    return jobs.JobManager(FakeSession(tmp_path))
+
+
+def ready_snap(tmp_path):
+    return {"klippy_state": "ready", "print_state": "standby",
+            "static": {"sdcard_dir": str(tmp_path)}}
+
+
+def answers(m):
+    return [d for e, d in m.session.sent if e == "job"]
+
+
+GCODE_URL = "https://cdn.example.com/jobs/a.gcode"
+LONG_URL = GCODE_URL + "?X-Amz-Security-Token=" + "Fw" * 8200 \
+    + "&X-Amz-Signature=" + "0f" * 32
+
+
+@pytest.mark.parametrize("payload,job_id,url", [
+    ({"jobId": "job 7/ä", "gcodeFile": GCODE_URL}, "job 7/ä", GCODE_URL),
+    ({"jobId": "j-16k", "gcodeFile": LONG_URL}, "j-16k", LONG_URL),
+    ({"jobId": 4711, "gcodeFile": " %s\n" % GCODE_URL}, "4711", GCODE_URL),
+    ({"jobId": 12.0, "gcodeFile": GCODE_URL}, "12", GCODE_URL),
+    # fileToPrint picks the G-code even with an STL and a config present
+    ({"jobId": "j-pick", "fileToPrint": "gcodeFile", "gcodeFile": GCODE_URL,
+      "stlFile": "https://cdn.example.com/a.stl",
+      "configFile": "https://cdn.example.com/a.ini"}, "j-pick", GCODE_URL),
+    # without fileToPrint the G-code wins too
+    ({"jobId": "j-both", "stlFile": "https://cdn.example.com/a.stl",
+      "gcodeFile": GCODE_URL}, "j-both", GCODE_URL),
+    # lenient: unknown fields, a number as name, fileToPrint's case
+    ({"jobId": "j-len", "gcodeFile": GCODE_URL, "jobName": 42,
+      "fileToPrint": "GCODEFILE", "newField": {"x": [1]},
+      "serialNumber": "KL1"}, "j-len", GCODE_URL),
+])
+def test_print_starts_a_download(manager, tmp_path, payload, job_id, url):
+    assert len(LONG_URL) > 16 * 1024
+    manager.handle_print(payload, ready_snap(tmp_path))
+    assert answers(manager) == []
+    [download] = FakeDownload.made
+    assert download.url == url
+    assert manager.job.job_id == job_id
+    assert download.filename == manager.job.filename
+    assert "/" not in download.filename
+    assert download.filename.endswith(jobs.job_file_token(job_id) + ".gcode")
+
+
+def test_odd_job_id_survives_a_restart_with_its_file(manager, tmp_path):
+    job_id = "job 7/ä"
+    manager.handle_print({"jobId": job_id, "jobName": "Cube",
+                          "gcodeFile": GCODE_URL}, ready_snap(tmp_path))
+    filename = manager.job.filename
+    manager.job.phase = "printing"
+    manager.save()
+    again = jobs.JobManager(FakeSession(tmp_path))
+    again.load()
+    # the file's job is known from the job state, not from its name
+    assert again.job.job_id == job_id and again.job.filename == filename
+    snap = {"klippy_state": "ready", "print_state": "printing",
+            "filename": filename}
+    assert again.view(snap).job_id == job_id
+    # the repeat of an id already handled is ignored, after a restart too
+    again.handle_print({"jobId": job_id, "gcodeFile": GCODE_URL},
+                       ready_snap(tmp_path))
+    assert answers(again) == [] and len(FakeDownload.made) == 1
+
+
+@pytest.mark.parametrize("payload,job_id,reason,field", [
+    ({"jobId": "s1", "stlFile": "https://x.example/a.stl",
+      "configFile": "https://x.example/a.ini"}, "s1",
+     "slicing on the printer is not supported (STL jobs)", "stlFile"),
+    ({"jobId": "t1", "threemfFile": "https://x.example/a.3mf"}, "t1",
+     "slicing on the printer is not supported (3MF jobs)", "threemfFile"),
+    ({"jobId": "p1", "fileToPrint": "stlFile", "gcodeFile": GCODE_URL,
+      "stlFile": "https://x.example/a.stl"}, "p1",
+     "slicing on the printer is not supported (STL jobs)", "fileToPrint"),
+    ({"jobId": "u1", "fileToPrint": "objFile", "gcodeFile": GCODE_URL},
+     "u1", "fileToPrint names no known file", "fileToPrint"),
+    ({"jobId": "n1"}, "n1", "the job has no G-code file", "gcodeFile"),
+    ({"jobId": "n2", "gcodeFile": None}, "n2", "the job has no G-code file",
+     "gcodeFile"),
+    ({"jobId": "n3", "gcodeFile": {"url": GCODE_URL}}, "n3",
+     "the G-code file is not a URL", "gcodeFile"),
+    ({"jobId": "l1", "gcodeFile": GCODE_URL + "?" + "a" * 70000}, "l1",
+     "the download URL is too long", "gcodeFile"),
+    ({"jobId": "h1", "gcodeFile": "http://cdn.example.com/a.gcode"}, "h1",
+     "plain http is not allowed", "gcodeFile"),
+    ({"jobId": "job 7/ä\n", "gcodeFile": "file:///etc/passwd"},
+     "job 7/ä\n", "refused download URL", "gcodeFile"),
+    ({"jobId": "x" * 128, "gcodeFile": "https://10.0.0.1/a.gcode"},
+     "x" * 128, "the address is not public", "gcodeFile"),
+])
+def test_unprintable_print_is_answered_once(manager, tmp_path, payload,
+                                            job_id, reason, field):
+    manager.handle_print(payload, ready_snap(tmp_path))
+    manager.handle_print(payload, ready_snap(tmp_path))     # a repeat
+    assert FakeDownload.made == []
+    [answer] = answers(manager)
+    assert answer == {"serialNumber": "KL1", "jobId": job_id,
+                      "state": "canceled", "printSeconds": 0,
+                      "filamentUsed": 0}
+    [line] = manager.session.console_lines
+    assert line.startswith("Polar Cloud: job %s refused: "
+                           % (jobs.shown_id(job_id),))
+    assert reason in line and line.endswith("[%s]" % (field,))
+    assert "\n" not in line
+
+
+def test_busy_printer_answers_with_the_reason(manager, tmp_path):
+    snap = dict(ready_snap(tmp_path), print_state="printing")
+    manager.handle_print({"jobId": "b1", "gcodeFile": GCODE_URL}, snap)
+    [answer] = answers(manager)
+    assert answer["jobId"] == "b1" and answer["state"] == "canceled"
+    assert manager.session.console_lines == [
+        "Polar Cloud: job b1 refused: the printer is busy printing"]
+
+
+@pytest.mark.parametrize("payload", [
+    {"gcodeFile": GCODE_URL}, {"jobId": None, "gcodeFile": GCODE_URL},
+    {"jobId": "", "gcodeFile": GCODE_URL}, {"jobId": "  "},
+    {"jobId": True}, {"jobId": ["j1"]}, {"jobId": {"id": "j1"}},
+    {"jobId": float("nan")}, {"jobId": "x" * 129},
+    {"jobId": "j1", "serialNumber": "KL2", "gcodeFile": GCODE_URL},
+    [], "print", None,
+])
+def test_print_without_an_id_to_answer_is_dropped(manager, tmp_path,
+                                                  payload):
+    with pytest.raises(protocol.ProtocolError):
+        manager.handle_print(payload, ready_snap(tmp_path))
+    assert answers(manager) == [] and FakeDownload.made == []

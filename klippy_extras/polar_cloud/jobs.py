@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import logging
 import os
@@ -47,6 +48,16 @@ JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode$")
 
 # Pure helpers
 
+def job_file_token(job_id: str) -> str:
+    """The job's part of its file name: '-' and the id when the id is a
+    safe token, else '.' and a short hash of it (the id itself is kept in
+    the job state, see Job)."""
+    if protocol.JOB_ID_RE.fullmatch(job_id):
+        return "-" + job_id
+    raw = job_id.encode("utf-8", "surrogatepass")
+    return "." + hashlib.sha256(raw).hexdigest()[:16]
+
+
 def safe_job_filename(job_name: str, job_id: str) -> str:
     """A file name readable in Mainsail/Fluidd, never taken raw from the
     cloud: ASCII letters, digits, '_', '-' and '.' only, no leading dot."""
@@ -55,12 +66,21 @@ def safe_job_filename(job_name: str, job_id: str) -> str:
     text = re.sub(r"\.(gcode|gco|g|stl|3mf)$", "", text, flags=re.I)
     text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
     text = re.sub(r"\.{2,}", ".", text)[:60].strip("._-") or "polar_job"
-    return "%s_polar-%s.gcode" % (text, job_id)
+    return "%s_polar%s.gcode" % (text, job_file_token(job_id))
 
 
 def job_id_from_filename(filename: str) -> Optional[str]:
+    """The job id in a file name made from a safe id; None for others
+    (a hashed name: the id is in the job state)."""
     match = JOB_FILE_RE.search(filename or "")
     return match.group(1) if match else None
+
+
+def shown_id(job_id: str) -> str:
+    """A job id for a console or log line: no control characters, not
+    longer than a line should be."""
+    text = "".join(c if c.isprintable() else "?" for c in job_id)
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _address_is_public(addr: str) -> bool:
@@ -499,8 +519,8 @@ class JobManager:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
         job = data.get("job")
-        if isinstance(job, dict) and protocol.JOB_ID_RE.match(
-                str(job.get("job_id", ""))):
+        if isinstance(job, dict) and isinstance(job.get("job_id"), str) \
+                and protocol.read_job_id(job["job_id"]) is not None:
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)
             self.job.start_mono = 0.
@@ -512,7 +532,7 @@ class JobManager:
             # Its download (or start) died with the previous klippy and
             # cannot resume: end it, or the printer stays "busy" for good
             log.info("polar_cloud: job %s was interrupted by a restart",
-                     self.job.job_id)
+                     shown_id(self.job.job_id))
             self.finish("canceled", None)
     def save(self) -> None:
         if self.session.abandoned:
@@ -556,6 +576,9 @@ class JobManager:
                 self.save()
     # Cloud commands
     def handle_print(self, data: Any, snap: Optional[dict]) -> None:
+        """Every print with a job id ends in a print or a 'canceled' report
+        (a print without one, or for another printer, raises
+        ProtocolError: there is nobody to answer)."""
         serial = self.session.serial()
         req = protocol.parse_print(data, serial)
         job = self.job
@@ -563,20 +586,21 @@ class JobManager:
                 or req.job_id in self.seen:
             # once per job and period: a flood of repeats stays quiet
             self.session.rlog("repeat:" + req.job_id, "print %s already"
-                              " handled; ignoring the repeat", req.job_id)
+                              " handled; ignoring the repeat",
+                              shown_id(req.job_id))
             return
         self.seen.append(req.job_id)
-        reason = self._refusal(req, snap)
+        reason, cause = self._refusal(req, snap)
         if reason:
-            self._refuse(req.job_id, reason)
+            self._refuse(req.job_id, reason, cause)
             self.save()
             return
         static = snap["static"]
         filename = safe_job_filename(req.job_name, req.job_id)
         self.job = Job(req.job_id, req.job_name[:80], filename)
         self.save()
-        log.info("polar_cloud: job %s: downloading as %s", req.job_id,
-                 filename)
+        log.info("polar_cloud: job %s: downloading as %s",
+                 shown_id(req.job_id), filename)
         self.session.console("Polar Cloud: downloading job '%s'"
                              % (filename,))
         self.download = Download(
@@ -587,29 +611,31 @@ class JobManager:
                 "download_done", (jid, err, size)))
         self.download.start()
         self.session.status_now()
-    def _refusal(self, req: protocol.PrintRequest, snap) -> str:
-        if req.kind != "gcodeFile":
-            return "slicing on the printer is not supported (%s jobs)" % (
-                "STL" if req.kind == "stlFile" else "3MF")
-        if not req.url:
-            return "the job has no G-code file"
+    def _refusal(self, req: protocol.PrintRequest,
+                 snap) -> tuple[str, str]:
+        """Why the job cannot be printed, and the message field at fault
+        ("" when the printer's state is the reason)."""
+        if req.problem:
+            return req.problem, req.field
         if snap is None or snap.get("klippy_state") != "ready":
-            return "the printer is not ready"
+            return "the printer is not ready", ""
         if not snap.get("static", {}).get("sdcard_dir"):
-            return "no [virtual_sdcard] is configured"
+            return "no [virtual_sdcard] is configured", ""
         if self.job is not None and self.job.phase != "done":
-            return "the printer is busy with job %s" % (self.job.job_id,)
+            return "the printer is busy with job %s" % (
+                shown_id(self.job.job_id),), ""
         if snap.get("print_state") in ("printing", "paused") \
                 or snap.get("is_active"):
-            return "the printer is busy printing"
+            return "the printer is busy printing", ""
         problem = check_url(req.url, self.session.loopback_test_server())
         if problem:
-            return "refused download URL: %s" % (problem,)
-        return ""
-    def _refuse(self, job_id: str, reason: str) -> None:
-        log.info("polar_cloud: job %s refused: %s", job_id, reason)
-        self.session.console("Polar Cloud: job %s refused: %s"
-                             % (job_id, reason), error=True)
+            return "refused download URL: %s" % (problem,), req.kind
+        return "", ""
+    def _refuse(self, job_id: str, reason: str, cause: str = "") -> None:
+        # One line, on the console and (through it) in klippy.log
+        self.session.console("Polar Cloud: job %s refused: %s%s" % (
+            shown_id(job_id), reason, " [%s]" % (cause,) if cause else ""),
+            error=True)
         self.queue_final(job_id, "canceled", 0., 0.)
     def download_done(self, job_id: str, error: str, size: int) -> None:
         self.download = None
@@ -618,11 +644,11 @@ class JobManager:
             return
         if error:
             self.session.console("Polar Cloud: job %s failed: %s"
-                                 % (job_id, error), error=True)
-            log.info("polar_cloud: job %s: %s", job_id, error)
+                                 % (shown_id(job_id), error), error=True)
             self.finish("canceled", None)
             return
-        log.info("polar_cloud: job %s: downloaded %d bytes", job_id, size)
+        log.info("polar_cloud: job %s: downloaded %d bytes",
+                 shown_id(job_id), size)
         job.phase = "starting"
         self.save()
         self.session.bridge.run_gcode(
@@ -635,7 +661,7 @@ class JobManager:
             return
         if not ok:
             self.session.console("Polar Cloud: job %s could not start: %s"
-                                 % (job_id, error), error=True)
+                                 % (shown_id(job_id), error), error=True)
             self.finish("canceled", None)
             return
         job.phase = "printing"
@@ -709,7 +735,7 @@ class JobManager:
         job.final_reports = 0
         self.save()
         self.queue_final(job.job_id, state, seconds, filament)
-        log.info("polar_cloud: job %s %s", job.job_id, state)
+        log.info("polar_cloud: job %s %s", shown_id(job.job_id), state)
         if state == "completed":
             self.session.console("Polar Cloud: job '%s' completed"
                                  % (job.filename,))
@@ -739,8 +765,8 @@ class JobManager:
         for msg in pending:
             wire = dict(msg, serialNumber=serial)
             if self.session.emit("job", wire, callback=self._ack(msg)):
-                log.info("polar_cloud: job %s reported %s", msg["jobId"],
-                         msg["state"])
+                log.info("polar_cloud: job %s reported %s",
+                         shown_id(msg["jobId"]), msg["state"])
                 self.unsettled.append((now, msg))
             else:
                 self.outbox.append(msg)
