@@ -217,6 +217,7 @@ def test_odd_job_id_prints_and_is_echoed_verbatim(k, sim):
     assert re.fullmatch(r"Odd_name_polar\.[0-9a-f]{16}\.gcode", filename)
     assert filename in gcode_files(k)
     cancel_running(sim, k, job_id, since)
+    assert sim.violations == []
 
 
 def test_long_presigned_url_prints(k, sim):
@@ -276,3 +277,4 @@ def test_unprintable_print_is_answered_once(k, sim, job_id, fields, reason):
     assert len(finals(sim, k, answer_id)) == 1
     assert [sim.file_requests(name) for name in served] == [0] * len(served)
     assert k.query("print_stats")["print_stats"]["state"] != "printing"
+    assert sim.violations == []
