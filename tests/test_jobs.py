@@ -198,6 +198,8 @@ def test_stalled_download_times_out(k, sim):
     {"jobId": "../../etc/x", "gcodeFile": "http://127.0.0.1:1/x.gcode"},
     {"jobId": "a/b", "gcodeFile": "http://127.0.0.1:1/x.gcode"},
     {"jobId": "x" * 100, "gcodeFile": "http://127.0.0.1:1/x.gcode"},
+    {"jobId": "x" * 129, "gcodeFile": "http://127.0.0.1:1/x.gcode"},
+    {"jobId": None, "gcodeFile": "http://127.0.0.1:1/x.gcode"},
     {"jobId": "ok-1", "gcodeFile": "file:///etc/passwd"},
     {"jobId": "ok-2", "gcodeFile": "https://169.254.169.254/x.gcode"},
     {"jobId": "ok-3", "gcodeFile": "http://192.168.1.10/x.gcode"},
@@ -207,15 +209,20 @@ def test_hostile_jobs_create_nothing(k, sim, payload):
     files_before = gcode_files(k)
     since = sim.now()
     sim.push("print", dict(payload, serialNumber=k.serial), serial=k.serial)
-    if payload["jobId"].startswith("ok-"):
-        final = wait_final(sim, k, payload["jobId"], since)
+    job_id = payload["jobId"]
+    if isinstance(job_id, str) and len(job_id) <= 128:
+        # Any readable id is answered, verbatim (the download fails)
+        final = wait_final(sim, k, job_id, since)
         assert final["state"] == "canceled"
+        assert len(final_jobs(sim, k, job_id)) == 1
     else:
-        # No valid id to answer to: dropped; prove it was handled by
+        # No id that can be answered to: dropped; prove it was handled by
         # sending a marker job after it (events are handled in order)
         marker_id = "marker-%d" % (len(sim.received("job")),)
         marker = send_job(sim, k, marker_id, mode="404")
         wait_final(sim, k, marker_id, marker)
+        assert [j for j in sim.received("job", since=since)
+                if j["jobId"] != marker_id] == []
     assert tree_digest(k.config_dir) == config_before
     assert gcode_files(k) == files_before
     assert not os.path.exists(os.path.join(k.workdir, "etc"))

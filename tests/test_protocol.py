@@ -221,24 +221,18 @@ def test_parse_print():
     r = p.parse_print({"serialNumber": "KL1", "jobId": "abc-1",
                        "jobName": "Benchy", "gcodeFile": "https://x/y.gcode"},
                       "KL1")
-    assert (r.job_id, r.kind, r.url) == ("abc-1", "gcodeFile",
-                                         "https://x/y.gcode")
+    assert (r.job_id, r.kind, r.url, r.problem) == (
+        "abc-1", "gcodeFile", "https://x/y.gcode", "")
     assert p.parse_print({"jobId": 77, "stlFile": "https://x/y.stl"},
                          "KL1").kind == "stlFile"
-    for bad in ({"jobId": "../../x"}, {"jobId": ""}, {"jobId": "a/b"},
-                {"jobId": "x" * 65}, {"jobId": True}, [],
+    # No id to answer to, or not for this printer: nothing to answer
+    for bad in ({"jobId": ""}, {"jobId": " \t"}, {"jobId": "x" * 129},
+                {"jobId": True}, {"jobId": None}, {}, {"jobId": [1]},
+                {"jobId": float("inf")}, [], "print",
                 {"jobId": "a", "serialNumber": "KL2"},
-                {"jobId": "a", "fileToPrint": "other"},
-                {"jobId": "a", "gcodeFile": 5}):
+                {"jobId": "a", "serialNumber": 7}):
         with pytest.raises(p.ProtocolError):
             p.parse_print(bad, "KL1")
-
-
-@pytest.mark.parametrize("job_id", ["77\n", "77\r\n", "\n77", "77\n78"])
-def test_job_id_is_the_whole_value(job_id):
-    with pytest.raises(p.ProtocolError):
-        p.parse_print({"jobId": job_id, "gcodeFile": "https://x/y.gcode"},
-                      "KL1")
 
 
 def test_values_with_a_trailing_newline_are_refused():
@@ -249,6 +243,58 @@ def test_values_with_a_trailing_newline_are_refused():
         p.parse_temperature({"tool0\n": 200}, None)
     with pytest.raises(p.ProtocolError):
         p.parse_temperature({"tool0": "200\nM112"}, None)
+
+
+@pytest.mark.parametrize("value,job_id", [
+    ("abc-1", "abc-1"), ("job 7/ä", "job 7/ä"), ("../../x", "../../x"),
+    ("a\nb", "a\nb"), ("x" * 128, "x" * 128), (77, "77"), (0, "0"),
+    (12.0, "12"), (1.5, "1.5"), ("007", "007"), (" j ", " j "),
+])
+def test_job_id_is_read_leniently_and_kept_verbatim(value, job_id):
+    assert p.read_job_id(value) == job_id
+    r = p.parse_print({"jobId": value, "gcodeFile": "https://x/y.gcode"},
+                      "KL1")
+    assert r.job_id == job_id and r.problem == ""
+
+
+@pytest.mark.parametrize("data,kind,url,problem,field", [
+    # fileToPrint selects; a G-code URL prints even with STL and config
+    ({"fileToPrint": "gcodeFile", "gcodeFile": "https://x/a.gcode",
+      "stlFile": "https://x/a.stl", "configFile": "https://x/a.ini"},
+     "gcodeFile", "https://x/a.gcode", "", ""),
+    ({"fileToPrint": "stlFile", "gcodeFile": "https://x/a.gcode",
+      "stlFile": "https://x/a.stl"}, "stlFile", "",
+     "slicing on the printer is not supported (STL jobs)", "fileToPrint"),
+    ({"stlFile": "https://x/a.stl", "configFile": "https://x/a.ini"},
+     "stlFile", "", "slicing on the printer is not supported (STL jobs)",
+     "stlFile"),
+    ({"threemfFile": "https://x/a.3mf"}, "threemfFile", "",
+     "slicing on the printer is not supported (3MF jobs)", "threemfFile"),
+    ({"fileToPrint": " gcode ", "gcodeFile": "https://x/a.gcode"},
+     "gcodeFile", "https://x/a.gcode", "", ""),
+    ({"fileToPrint": "", "gcodeFile": "https://x/a.gcode"},
+     "gcodeFile", "https://x/a.gcode", "", ""),
+    ({"fileToPrint": None, "gcodeFile": "https://x/a.gcode"},
+     "gcodeFile", "https://x/a.gcode", "", ""),
+    ({"fileToPrint": "other", "gcodeFile": "https://x/a.gcode"}, "", "",
+     "fileToPrint names no known file", "fileToPrint"),
+    ({"fileToPrint": 3, "gcodeFile": "https://x/a.gcode"}, "", "",
+     "fileToPrint names no known file", "fileToPrint"),
+    ({}, "gcodeFile", "", "the job has no G-code file", "gcodeFile"),
+    ({"gcodeFile": 5}, "gcodeFile", "", "the G-code file is not a URL",
+     "gcodeFile"),
+    ({"gcodeFile": "https://x/a.gcode?" + "s" * (16 * 1024)}, "gcodeFile",
+     "https://x/a.gcode?" + "s" * (16 * 1024), "", ""),
+    ({"gcodeFile": "https://x/a.gcode?" + "s" * (64 * 1024)}, "gcodeFile",
+     "", "the download URL is too long", "gcodeFile"),
+    # unknown fields, odd names and an empty serial are no reason to refuse
+    ({"gcodeFile": "https://x/a.gcode", "jobName": ["x"], "future": {},
+      "serialNumber": ""}, "gcodeFile", "https://x/a.gcode", "", ""),
+])
+def test_parse_print_selects_the_file(data, kind, url, problem, field):
+    r = p.parse_print(dict(data, jobId="j1"), "KL1")
+    assert (r.job_id, r.kind, r.url, r.problem, r.field) == (
+        "j1", kind, url, problem, field)
 
 
 def test_parse_temperature():

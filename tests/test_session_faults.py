@@ -54,8 +54,8 @@ ALLOWED_GCODE = re.compile(
     r"(\nSET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed)"
     r" TARGET=-?\d+\.\d)?"
     r"|PAUSE|RESUME|CANCEL_PRINT|LOAD_FILAMENT"
-    r'|SDCARD_PRINT_FILE FILENAME="[A-Za-z0-9_.-]+_polar-[A-Za-z0-9_-]+'
-    r'\.gcode")$')
+    r'|SDCARD_PRINT_FILE FILENAME="[A-Za-z0-9_.-]+_polar'
+    r'(-[A-Za-z0-9_-]+|\.[0-9a-f]{16})\.gcode")$')
 
 
 # ------------------------------------------------------------------ fakes

@@ -9,11 +9,13 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import hashlib
 import ipaddress
 import logging
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import threading
@@ -25,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from . import protocol
 from .identity import IdentityError, read_json, write_json
+from .ratelog import LineBudget
 
 log = logging.getLogger("polar_cloud")
 
@@ -46,11 +49,19 @@ FINAL_REPORTS = 3
 OUTBOX_SETTLE = 5.
 PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
 JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode\Z")
-GCODE_LINE_RE = re.compile(
-    rb"\s*(;.*|[GMTgmt]\d+.*|[A-Z][A-Z0-9_]*(\s.*)?|N\d+.*)?\s*")
 
 
 # Pure helpers
+
+def job_file_token(job_id: str) -> str:
+    """The job's part of its file name: '-' and the id when the id is a
+    safe token, else '.' and a short hash of it (the id itself is kept in
+    the job state, see Job)."""
+    if protocol.JOB_ID_RE.fullmatch(job_id):
+        return "-" + job_id
+    raw = job_id.encode("utf-8", "surrogatepass")
+    return "." + hashlib.sha256(raw).hexdigest()[:16]
+
 
 def safe_job_filename(job_name: str, job_id: str) -> str:
     """A file name readable in Mainsail/Fluidd, never taken raw from the
@@ -60,10 +71,12 @@ def safe_job_filename(job_name: str, job_id: str) -> str:
     text = re.sub(r"\.(gcode|gco|g|stl|3mf)\Z", "", text, flags=re.I)
     text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
     text = re.sub(r"\.{2,}", ".", text)[:60].strip("._-") or "polar_job"
-    return "%s_polar-%s.gcode" % (text, job_id)
+    return "%s_polar%s.gcode" % (text, job_file_token(job_id))
 
 
 def job_id_from_filename(filename: str) -> Optional[str]:
+    """The job id in a file name made from a safe id; None for others
+    (a hashed name: the id is in the job state)."""
     match = JOB_FILE_RE.search(filename or "")
     return match.group(1) if match else None
 
@@ -71,6 +84,13 @@ def job_id_from_filename(filename: str) -> Optional[str]:
 # Not public although Python's ipaddress does not call them private
 SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
 #                                                         Tailscale
+
+
+def shown_id(job_id: str) -> str:
+    """A job id for a console or log line: no control characters, not
+    longer than a line should be."""
+    text = "".join(c if c.isprintable() else "?" for c in job_id)
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _address_is_public(addr: str) -> bool:
@@ -141,23 +161,162 @@ def check_resolved(host: str, allow_loopback: bool) -> str:
     return refused_address(addresses, allow_loopback)
 
 
-def sniff_gcode(head: bytes) -> str:
-    """Return an error when the start of a file is clearly not G-code."""
-    if not head.strip():
-        return "the file is empty"
-    if b"\0" in head:
-        return "not a G-code file (binary data)"
-    low = head[:512].lstrip().lower()
-    if head.startswith((b"PK\x03\x04", b"\x7fELF")) or low.startswith(
-            (b"<!doctype", b"<html", b"<?xml", b"{")):
-        return "not a G-code file"
-    lines = head.split(b"\n")
-    if len(lines) > 1:
-        lines = lines[:-1]          # the last line may be cut mid-way
-    for line in lines[:200]:
-        if not GCODE_LINE_RE.fullmatch(line.rstrip(b"\r")):
-            return "not a G-code file"
-    return ""
+# What Klipper runs from a file (klippy/gcode.py): a letter and a number
+# ("G1", "m104", "M862.3"), or an extended command, case-insensitive, that
+# may start with '_' and takes KEY=value arguments ("print_start BED=60",
+# "_HEAT_SOAK").  Both may follow a line number; ';' starts a comment.
+TRADITIONAL_RE = re.compile(
+    rb"(?:[Nn]\d+\s*)?[A-Za-z]\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+    rb"(?:[\s*;A-Za-z]|$)")
+EXTENDED_RE = re.compile(
+    rb"(?:[Nn]\d+\s*)?[A-Za-z_][A-Za-z0-9_]{1,127}(?:\s+(?P<args>[^#*;]*))?"
+    rb"(?:[#*;].*)?")
+UTF8_BOM = b"\xef\xbb\xbf"
+# Bytes never found in a G-code text file (tab, CR, FF, VT and DOS's ^Z
+# end-of-file mark are)
+CONTROL_RE = re.compile(rb"[\x00-\x08\x0e-\x19\x1b-\x1f\x7f]")
+# The first line that is neither blank nor a comment
+COMMAND_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^;\s]", re.M)
+# Wrong downloads, by their first bytes (after a BOM and blank space)
+NOT_GCODE_MAGIC = [
+    (b"PK\x03\x04", "a ZIP or 3MF archive"),
+    (b"GCDE", "binary G-code (.bgcode): export plain-text G-code for"
+              " Klipper"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x7fELF", "a program"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "an image"),
+    (b"\xff\xd8\xff", "an image"),
+    (b"<", "an HTML or XML page"),
+    (b"{", "JSON"),
+    (b"[", "JSON"),
+]
+SNIFF_LINES = 20            # command lines judged
+SNIFF_MAX_LINE = 64 * 1024  # a longer line without a newline is junk
+
+
+def gcode_command_line(line: bytes) -> bool:
+    """Would Klipper run this line (not a comment, not blank) as a
+    command?  Mirrors klippy/gcode.py's parsing."""
+    line = line.strip()
+    if CONTROL_RE.search(line):
+        return False
+    if TRADITIONAL_RE.match(line):
+        return True
+    match = EXTENDED_RE.fullmatch(line)
+    if match is None:
+        return False
+    args = (match.group("args") or b"").strip()
+    if not args:
+        return True
+    try:
+        words = shlex.split(args.decode("utf-8", "replace"))
+    except ValueError:
+        return False
+    return all("=" in w and not w.startswith("=") for w in words)
+
+
+class GcodeSniffer:
+    """Tell early whether a download is a G-code file Klipper can print.
+
+    Fed the file in pieces; judges the first bytes (archives, binary
+    G-code, web pages, JSON) and then the first few command lines, however
+    many comment lines come before them (thumbnails are thousands).
+    feed() returns "" while undecided or fine and an error text once the
+    file is refused; finish() at the end of the file gives the verdict."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.head_checked = False
+        self.in_long_comment = False
+        self.commands = 0
+        self.any_text = False
+        self.verdict: Optional[str] = None
+    @property
+    def decided(self) -> bool:
+        return self.verdict is not None
+    def feed(self, data: bytes) -> str:
+        if self.verdict is not None:
+            return self.verdict
+        if self.head_checked and b"\0" in data:
+            return self._decide("not a G-code file (binary data)")
+        if self.in_long_comment:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return ""
+            self.in_long_comment = False
+            data = data[nl + 1:]
+        self.buf += data
+        if not self.head_checked:
+            view = self.buf[3:] if self.buf.startswith(UTF8_BOM) \
+                else self.buf
+            if len(view.lstrip()) < 8 and len(self.buf) < 4096:
+                return ""           # too little to judge yet
+            if self._check_head():
+                return self.verdict or ""
+        return self._scan(final=False)
+    def finish(self) -> str:
+        if self.verdict is None and not self.head_checked:
+            self._check_head()
+        if self.verdict is None:
+            self._scan(final=True)
+        if self.verdict is None:
+            self._decide("" if self.commands else
+                         "not a G-code file (only comments)"
+                         if self.any_text else "the file is empty")
+        return self.verdict or ""
+    def _decide(self, verdict: str) -> str:
+        self.verdict = verdict
+        self.buf = b""
+        return verdict
+    def _check_head(self) -> bool:
+        self.head_checked = True
+        if self.buf.startswith(UTF8_BOM):
+            self.buf = self.buf[len(UTF8_BOM):]
+        head = self.buf.lstrip()
+        for magic, what in NOT_GCODE_MAGIC:
+            if head.startswith(magic):
+                self._decide("not a G-code file (%s)" % (what,))
+                return True
+        if b"\0" in self.buf:
+            self._decide("not a G-code file (binary data)")
+            return True
+        return False
+    def _scan(self, final: bool) -> str:
+        buf = self.buf
+        end = len(buf) if final else buf.rfind(b"\n") + 1
+        if not self.any_text and buf[:end].strip():
+            self.any_text = True
+        pos = 0
+        while pos < end:
+            match = COMMAND_LINE_RE.search(buf, pos, end)
+            if match is None:
+                break
+            nl = buf.find(b"\n", match.start(), end)
+            stop = end if nl < 0 else nl
+            line = buf[match.start():stop]
+            pos = stop + 1
+            if line.strip() == b"%":        # a tape mark: Klipper skips it
+                continue
+            if not gcode_command_line(line):
+                return self._decide("not a G-code file")
+            self.commands += 1
+            if self.commands >= SNIFF_LINES:
+                return self._decide("")
+        self.buf = buf[end:]
+        if len(self.buf) > SNIFF_MAX_LINE:
+            # One endless line: a comment (skipped to its end) or junk
+            if not self.buf.lstrip().startswith(b";"):
+                return self._decide("not a G-code file")
+            self.buf = b""
+            self.any_text = self.in_long_comment = True
+        return ""
+
+
+def sniff_gcode(data: bytes) -> str:
+    """Return an error when data (a whole file) is not G-code."""
+    sniffer = GcodeSniffer()
+    return sniffer.feed(data) or sniffer.finish()
 
 
 ESTIMATE_PATTERNS = [
@@ -514,7 +673,7 @@ class Download:
         from urllib3.exceptions import HTTPError
         self._check_aborted()
         size = 0
-        checked = False
+        sniffer = GcodeSniffer()
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o644)
         paced_from = time.monotonic()
@@ -522,15 +681,17 @@ class Download:
             try:
                 for chunk in resp.stream(CHUNK):
                     self._check_aborted()
-                    if not checked:
-                        problem = sniff_gcode(chunk[:4096])
+                    if not sniffer.decided:
+                        problem = sniffer.feed(chunk)
                         if problem:
                             raise DownloadError(problem)
-                        checked = True
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise DownloadError("the file is larger than"
                                             " max_job_size")
+                    if size == len(chunk) and chunk.startswith(UTF8_BOM):
+                        # klippy does not skip a BOM: "Malformed command"
+                        chunk = chunk[len(UTF8_BOM):]
                     f.write(chunk)
                     ahead = paced_from + size / MAX_RATE - time.monotonic()
                     if ahead > 0.:
@@ -545,8 +706,9 @@ class Download:
             except OSError as e:
                 raise DownloadError("cannot write the file: %s"
                                     % (e.strerror,)) from e
-            if not checked:
-                raise DownloadError("the file is empty")
+            problem = sniffer.finish()
+            if problem:
+                raise DownloadError(problem)
             length = resp.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) != size:
                 raise DownloadError("download interrupted (truncated)")
@@ -591,6 +753,9 @@ class JobManager:
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
         self.estimate = 0.
+        # Console and log lines about jobs: a flood of refused prints is
+        # answered in full, but not written out in full
+        self.lines = LineBudget(20, 60.)
         session.on("print", lambda data: self.handle_print(
             data, session.snapshot()))
         for action in ("pause", "resume", "cancel"):
@@ -605,8 +770,8 @@ class JobManager:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
         job = data.get("job")
-        if isinstance(job, dict) and protocol.JOB_ID_RE.fullmatch(
-                str(job.get("job_id", ""))):
+        if isinstance(job, dict) and isinstance(job.get("job_id"), str) \
+                and protocol.read_job_id(job["job_id"]) is not None:
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)
             self.job.start_mono = 0.
@@ -619,7 +784,7 @@ class JobManager:
             # Its download (or start) died with the previous klippy and
             # cannot resume: end it, or the printer stays "busy" for good
             log.info("polar_cloud: job %s was interrupted by a restart",
-                     self.job.job_id)
+                     shown_id(self.job.job_id))
             self.finish("canceled", None)
     def save(self) -> None:
         if self.session.abandoned:
@@ -664,6 +829,9 @@ class JobManager:
                 self.save()
     # Cloud commands
     def handle_print(self, data: Any, snap: Optional[dict]) -> None:
+        """Every print with a job id ends in a print or a 'canceled' report
+        (a print without one, or for another printer, raises
+        ProtocolError: there is nobody to answer)."""
         serial = self.session.serial()
         req = protocol.parse_print(data, serial)
         job = self.job
@@ -671,21 +839,21 @@ class JobManager:
                 or req.job_id in self.seen:
             # a flood of repeats stays quiet
             self.session.rlog("repeat", "print %s already handled; ignoring"
-                              " the repeat", req.job_id)
+                              " the repeat", shown_id(req.job_id))
             return
         self.seen.append(req.job_id)
-        reason = self._refusal(req, snap)
+        reason, cause = self._refusal(req, snap)
         if reason:
             # Kept in memory only: a refused job sent again after a
             # restart is simply judged again
-            self._refuse(req.job_id, reason)
+            self._refuse(req.job_id, reason, cause)
             return
         static = snap["static"]
         filename = safe_job_filename(req.job_name, req.job_id)
         self.job = Job(req.job_id, req.job_name[:80], filename)
         self.save()
-        log.info("polar_cloud: job %s: downloading as %s", req.job_id,
-                 filename)
+        log.info("polar_cloud: job %s: downloading as %s",
+                 shown_id(req.job_id), filename)
         self.session.console("Polar Cloud: downloading job '%s'"
                              % (filename,))
         self.download = Download(
@@ -696,36 +864,38 @@ class JobManager:
                 self.download_done, jid, err, size))
         self.download.start()
         self.session.status_now()
-    def _refusal(self, req: protocol.PrintRequest, snap) -> str:
-        if req.kind != "gcodeFile":
-            return "slicing on the printer is not supported (%s jobs)" % (
-                "STL" if req.kind == "stlFile" else "3MF")
-        if not req.url:
-            return "the job has no G-code file"
+    def _refusal(self, req: protocol.PrintRequest,
+                 snap) -> tuple[str, str]:
+        """Why the job cannot be printed, and the message field at fault
+        ("" when the printer's state is the reason)."""
+        if req.problem:
+            return req.problem, req.field
         if snap is None or snap.get("klippy_state") != "ready":
-            return "the printer is not ready"
+            return "the printer is not ready", ""
         if not snap.get("static", {}).get("sdcard_dir"):
-            return "no [virtual_sdcard] is configured"
+            return "no [virtual_sdcard] is configured", ""
         if self.job is not None and self.job.phase != "done":
-            return "the printer is busy with job %s" % (self.job.job_id,)
+            return "the printer is busy with job %s" % (
+                shown_id(self.job.job_id),), ""
         if snap.get("print_state") in ("printing", "paused") \
                 or snap.get("is_active"):
-            return "the printer is busy printing"
+            return "the printer is busy printing", ""
         problem = check_url(req.url, self.session.loopback_test_server())
         if problem:
-            return "refused download URL: %s" % (problem,)
-        return ""
+            return "refused download URL: %s" % (problem,), req.kind
+        return "", ""
     def refuse_unread(self, job_id: str, reason: str) -> None:
         """A print whose message could not be read in full."""
         if job_id not in self.seen:
             self.seen.append(job_id)
             self._refuse(job_id, reason)
-    def _refuse(self, job_id: str, reason: str) -> None:
-        # Every refused job is answered; a flood of them logs little
-        if self.session.rlog("refused:" + reason[:40], "job %s refused: %s",
-                             job_id, reason):
-            self.session.console("Polar Cloud: job %s refused: %s"
-                                 % (job_id, reason), error=True, log=False)
+    def _refuse(self, job_id: str, reason: str, cause: str = "") -> None:
+        # Every refused job is answered; a flood of them is not a flood of
+        # console and log lines
+        if self.lines.allow():
+            self.session.console("Polar Cloud: job %s refused: %s%s" % (
+                shown_id(job_id), reason, " [%s]" % (cause,) if cause
+                else ""), error=True)
         self.queue_final(job_id, "canceled", 0., 0.)
     def download_done(self, job_id: str, error: str, size: int) -> None:
         self.download = None
@@ -734,11 +904,11 @@ class JobManager:
             return
         if error:
             self.session.console("Polar Cloud: job %s failed: %s"
-                                 % (job_id, error), error=True)
-            log.info("polar_cloud: job %s: %s", job_id, error)
+                                 % (shown_id(job_id), error), error=True)
             self.finish("canceled", None)
             return
-        log.info("polar_cloud: job %s: downloaded %d bytes", job_id, size)
+        log.info("polar_cloud: job %s: downloaded %d bytes",
+                 shown_id(job_id), size)
         job.phase = "starting"
         self.save()
         self.session.run_gcode(
@@ -752,7 +922,7 @@ class JobManager:
             return
         if not ok:
             self.session.console("Polar Cloud: job %s could not start: %s"
-                                 % (job_id, error), error=True)
+                                 % (shown_id(job_id), error), error=True)
             self.finish("canceled", None)
             return
         job.phase = "printing"
@@ -849,7 +1019,7 @@ class JobManager:
         job.final_reports = 0
         self.save()
         self.queue_final(job.job_id, state, seconds, filament)
-        log.info("polar_cloud: job %s %s", job.job_id, state)
+        log.info("polar_cloud: job %s %s", shown_id(job.job_id), state)
         if state == "completed":
             self.session.console("Polar Cloud: job '%s' completed"
                                  % (job.filename,))
@@ -879,8 +1049,9 @@ class JobManager:
         for msg in pending:
             wire = dict(msg, serialNumber=serial)
             if self.session.emit("job", wire, callback=self._ack(msg)):
-                self.session.rlog("reported:" + msg["state"], "job %s"
-                                  " reported %s", msg["jobId"], msg["state"])
+                if self.lines.allow():
+                    log.info("polar_cloud: job %s reported %s",
+                             shown_id(msg["jobId"]), msg["state"])
                 self.unsettled.append((now, msg))
             else:
                 self.outbox.append(msg)

@@ -450,34 +450,94 @@ def parse_status_reply(data: Any, event: str) -> tuple[bool, str]:
     return data.get("status") == "SUCCESS", message
 
 
+# A print's job id is echoed verbatim in every report about it, whatever
+# characters it has (files are named from a safe token, see jobs.py); only
+# an id too long to be sane, or no id at all, cannot be answered
+MAX_JOB_ID = 128
+# Pre-signed download URLs carry long signatures and session tokens
+MAX_URL = 64 * 1024
+PRINT_FILE_FIELDS = ("gcodeFile", "stlFile", "threemfFile")
+_FILE_TO_PRINT = {"gcodefile": "gcodeFile", "gcode": "gcodeFile",
+                  "stlfile": "stlFile", "stl": "stlFile",
+                  "threemffile": "threemfFile", "threemf": "threemfFile",
+                  "3mffile": "threemfFile", "3mf": "threemfFile"}
+
+
+def read_job_id(value: Any) -> Optional[str]:
+    """A cloud job id as text (a string as is, a number as its decimal
+    text), or None when there is none that could be echoed back."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and finite_number(value):
+        value = int(value) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() \
+            or len(value) > MAX_JOB_ID:
+        return None
+    return value
+
+
+def _lenient_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if finite_number(value):
+        return str(value)
+    return ""
+
+
 @dataclass(frozen=True)
 class PrintRequest:
     job_id: str
     job_name: str
     url: str
     kind: str           # gcodeFile, stlFile, threemfFile
+    # Why the job cannot be printed, and the field that says so
+    problem: str = ""
+    field: str = ""
 
 
 def parse_print(data: Any, serial: Optional[str]) -> PrintRequest:
+    """Read a print leniently.  ProtocolError only when the message is not
+    for this printer or has no job id to answer to; every other problem
+    comes back as a request with a problem, to be answered canceled."""
     data = _obj(data, "print")
-    check_serial(data, serial, "print")
-    job_id = data.get("jobId")
-    if isinstance(job_id, int) and not isinstance(job_id, bool):
-        job_id = str(job_id)
-    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
-        raise ProtocolError("print: jobId is missing or not a safe token")
+    target = data.get("serialNumber")
+    if target not in (None, "") and serial and str(target) != serial:
+        raise ProtocolError("print: addressed to another printer")
+    job_id = read_job_id(data.get("jobId"))
+    if job_id is None:
+        raise ProtocolError("print: jobId is missing or unreadable")
     # A long name is the user's file name, not an attack: keep the start
     # (the file name made from it is cut much shorter anyway)
-    job_name = _opt_str(data, "jobName", "print", 65536)[:MAX_TEXT]
-    kind = data.get("fileToPrint")
-    if kind is None or kind == "":
-        kind = "gcodeFile" if data.get("gcodeFile") else (
-            "stlFile" if data.get("stlFile") else (
-                "threemfFile" if data.get("threemfFile") else "gcodeFile"))
-    if kind not in ("gcodeFile", "stlFile", "threemfFile"):
-        raise ProtocolError("print: unknown fileToPrint")
-    url = _opt_str(data, kind, "print")
-    return PrintRequest(job_id, job_name, url, kind)
+    job_name = _lenient_text(data.get("jobName"))[:MAX_TEXT]
+    choice = data.get("fileToPrint")
+    if choice is None or (isinstance(choice, str) and not choice.strip()):
+        kind = next((k for k in PRINT_FILE_FIELDS if data.get(k)),
+                    "gcodeFile")
+        field = kind
+    else:
+        kind = _FILE_TO_PRINT.get(str(choice).strip().lower(), "")
+        field = "fileToPrint"
+        if not kind:
+            return PrintRequest(job_id, job_name, "", "", "fileToPrint"
+                                " names no known file", field)
+    if kind != "gcodeFile":
+        return PrintRequest(
+            job_id, job_name, "", kind, "slicing on the printer is not"
+            " supported (%s jobs)" % ("STL" if kind == "stlFile" else "3MF"),
+            field)
+    url = data.get(kind)
+    problem = ""
+    if url is None or url == "":
+        problem = "the job has no G-code file"
+    elif not isinstance(url, str):
+        problem = "the G-code file is not a URL"
+    elif len(url) > MAX_URL:
+        problem = "the download URL is too long"
+    if problem:
+        return PrintRequest(job_id, job_name, "", kind, problem, kind)
+    return PrintRequest(job_id, job_name, url.strip(), kind)
 
 
 TEMPERATURE_KEY_RE = re.compile(r"tool\d{1,2}|bed|chamber")

@@ -53,3 +53,18 @@ class RateLimitedLog:
         for key in expired:
             del self.last[key]
             self.suppressed.pop(key, None)
+
+
+class LineBudget:
+    """At most `count` lines per `period` seconds."""
+
+    def __init__(self, count: int, period: float):
+        self.period = period
+        self.times: collections.deque = collections.deque(maxlen=count)
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if len(self.times) == self.times.maxlen \
+                and now - self.times[0] < self.period:
+            return False
+        self.times.append(now)
+        return True
