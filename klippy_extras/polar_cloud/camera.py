@@ -561,7 +561,7 @@ class Camera:
                        stdin) -> tuple[int, bytes, str]:
         try:
             proc = subprocess.Popen(
-                prefix + [sys.executable, "-I", IMAGING_SCRIPT], stdin=stdin,
+                prefix + [sys.executable, IMAGING_SCRIPT], stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as e:
             raise SnapshotError("cannot start the image processing (%s)"
