@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from klippy_extras.polar_cloud import auth as auth_mod
+from klippy_extras.polar_cloud import dispatch, outage, ratelog, states
 from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
-from klippy_extras.polar_cloud import ratelog, states
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
 from klippy_extras.polar_cloud.camera import CameraOptions
@@ -293,8 +293,9 @@ def test_every_inbound_handler_survives_any_payload(
 
 def test_every_cloud_event_has_a_handler_or_is_named_unsupported(tmp_path):
     s = make_session(tmp_path)
-    assert set(s.handlers) | S.UNSUPPORTED_EVENTS == CLOUD_EVENTS
-    assert not set(s.handlers) & S.UNSUPPORTED_EVENTS
+    handled = set(s.dispatcher.handlers)
+    assert handled | dispatch.UNSUPPORTED_EVENTS == CLOUD_EVENTS
+    assert not handled & dispatch.UNSUPPORTED_EVENTS
 
 
 def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
@@ -503,7 +504,7 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     reason, one summary line per 10 minutes, one line when it is over."""
     clock = [1000.]
     fake = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
-    for module in (S, auth_mod, links, ratelog):
+    for module in (S, auth_mod, links, ratelog, outage):
         monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
     s.client_factory = lambda inbox, verify, timeout: FakeSio(
@@ -525,7 +526,7 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
         s.auth.on_hello_response({"status": "SUCCESS"})
     lines = [r.getMessage() for r in caplog.records]
     assert attempts >= 15
-    assert s.state == states.ONLINE and s.offline_since == 0.
+    assert s.state == states.ONLINE and s.outage.since == 0.
     # The lost link and its first refusal; then one summary per period,
     # saying for how long and how many attempts; then back online
     summaries = [line for line in lines if "offline for" in line]
@@ -548,7 +549,7 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
     clock, wall = [1000.], [978307200.]
     fake = types.SimpleNamespace(monotonic=lambda: clock[0],
                                  time=lambda: wall[0])
-    for module in (S, auth_mod, links, ratelog):
+    for module in (S, auth_mod, links, ratelog, outage):
         monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
     s.client_factory = lambda inbox, verify, timeout: FakeSio(

@@ -9,6 +9,7 @@ import logging
 from typing import Any, Optional
 
 from . import gcode_policy, protocol
+from .port import CloudPort
 
 log = logging.getLogger("polar_cloud")
 
@@ -30,7 +31,7 @@ def _number(value: Any, what: str) -> float:
 
 
 class RemoteCommands:
-    def __init__(self, session):
+    def __init__(self, session: CloudPort):
         self.session = session
         self.options = session.options
         self.sequence = 0

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from . import protocol
 from .identity import IdentityError, read_json, write_json
+from .port import CloudPort
 from .ratelog import LineBudget
 
 log = logging.getLogger("polar_cloud")
@@ -738,7 +739,7 @@ class Job:
 class JobManager:
     """The current cloud job, the jobs already seen and the outbox."""
 
-    def __init__(self, session):
+    def __init__(self, session: CloudPort):
         self.session = session
         self.options = session.options
         state_dir = session.options.state_path

@@ -8,13 +8,16 @@ from __future__ import annotations
 from typing import Optional
 
 from . import protocol
+from .jobs import JobManager
+from .port import CloudPort
 
 VERSION_INTERVAL = 24 * 3600.
 
 
 class Reporter:
-    def __init__(self, session):
+    def __init__(self, session: CloudPort, jobs: JobManager):
         self.session = session
+        self.jobs = jobs
         self.options = session.options
         self.last_status: Optional[dict] = None
         self.last_key = None
@@ -43,12 +46,12 @@ class Reporter:
         snap = session.snapshot()
         if snap is None:
             return None
-        job = session.jobs.view(snap)
+        job = self.jobs.view(snap)
         code = protocol.status_code(snap, job)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
             session.serial(), snap, code, job_id,
-            slicer_estimate=session.jobs.slicer_estimate(snap),
+            slicer_estimate=self.jobs.slicer_estimate(snap),
             error_text=snap.get("state_message", ""))
     def maybe_send_status(self, now: float) -> None:
         msg = self.status_message()
@@ -66,7 +69,7 @@ class Reporter:
             return
         self.now_flag = False
         if self.session.emit("status", msg):
-            self.session.jobs.status_sent(msg["status"])
+            self.jobs.status_sent(msg["status"])
             self.count += 1
             self.last_key = key
             self.last_time = now

@@ -20,10 +20,12 @@ from . import protocol
 from .auth import Auth
 from .backoff import Backoff
 from .commands import RemoteCommands
+from .dispatch import Dispatcher, Handler
 from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
 from .jobs import JobManager
-from .ratelog import RateLimitedLog, duration_text
+from .outage import Outage
+from .ratelog import RateLimitedLog
 from .reporting import Reporter
 from .snapshots import Snapshots
 from .states import (
@@ -49,9 +51,6 @@ TAKEOVER_WAIT = 5.
 # reports always go.
 MAX_OUTBOUND_QUEUE = 100
 MUST_SEND = frozenset({"job", "hello", "register", "unregister"})
-# Cloud events this printer knows but does not act on
-UNSUPPORTED_EVENTS = frozenset({"sendNextPrintResponse", "getQueueResponse",
-                                "keyPair"})
 
 log = logging.getLogger("polar_cloud")
 
@@ -60,7 +59,6 @@ log = logging.getLogger("polar_cloud")
 _owners: dict[str, CloudSession] = {}
 _owners_lock = threading.Lock()
 
-Handler = Callable[[Any], None]
 
 
 class CloudSession:
@@ -77,7 +75,7 @@ class CloudSession:
         self.abandoned = False
         self.thread: Optional[threading.Thread] = None
         self.rlog = RateLimitedLog()
-        self.handlers: dict[str, tuple[Handler, bool]] = {}
+        self.dispatcher = Dispatcher(self.rlog, options.verbose)
         # Supervisor-thread state
         self.link: Optional[links.Link] = None
         self.identity: Optional[Identity] = None
@@ -88,9 +86,7 @@ class CloudSession:
         self.challenge = ""
         self.connected_at = 0.
         self.online_at = 0.
-        # The current outage, for its summary lines (0: none)
-        self.offline_since = 0.
-        self.outage_attempts = 0
+        self.outage = Outage(self.rlog)
         self.last_error = ""
         self.local_ip = "127.0.0.1"
         self.dropped_seen = 0
@@ -103,10 +99,10 @@ class CloudSession:
         self.on("capabilitiesResponse", self.on_capabilities)
         self.gcode = GcodeQueue(bridge.run_gcode,
                                 lambda: self.post(self.gcode.done))
-        self.reporter = Reporter(self)
         self.jobs = JobManager(self)
+        self.reporter = Reporter(self, self.jobs)
         self.commands = RemoteCommands(self)
-        self.snapshots = Snapshots(self)
+        self.snapshots = Snapshots(self, self.jobs)
         self.camera = self.snapshots.camera
         self.auth = Auth(self, IdentityStore(options.state_path,
                                              options.manufacturer))
@@ -148,7 +144,7 @@ class CloudSession:
     # What collaborators may ask (session thread, unless noted)
     def on(self, event: str, handler: Handler, online: bool = True) -> None:
         """Handle a cloud event; online: only once authenticated."""
-        self.handlers[event] = (handler, online)
+        self.dispatcher.on(event, handler, online)
     def post(self, fn: Callable, *args) -> None:
         """Run fn(*args) on the session thread (any thread may call)."""
         self.inbox.put_local(fn, *args)
@@ -368,33 +364,15 @@ class CloudSession:
             self.set_state(UNREGISTERED, why)
             return
         delay = self.backoff.next_delay()
-        now = time.monotonic()
-        self.retry_at = now + delay
-        if not self.offline_since:
-            self.offline_since, self.outage_attempts = now, 0
-        self.outage_attempts += 1
+        self.retry_at = time.monotonic() + delay
         self.set_state(BACKOFF, why)
-        # Repeats of the same reason are one line per 10 minutes, which
-        # then says how long the outage has lasted
-        outage = ""
-        if now - self.offline_since >= 60.:
-            outage = " (offline for %s, %d attempts)" % (
-                duration_text(now - self.offline_since), self.outage_attempts)
-        self.rlog("retry:" + why[:40], "%s; retry in %.0f s%s", why, delay,
-                  outage, level=logging.WARNING)
+        self.outage.retry(why, delay)
     def authenticated(self) -> None:
         """The cloud accepted the hello."""
         self.online_at = time.monotonic()
         self.set_state(ONLINE, "")
         serial = self.identity.serial
-        if self.offline_since:
-            log.info("polar_cloud: online as %s after %s offline"
-                     " (%d attempts)", serial,
-                     duration_text(self.online_at - self.offline_since),
-                     self.outage_attempts)
-            self.offline_since = 0.
-        else:
-            log.info("polar_cloud: online as %s", serial)
+        self.outage.over(serial)
         self.console("Polar Cloud: online as %s" % (serial,), log=False)
         self.reporter.online(self.online_at)
         self.emit("capabilities", {"serialNumber": serial})
@@ -432,33 +410,7 @@ class CloudSession:
             self.jobs.refuse_unread(job.group(1) or job.group(2),
                                     "the print message is too large")
     def _dispatch(self, name: str, data: Any) -> None:
-        """A cloud event: only registered and known names are handled."""
-        entry = self.handlers.get(name)
-        if entry is None and name not in UNSUPPORTED_EVENTS:
-            self.rlog("unknown", "ignoring unknown event from the cloud:"
-                      " %.32r", name, level=logging.WARNING)
-            return
-        if self.options.verbose:
-            log.info("polar_cloud: received %s", name)
-        if (entry is None or entry[1]) and self.state != ONLINE:
-            self.rlog("early:" + name, "ignoring '%s' before the printer is"
-                      " authenticated", name)
-            return
-        if entry is None:
-            self.rlog("ignored:" + name, "ignoring '%s' from the cloud (not"
-                      " supported)", name)
-            return
-        try:
-            entry[0](data)
-        except protocol.ProtocolError as e:
-            self.rlog("bad:" + name, "dropped malformed '%s': %s", name, e,
-                      level=logging.WARNING)
-        except Exception:
-            # A message we could not handle says nothing about the link:
-            # drop the message, keep the session
-            self.rlog("failed:" + name, "could not handle '%s' from the"
-                      " cloud; dropped", name, level=logging.WARNING,
-                      exc_info=True)
+        self.dispatcher.dispatch(name, data, self.state == ONLINE)
     def on_welcome(self, data: Any) -> None:
         if self.state != CONNECTING:
             return
@@ -483,7 +435,7 @@ class CloudSession:
     def set_state(self, state: str, error: str) -> None:
         changed = state != self.state or error != self.last_error
         if state in (UNREGISTERED, DISABLED, STOPPED):
-            self.offline_since = 0.
+            self.outage.forget()
         self.state = state
         self.last_error = error
         if not changed:
@@ -496,7 +448,7 @@ class CloudSession:
         elif state == CONNECTING:
             # Every reconnect passes here: an outage is summed up by its
             # retry lines instead
-            if not self.offline_since:
+            if not self.outage.since:
                 self.rlog("state:" + state, "%s", state)
         else:
             log.info("polar_cloud: %s", state)

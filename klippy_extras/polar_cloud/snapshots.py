@@ -9,11 +9,14 @@ import time
 from typing import Any, Optional
 
 from . import camera, protocol
+from .jobs import JobManager
+from .port import CloudPort
 
 
 class Snapshots:
-    def __init__(self, session):
+    def __init__(self, session: CloudPort, jobs: JobManager):
         self.session = session
+        self.jobs = jobs
         self.camera = camera.Camera(
             session.options.camera, session.loopback_test_server(),
             session.stop_event,
@@ -21,7 +24,7 @@ class Snapshots:
         self.last: Optional[camera.SnapshotResult] = None
         session.on("getUrlResponse", self.on_url_response)
     def kind(self) -> tuple[str, str]:
-        job = self.session.jobs.view()
+        job = self.jobs.view()
         if job is not None and job.phase in ("downloading", "starting",
                                              "printing"):
             return "printing", job.job_id
