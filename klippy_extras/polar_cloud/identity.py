@@ -179,11 +179,13 @@ def other_instances(state_dir: str) -> list[str]:
             for n, entry in enumerate(entries):
                 if n >= MAX_SCAN:
                     break
+                if not (entry.is_dir() and _is_instance_folder(entry.path)):
+                    continue
                 try:
-                    if entry.is_dir() and _is_instance_folder(entry.path) \
-                            and not os.path.samefile(entry.path, folder):
-                        found.append(entry.path)
-                except OSError:
+                    mine = os.path.samefile(entry.path, folder)
+                except OSError:     # this instance's folder does not exist
+                    mine = False
+                if not mine:
                     found.append(entry.path)
     except OSError:
         pass
