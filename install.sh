@@ -3,6 +3,7 @@
 #
 # Run as the user Klipper runs as, from a git clone of this repository:
 #   ./install.sh            install or repair (safe to run again)
+#   ./install.sh --all      the same for every Klipper instance on this host
 #   ./install.sh -u         uninstall (keeps the printer's identity)
 # ./install.sh -h lists every option. Nothing is asked: flags only.
 #
@@ -49,9 +50,11 @@ Paths (defaults in brackets):
   -d, --data DIR           printer data directory [~/printer_data]
   -c, --config DIR         config directory holding moonraker.conf
                            [<data>/config]; the data directory is its parent
-  -i, --instance NAME      multi-instance setup: use ~/NAME_data (or
+  -i, --instance NAME      one instance of several: use ~/NAME_data (or
                            ~/printer_NAME_data, ~/printer_data_NAME), services
                            klipper-NAME and moonraker-NAME
+  -a, --all                every instance: each ~/printer_data, ~/*_data,
+                           ~/printer_data_* holding a config/ folder
   -s, --service NAME       Klipper's systemd unit [klipper]
       --moonraker-service NAME   Moonraker's unit [moonraker]
       --moonraker-url URL  where to ask whether a print is running
@@ -69,8 +72,16 @@ Actions:
       --allow-root         run as root (normally refused)
   -h, --help               this text
 
-With several printer data directories (~/printer_data, ~/*_data) and none
-chosen, nothing is done: run once per instance with --instance or -d.
+Several printers on one host (KIAUH: ~/printer_data, ~/printer_2_data,
+~/voron_data, ...; each with its own moonraker.conf and printer.cfg):
+without --all, -i, -d or -c, a single printer data directory is used, and
+with several nothing is done. --all installs for (with -u: removes from)
+every one: the link and the requirements once (the instances share
+Klipper and its virtualenv), then for each its moonraker.conf section and
+a restart of its services: klipper and moonraker for ~/printer_data,
+klipper-NAME and moonraker-NAME for ~/printer_NAME_data, ~/printer_data_NAME
+and ~/NAME_data. printer.cfg is never edited: add [polar_cloud] to each
+printer.cfg and register each printer; each is its own Polar Cloud printer.
 After a Moonraker "recovery" of the Klipper repository, run this again.
 EOF
 }
@@ -78,7 +89,7 @@ EOF
 # --- arguments -------------------------------------------------------------
 
 KLIPPER_DIR="" VENV_DIR="" DATA_DIR="" CONFIG_DIR="" INSTANCE=""
-SERVICE="" MR_SERVICE="" MR_URL=""
+SERVICE="" MR_SERVICE="" MR_URL="" ALL=0
 NO_RESTART=0 FORCE_RESTART=0 NGINX=0 UNINSTALL=0 PURGE=0 ALLOW_ROOT=0
 
 abspath() {  # absolute form of a path, without trailing slashes
@@ -103,6 +114,7 @@ while [ $# -gt 0 ]; do
         -d|--data) DATA_DIR=$(abspath "$2"); shift ;;
         -c|--config) CONFIG_DIR=$(abspath "$2"); shift ;;
         -i|--instance) INSTANCE=$2; shift ;;
+        -a|--all) ALL=1 ;;
         -s|--service) SERVICE=$2; shift ;;
         --moonraker-service) MR_SERVICE=$2; shift ;;
         --moonraker-url) MR_URL=${2%/}; shift ;;
@@ -118,6 +130,9 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || die "--purge only goes with --uninstall"
+if [ "$ALL" = 1 ] && [ -n "$DATA_DIR$CONFIG_DIR$INSTANCE$SERVICE$MR_SERVICE$MR_URL" ]; then
+    die "--all picks every instance: it does not go with -d, -c, -i, -s, --moonraker-service or --moonraker-url"
+fi
 
 if [ "$RUN_UID" = 0 ]; then
     [ "$ALLOW_ROOT" = 1 ] || die "do not run as root: run as the user Klipper runs as (sudo is used only for restarts and nginx), or pass --allow-root"
@@ -152,7 +167,7 @@ resolve_data_dir() {
         case ${#found[@]} in
             0) die "no printer data directory found (~/printer_data/config): pass -d DIR or -c DIR" ;;
             1) DATA_DIR=${found[0]} ;;
-            *) die "several printer data directories: ${found[*]} - pick one with --instance NAME or -d DIR (run once per instance)" ;;
+            *) die "several printer data directories: ${found[*]} - pick one with --instance NAME or -d DIR, or all of them with --all" ;;
         esac
     fi
     [ -d "$DATA_DIR" ] || die "printer data directory $DATA_DIR does not exist (use -d DIR)"
@@ -187,10 +202,52 @@ resolve_state_dir() {  # as the module does: state_path, else beside config/
     esac
 }
 
+instance_name() {  # DATA_DIR: the instance's name, empty for ~/printer_data
+    local b
+    b=$(basename "$1")
+    case $b in
+        printer_data) ;;
+        printer_data_?*) printf '%s\n' "${b#printer_data_}" ;;
+        printer_?*_data) b=${b#printer_}; printf '%s\n' "${b%_data}" ;;
+        ?*_data) printf '%s\n' "${b%_data}" ;;
+    esac
+}
+
+INSTANCES=()
+
 resolve_paths() {
     KLIPPER_DIR=${KLIPPER_DIR:-$HOME/klipper}
     VENV_DIR=${VENV_DIR:-$HOME/klippy-env}
     VENV_PY=$VENV_DIR/bin/python
+    EXTRAS_DIR=$KLIPPER_DIR/klippy/extras
+    LINK=$EXTRAS_DIR/polar_cloud
+    ORIGIN=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null || true)
+    ORIGIN=${ORIGIN:-$DEFAULT_ORIGIN}
+    if [ "$ALL" = 1 ]; then
+        mapfile -t INSTANCES < <(list_data_dirs)
+        [ ${#INSTANCES[@]} -gt 0 ] || die "--all: no printer data directory found (~/printer_data/config, ~/*_data/config)"
+        say "instances: ${INSTANCES[*]}"
+    else
+        resolve_instance
+    fi
+}
+
+use_instance() {  # DATA_DIR: make it the current instance (--all)
+    DATA_DIR=$1 CONFIG_DIR="" INSTANCE=$(instance_name "$1")
+    SERVICE="" MR_SERVICE="" MR_URL="" MR_CHANGED=0
+    resolve_instance
+}
+
+for_each_instance() {  # FUNC: run it for the chosen instance, or each one
+    local d
+    if [ "$ALL" = 0 ]; then "$1"; return; fi
+    for d in "${INSTANCES[@]}"; do
+        use_instance "$d"
+        "$1"
+    done
+}
+
+resolve_instance() {  # the paths and services of one instance
     resolve_data_dir
     resolve_state_dir
     if [ -n "$INSTANCE" ]; then
@@ -199,10 +256,6 @@ resolve_paths() {
     fi
     SERVICE=${SERVICE:-klipper}
     MR_SERVICE=${MR_SERVICE:-moonraker}
-    EXTRAS_DIR=$KLIPPER_DIR/klippy/extras
-    LINK=$EXTRAS_DIR/polar_cloud
-    ORIGIN=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null || true)
-    ORIGIN=${ORIGIN:-$DEFAULT_ORIGIN}
     if [ -z "$MR_URL" ]; then
         local port=""
         [ -f "$MR_CONF" ] && port=$(awk -F'[:=]' '
@@ -236,6 +289,9 @@ check_repo() {
     [ -f "$PKG_DIR/__init__.py" ] || die "$PKG_DIR/__init__.py missing: run install.sh from a complete clone of polar_cloud"
     git -C "$REPO_DIR" rev-parse --git-dir >/dev/null 2>&1 \
         || warn "$REPO_DIR is not a git clone: Moonraker cannot update it (clone it with git instead)"
+}
+
+check_state_dir() {
     case ${STATE_DIR:-/}/ in "$REPO_DIR"/*)
         warn "the identity would be stored in the repository ($STATE_DIR): set state_path in [polar_cloud]" ;;
     esac
@@ -646,19 +702,25 @@ other_instances() {  # other data dirs whose moonraker.conf still has our sectio
 }
 
 do_install() {
-    local example cfgs
     check_klipper
     check_venv
     check_repo
+    for_each_instance check_state_dir
     check_link_target
     PY=$VENV_PY
-    say "Klipper: $KLIPPER_DIR, venv: $VENV_DIR, config: $CONFIG_DIR"
+    say "Klipper: $KLIPPER_DIR, venv: $VENV_DIR"
     [ ! -d "$KLIPPER_DIR/klippy/plugins" ] \
         || say "Kalico detected: linking into klippy/extras, which Kalico loads too"
     install_requirements
     link_module
-    add_update_manager
     install_nginx
+    for_each_instance install_instance
+}
+
+install_instance() {  # what each instance gets: its moonraker.conf, a restart
+    local example cfgs
+    say "config: $CONFIG_DIR"
+    add_update_manager
     restart_services ""
     cfgs=$(cfg_files)
     if [ -n "$cfgs" ]; then
@@ -689,11 +751,11 @@ check_purge() {  # refuse to delete a state_path that holds more than the identi
 }
 
 do_uninstall() {
-    local others hold="" cfgs
-    check_purge
+    local others=""
+    for_each_instance check_purge
     PY=$(command -v python3 || true)
     [ -n "$PY" ] || PY=$VENV_PY
-    others=$(other_instances)
+    [ "$ALL" = 1 ] || others=$(other_instances)
     if [ ! -d "$EXTRAS_DIR" ]; then
         say "no Klipper at $KLIPPER_DIR: nothing to unlink"
     elif [ -n "$others" ]; then
@@ -703,15 +765,20 @@ do_uninstall() {
         elif [ -e "$LINK" ]; then warn "$LINK is not a link: left alone"; fi
         remove_exclude
     fi
-    remove_update_manager
     remove_nginx
+    for_each_instance uninstall_instance
+    say "kept: pip packages in $VENV_DIR (other extras may use them)"
+    say "kept: this repository ($REPO_DIR) and any moonraker.conf backups"
+}
+
+uninstall_instance() {
+    local hold="" cfgs
+    remove_update_manager
     cfgs=$(cfg_files)
     if [ -n "$cfgs" ]; then
         hold="[polar_cloud] is still in $(echo "$cfgs" | tr '\n' ' ')- remove it first or Klipper will not start"
     fi
     restart_services "$hold"
-    say "kept: pip packages in $VENV_DIR (other extras may use them)"
-    say "kept: this repository ($REPO_DIR) and any moonraker.conf backups"
     if [ -z "$STATE_DIR" ]; then
         say "state_path in [polar_cloud] is relative: delete the identity yourself if you want to"
     elif [ -d "$STATE_DIR" ]; then

@@ -36,9 +36,10 @@ def polar_section(sim: PolarSim, **options) -> str:
 def polar_klippy(make_klippy, sim):  # noqa: F811
     """Factory: a started klippy with [polar_cloud] pointing at the sim."""
     def factory(flavour: str = "klipper", extra_cfg: str = "", env=None,
-                **options) -> Klippy:
+                workdir=None, **options) -> Klippy:
         k = make_klippy(flavour, extra_cfg=polar_section(sim, **options)
-                        + extra_cfg, env=env, extras={"polar_cloud": EXTRA})
+                        + extra_cfg, env=env, extras={"polar_cloud": EXTRA},
+                        workdir=workdir)
         k.state_path = k.workdir / "polar_cloud"
         return k
     return factory

@@ -1,7 +1,9 @@
 """Identity storage: key file mode, atomic writes, corruption handling."""
 import base64
+import json
 import os
 import stat
+import uuid
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -123,3 +125,125 @@ def test_identity_that_is_not_an_object_names_the_file(tmp_path, text):
     (tmp_path / "identity.json").write_text(text)
     with pytest.raises(IdentityError, match="identity.json is corrupt"):
         store.load()
+
+
+# --- several printers on one host: the MAC rule ------------------------------
+
+HOST = 0xB827EB123456
+HOST_MAC = "B8:27:EB:12:34:56"
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """uuid.getnode() answers what the test sets in host.node."""
+    class Host:
+        node = HOST
+    h = Host()
+    monkeypatch.setattr(uuid, "getnode", lambda: h.node)
+    return h
+
+
+def instance(home, name, files=("config/printer.cfg",)):
+    """A Klipper instance folder ~/<name>; its store at <name>/polar_cloud."""
+    for rel in files:
+        path = home / name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    return IdentityStore(str(home / name / "polar_cloud"), "kl")
+
+
+def is_local_unicast(mac):
+    first = int(mac[:2], 16)
+    return len(mac) == 17 and first & 0x02 and not first & 0x01
+
+
+def test_default_instance_keeps_the_host_mac(tmp_path, host):
+    default = instance(tmp_path / "home", "printer_data")
+    instance(tmp_path / "home", "printer_data_2")
+    assert default.machine() == {"mac": HOST_MAC, "mfg_sn": "KL-B827EB123456"}
+    # A lone instance keeps it whatever its folder is called.
+    assert instance(tmp_path / "a", "voron_data").machine()["mac"] == HOST_MAC
+    assert instance(tmp_path / "b", ".polar").machine()["mac"] == HOST_MAC
+
+
+def test_other_instance_gets_a_stable_local_mac(tmp_path, host):
+    home = tmp_path / "home"
+    instance(home, "printer_data")
+    second = instance(home, "printer_data_2")
+    third = instance(home, "printer_data_3")
+    mac = second.machine()["mac"]
+    assert is_local_unicast(mac) and mac != HOST_MAC
+    assert second.machine()["mfg_sn"] == "KL-" + mac.replace(":", "")
+    # the same host and folder give the same MAC: before the first
+    # registration records it, after a RESTART, a reinstall of the module
+    assert IdentityStore(second.state_dir, "kl").machine()["mac"] == mac
+    assert third.machine()["mac"] not in (mac, HOST_MAC)
+    second.save_machine()
+    with open(second.identity_path) as f:
+        assert json.load(f) == {"mac": mac}
+    # recorded: a new network card does not change it
+    host.node = 0xB827EB654321
+    assert IdentityStore(second.state_dir, "kl").machine()["mac"] == mac
+    assert third.machine()["mac"] != mac
+
+
+def test_instances_without_a_default_name_all_differ(tmp_path, host):
+    home = tmp_path / "home"
+    stores = [instance(home, name)
+              for name in ("printer_1_data", "printer_2_data", "voron_data")]
+    macs = {store.machine()["mac"] for store in stores}
+    assert len(macs) == 3 and all(map(is_local_unicast, macs))
+    # An instance folder is one with a config/ of Klipper's or Moonraker's
+    # or a polar_cloud identity; other folders beside it do not count.
+    lone = tmp_path / "lone"
+    (lone / "gcodes" / "config").mkdir(parents=True)
+    (lone / "klipper" / "config").mkdir(parents=True)
+    assert instance(lone, "voron_data").machine()["mac"] == HOST_MAC
+    instance(lone, "trident_data", files=("config/moonraker.conf",))
+    assert instance(lone, "voron_data").machine()["mac"] != HOST_MAC
+
+
+def test_host_mac_recorded_by_another_instance_is_not_taken(tmp_path, host):
+    # printer_data_2 registered before this rule existed, with the host MAC
+    home = tmp_path / "home"
+    old = instance(home, "printer_data_2")
+    os.makedirs(old.state_dir)
+    with open(old.identity_path, "w") as f:
+        json.dump({"serial": "KL000007", "mac": HOST_MAC}, f)
+    default = instance(home, "printer_data")
+    assert is_local_unicast(default.machine()["mac"])
+    assert old.machine()["mac"] == HOST_MAC
+
+
+def test_unreadable_host_mac_gives_a_random_mac_recorded_once(tmp_path, host):
+    # uuid.getnode() makes up a new multicast address each time it fails
+    made = iter(range(1, 100))
+    type(host).node = property(lambda self: 0x010000000000 | next(made) << 8)
+    store = instance(tmp_path, "printer_data")
+    first, second = store.machine()["mac"], store.machine()["mac"]
+    assert is_local_unicast(first) and is_local_unicast(second)
+    store.save_machine()
+    recorded = store.machine()["mac"]
+    assert is_local_unicast(recorded)
+    assert IdentityStore(store.state_dir, "kl").machine()["mac"] == recorded
+    store.create_key()
+    assert store.save("KL000001", "https://x").mac == recorded
+    store.wipe()
+    assert IdentityStore(store.state_dir, "kl").machine()["mac"] == recorded
+
+
+def test_recorded_mac_is_kept(tmp_path, host):
+    home = tmp_path / "home"
+    instance(home, "printer_data")
+    second = instance(home, "printer_data_2")
+    os.makedirs(second.state_dir)
+    with open(second.identity_path, "w") as f:
+        json.dump({"mac": "B8:27:EB:00:00:01"}, f)
+    assert second.machine() == {"mac": "B8:27:EB:00:00:01",
+                                "mfg_sn": "KL-B827EB000001"}
+    second.save_machine()
+    # Registered by an older version that recorded no MAC: it registered
+    # with the host's, so it keeps that even as a further instance.
+    with open(second.identity_path, "w") as f:
+        json.dump({"serial": "KL000002"}, f)
+    assert second.machine()["mac"] == HOST_MAC

@@ -580,6 +580,7 @@ def test_several_instances(layout, moonraker):
     )
     proc = layout.refused("--no-restart")
     assert str(layout.data) in proc.stderr and str(second) in proc.stderr
+    assert "--all" in proc.stderr
     assert not layout.link.is_symlink()
 
     layout.fake_systemd()
@@ -598,6 +599,91 @@ def test_several_instances(layout, moonraker):
     assert update_manager_sections(second / "config" / "moonraker.conf") == []
     layout.ok("-c", str(layout.config), "--uninstall", "--no-restart")
     assert not layout.link.is_symlink()
+
+
+def add_instance(layout, name: str, port: int) -> Path:
+    """Another KIAUH instance ~/<name> with its own moonraker.conf (Moonraker
+    on `port`) and printer.cfg."""
+    data = layout.home / name
+    (data / "config").mkdir(parents=True)
+    (data / "config" / "moonraker.conf").write_text(
+        MOONRAKER_CONF.replace("port: 7125", "port: %d" % port)
+    )
+    (data / "config" / "printer.cfg").write_text(PRINTER_CFG + "\n[polar_cloud]\n")
+    return data
+
+
+def test_all_instances(layout):
+    busy, idle = FakeMoonraker(), FakeMoonraker()
+    try:
+        busy.state = "printing"
+        port = lambda m: int(m.url.rsplit(":", 1)[1])  # noqa: E731
+        layout.moonraker_conf.write_text(
+            MOONRAKER_CONF.replace("port: 7125", "port: %d" % port(idle))
+        )
+        instances = {
+            "klipper": layout.data,
+            "klipper-2": add_instance(layout, "printer_2_data", port(idle)),
+            "klipper-3": add_instance(layout, "printer_data_3", port(idle)),
+            "klipper-voron": add_instance(layout, "voron_data", port(busy)),
+        }
+        (layout.home / "notes_data").mkdir()  # no config/: not an instance
+        cfgs = {d: (d / "config" / "printer.cfg").read_bytes()
+                for d in instances.values()}
+        layout.fake_systemd()
+
+        assert "--all" in layout.refused("--no-restart").stderr
+        for flags in (("-d", str(layout.data)), ("--instance", "2"),
+                      ("--moonraker-url", idle.url), ("-s", "klipper")):
+            assert "does not go with" in layout.refused("--all", *flags).stderr
+        assert not layout.link.is_symlink()
+
+        proc = layout.ok("--all")
+        assert layout.link.is_symlink()
+        sections = [update_manager_sections(d / "config" / "moonraker.conf")
+                    for d in instances.values()]
+        assert sections[0] and all(s == sections[0] for s in sections)
+        for data, cfg in cfgs.items():
+            assert (data / "config" / "printer.cfg").read_bytes() == cfg
+            assert "config: %s/config" % data in proc.stdout
+        restarts = [c for c in layout.calls_made() if c.startswith("sudo")]
+        # each instance's own services; not the one that is printing
+        assert sorted(restarts) == ["sudo systemctl restart klipper",
+                                    "sudo systemctl restart klipper-2",
+                                    "sudo systemctl restart klipper-3",
+                                    "sudo systemctl restart moonraker",
+                                    "sudo systemctl restart moonraker-2",
+                                    "sudo systemctl restart moonraker-3"]
+        assert "Klipper is printing: not restarting" in proc.stderr
+        assert "restart klipper-voron" in proc.stderr
+        assert proc.stdout.count("POLAR_REGISTER") == 4
+
+        # Again: nothing changes.
+        snapshot = tree(layout.home)
+        layout.ok("--all", "--no-restart")
+        assert tree(layout.home) == snapshot
+
+        # Uninstall from all: link and every section go, identities stay.
+        for data in instances.values():
+            make_identity(data / "polar_cloud")
+        (layout.config / "printer.cfg").write_text(PRINTER_CFG)
+        layout.calls.unlink()
+        proc = layout.ok("--all", "--uninstall")
+        assert not layout.link.is_symlink()
+        for data in instances.values():
+            assert update_manager_sections(data / "config" / "moonraker.conf") == []
+            assert (data / "polar_cloud" / "identity.json").exists()
+            assert "kept: the printer's identity in %s/polar_cloud" % data \
+                in proc.stdout
+        # printer.cfg of the others still loads the module: not restarted
+        restarts = [c for c in layout.calls_made() if c.startswith("sudo")]
+        assert restarts == ["sudo systemctl restart klipper",
+                            "sudo systemctl restart moonraker"]
+        layout.ok("--all", "--uninstall", "--purge", "--no-restart")
+        assert not any((d / "polar_cloud").exists() for d in instances.values())
+    finally:
+        busy.close()
+        idle.close()
 
 
 # --- nginx -------------------------------------------------------------------
@@ -742,6 +828,7 @@ def test_help(bare):
         "--data",
         "--config",
         "--instance",
+        "--all",
         "--service",
         "--no-restart",
         "--force-restart",

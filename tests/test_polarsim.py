@@ -186,10 +186,10 @@ def provision(sim: PolarSim, key: rsa.RSAPrivateKey = KEY, mac: str = MAC) -> st
 
 
 def online(
-    sim: PolarSim, printers, serial: str, key: rsa.RSAPrivateKey = KEY
+    sim: PolarSim, printers, serial: str, key: rsa.RSAPrivateKey = KEY, **over: Any
 ) -> FakePrinter:
     p = printers(sim).connect()
-    assert p.hello(serial, key) == {"status": "SUCCESS"}
+    assert p.hello(serial, key, **over) == {"status": "SUCCESS"}
     return p
 
 
@@ -236,6 +236,49 @@ def test_register_success_and_same_serial_again(sim, printers):
     r.emit("register", register_payload(myInfo={"MAC": "B8:27:EB:00:00:01"}))
     assert r.expect("registerResponse")["serialNumber"] != serial
     assert sim.violations == []
+
+
+def test_register_from_a_known_mac_gets_that_printers_serial(sim, printers):
+    """Several printers on one host: one MAC each, one printer each."""
+    mac2, sn2 = "BA:5F:04:98:51:FC", "KL-BA5F049851FC"
+    second = {"publicKey": public_pem(OTHER_KEY), "mfgSn": sn2, "myInfo": {"MAC": mac2}}
+    p = printers(sim).connect()
+    p.emit("register", register_payload())
+    serial1 = p.expect("registerResponse")["serialNumber"]
+    p.emit("register", register_payload(**second))
+    serial2 = p.expect("registerResponse")["serialNumber"]
+    assert serial1 != serial2
+    online(sim, printers, serial1)
+    online(sim, printers, serial2, OTHER_KEY, MAC=mac2, mfgSn=sn2)
+    assert sim.live_sessions(serial1) == 1 and sim.live_sessions(serial2) == 1
+    # Registering again from a MAC the cloud knows: that printer's serial.
+    p.emit("register", register_payload(**second))
+    assert p.expect("registerResponse")["serialNumber"] == serial2
+    assert sim.printer(serial2).mac == mac2 and sim.printer(serial2).mfg_sn == sn2
+    assert len(sim.printers) == 2
+    assert sim.violations == []
+
+
+def test_two_printers_sending_one_mac_are_one_printer(sim, printers):
+    # What two klippy instances on one host did while they shared the
+    # host's MAC: the second registration takes the first one's printer.
+    p = printers(sim).connect()
+    p.emit("register", register_payload())
+    serial = p.expect("registerResponse")["serialNumber"]
+    q = printers(sim).connect()
+    q.emit("register", register_payload(publicKey=public_pem(OTHER_KEY)))
+    assert q.expect("registerResponse")["serialNumber"] == serial
+    r = printers(sim).connect()
+    assert r.hello(serial, KEY)["status"] == "FAILED"  # its key was replaced
+    online(sim, printers, serial, OTHER_KEY)
+    assert len(sim.printers) == 1
+
+
+def test_hello_from_another_mac_is_a_violation(sim, printers):
+    serial = provision(sim)
+    online(sim, printers, serial, MAC="B8:27:EB:00:00:09")
+    assert any("hello.MAC 'B8:27:EB:00:00:09' != registered" in v
+               for v in sim.violations)
 
 
 @pytest.mark.parametrize(
@@ -670,7 +713,7 @@ def test_live_sessions_counts_per_serial(sim, printers):
     other = provision(sim, mac="B8:27:EB:00:00:03")
     a = online(sim, printers, serial)
     online(sim, printers, serial)
-    online(sim, printers, other)
+    online(sim, printers, other, MAC="B8:27:EB:00:00:03")
     assert sim.live_sessions(serial) == 2
     assert sim.live_sessions(other) == 1
     assert sim.live_sessions() == 3
@@ -757,9 +800,12 @@ def test_handler_exception_is_recorded_and_server_survives(sim, printers, monkey
 
 def test_fleet_of_printers(sim, printers):
     n = 24
-    serials = [provision(sim, mac=f"B8:27:EB:00:01:{i:02X}") for i in range(n)]
+    macs = [f"B8:27:EB:00:01:{i:02X}" for i in range(n)]
+    serials = [provision(sim, mac=mac) for mac in macs]
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda s: online(sim, printers, s), serials))
+        replies = list(
+            pool.map(lambda s, m: online(sim, printers, s, MAC=m), serials, macs)
+        )
     assert len(replies) == n
     assert sim.live_sessions() == n
     assert all(sim.live_sessions(s) == 1 for s in serials)

@@ -115,10 +115,110 @@ def ensure_state_dir(path: str) -> None:
                             % (path, e.strerror)) from e
 
 
+# The MAC and maker serial of an instance (docs/architecture.md, "State on
+# disk").  Polar Cloud recognises a printer by them, so several klippy
+# instances on one host (~/printer_data, ~/printer_data_2, ...) must not
+# share them, or each registration takes over the other's printer.
+DEFAULT_INSTANCE = "printer_data"
+MULTICAST = 1 << 40         # bit 0x01 of the first octet, as a 48-bit int
+MAX_SCAN = 1000             # entries looked at beside the instance folder
+
+
+def format_mac(node: int) -> str:
+    return ":".join("%02X" % ((node >> s) & 0xff) for s in range(40, -8, -8))
+
+
 def stable_mac() -> str:
+    """The host's MAC as uuid.getnode() gives it (what this module sent
+    before it knew about instances)."""
+    return format_mac(uuid.getnode())
+
+
+def host_node() -> Optional[int]:
+    """The host's hardware address, None when it cannot be read:
+    uuid.getnode() then returns a random number with the multicast bit set,
+    which no network card has."""
     node = uuid.getnode()
-    return ":".join("%02X" % ((node >> s) & 0xff)
-                    for s in range(40, -8, -8))
+    return None if node & MULTICAST else node
+
+
+def local_mac(seed: bytes) -> str:
+    """A locally administered unicast MAC (0x02 set, 0x01 clear in the first
+    octet) from the first six bytes of seed."""
+    node = int.from_bytes(seed[:6], "big")
+    return format_mac((node | (2 << 40)) & ~MULTICAST)
+
+
+def instance_mac(host: int, state_dir: str) -> str:
+    """The derived MAC of a further instance: stable for one host and one
+    state folder, different for every state folder."""
+    seed = "polar_cloud instance\0%012X\0%s" % (
+        host, os.path.abspath(state_dir))
+    return local_mac(hashlib.sha256(seed.encode("utf-8", "surrogateescape"))
+                     .digest())
+
+
+def random_mac() -> str:
+    return local_mac(os.urandom(6))
+
+
+def _is_instance_folder(path: str) -> bool:
+    """A Klipper instance's data folder (~/printer_data and its kind)."""
+    return any(os.path.isfile(os.path.join(path, *rel)) for rel in (
+        ("config", "printer.cfg"), ("config", "moonraker.conf"),
+        ("polar_cloud", IDENTITY_FILE)))
+
+
+def other_instances(state_dir: str) -> list[str]:
+    """The other instance folders beside this instance's folder (the one
+    holding state_path)."""
+    folder = os.path.dirname(os.path.abspath(state_dir))
+    found = []
+    try:
+        with os.scandir(os.path.dirname(folder)) as entries:
+            for n, entry in enumerate(entries):
+                if n >= MAX_SCAN:
+                    break
+                if not (entry.is_dir() and _is_instance_folder(entry.path)):
+                    continue
+                try:
+                    mine = os.path.samefile(entry.path, folder)
+                except OSError:     # this instance's folder does not exist
+                    mine = False
+                if not mine:
+                    found.append(entry.path)
+    except OSError:
+        pass
+    return sorted(found)
+
+
+def _recorded_mac(folder: str) -> Optional[str]:
+    try:
+        data = read_json(os.path.join(folder, "polar_cloud", IDENTITY_FILE))
+    except IdentityError:
+        return None
+    return data.get("mac") if isinstance(data, dict) else None
+
+
+def choose_mac(state_dir: str) -> str:
+    """The MAC for an instance that has none recorded yet.
+
+    The default instance (its folder is named printer_data, or no other
+    instance sits beside it) keeps the host's MAC, unless another
+    instance already recorded it; every other instance gets a locally
+    administered MAC derived from the host's MAC and its state_path.  A
+    host whose MAC cannot be read gets a random one (recorded once by
+    save_machine)."""
+    host = host_node()
+    if host is None:
+        return random_mac()
+    mac = format_mac(host)
+    others = other_instances(state_dir)
+    name = os.path.basename(os.path.dirname(os.path.abspath(state_dir)))
+    if (name == DEFAULT_INSTANCE or not others) \
+            and mac not in (_recorded_mac(o) for o in others):
+        return mac
+    return instance_mac(host, state_dir)
 
 
 @dataclass
@@ -188,14 +288,19 @@ class IdentityStore:
                                 % (self.key_path,)) from None
     # Identity file
     def machine(self) -> dict:
-        """MAC and maker serial, persisted once so they never change."""
+        """MAC and maker serial, persisted once so they never change
+        (choose_mac for a new instance)."""
         try:
             data = read_json(self.identity_path) or {}
         except IdentityError:
             data = {}
-        mac = data.get("mac") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            data = {}
+        mac = data.get("mac")
         if not isinstance(mac, str) or len(mac) != 17:
-            mac = stable_mac()
+            # Registered without a recorded MAC: it was the host's
+            mac = stable_mac() if data.get("serial") \
+                else choose_mac(self.state_dir)
         mfg_sn = "%s-%s" % (self.mfg.upper(), mac.replace(":", ""))
         return {"mac": mac, "mfg_sn": mfg_sn}
     def load(self) -> Optional[Identity]:

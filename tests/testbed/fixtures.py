@@ -46,9 +46,12 @@ def copy_artifacts(k: Klippy, dest: Path) -> Path:
 def make_klippy(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[KlippyFactory]:
     """Factory: make_klippy(flavour, extra_cfg="", env=None, extras=None,
-    start=True, timeout=60, simmcu_args=None) -> a (started) Klippy.
+    start=True, timeout=60, simmcu_args=None, workdir=None) -> a (started)
+    Klippy.
 
     extras maps extra names to package directories to link_extra() first.
+    workdir: the klippy's data folder (e.g. <home>/printer_data_2), made
+    if missing; a fresh temporary one by default.
     """
     made: list[Klippy] = []
     failed_before = request.session.testsfailed
@@ -56,10 +59,12 @@ def make_klippy(request: pytest.FixtureRequest,
     def factory(flavour: str = "klipper", extra_cfg: str = "",
                 env: dict | None = None, extras: dict[str, Path] | None = None,
                 start: bool = True, timeout: float = 60,
-                simmcu_args: list[str] | None = None) -> Klippy:
+                simmcu_args: list[str] | None = None,
+                workdir: Path | None = None) -> Klippy:
         for name, src in (extras or {}).items():
             link_extra(flavour, src, name)
-        workdir = tmp_path_factory.mktemp("klippy-%s-" % (flavour,))
+        if workdir is None:
+            workdir = tmp_path_factory.mktemp("klippy-%s-" % (flavour,))
         k = Klippy(workdir, flavour, extra_cfg, env, simmcu_args=simmcu_args)
         made.append(k)
         if start:

@@ -722,6 +722,9 @@ class PolarSim:
         mac = info.get("MAC") if isinstance(info, dict) else None
         mac = mac if isinstance(mac, str) and mac else None
         mfg_sn = d.get("mfgSn") if isinstance(d.get("mfgSn"), str) else None
+        # The cloud recognises a device by its MAC: a register from a MAC it
+        # knows gets that printer's serial back, with the new key (so two
+        # printers sending one MAC are one printer, the last to register).
         existing = next(
             (
                 p
@@ -812,6 +815,12 @@ class PolarSim:
                 self._violation(
                     session,
                     f"hello.mfgSn {sent_sn!r} != registered {printer.mfg_sn!r}",
+                )
+            # The cloud knows a device by its MAC (see _register)
+            sent_mac = d.get("MAC")
+            if success and printer.mac and sent_mac and sent_mac != printer.mac:
+                self._violation(
+                    session, f"hello.MAC {sent_mac!r} != registered {printer.mac!r}"
                 )
         if self.hello_reply is not None:
             reply = self._expand_reply(self.hello_reply)
