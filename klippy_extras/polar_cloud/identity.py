@@ -11,12 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from .keyhelper import BAD_KEY_EXIT
+from .statefiles import StateFileError as IdentityError
+from .statefiles import ensure_state_dir, read_json, write_json, write_private_file
 
 KEY_FILE = "key.pem"
 IDENTITY_FILE = "identity.json"
@@ -53,66 +54,6 @@ def run_crypto(op: str, data: bytes) -> dict:
         return json.loads(proc.stdout)
     except ValueError as e:
         raise IdentityError("the key helper answered garbage") from e
-
-
-class IdentityError(Exception):
-    """The state folder or its files cannot be used."""
-
-
-def write_private_file(path: str, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte on."""
-    dirname = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(dirname, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def write_json(path: str, obj: Any) -> None:
-    write_private_file(path, json.dumps(obj, indent=1, sort_keys=True)
-                       .encode("utf-8"))
-
-
-def read_json(path: str) -> Optional[Any]:
-    """None when the file does not exist; IdentityError when unreadable."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise IdentityError("cannot read %s: %s" % (path, e.strerror)) from e
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except ValueError as e:
-        raise IdentityError("%s is corrupt (not JSON)" % (path,)) from e
-
-
-def ensure_state_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
-    except OSError as e:
-        raise IdentityError("cannot create state folder %s: %s"
-                            % (path, e.strerror)) from e
 
 
 # The MAC and maker serial of an instance (docs/architecture.md, "State on

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from . import protocol
-from .identity import IdentityError, read_json, write_json
 from .port import CloudPort
 from .ratelog import LineBudget
+from .statefiles import StateFileError, read_json, write_json
 
 log = logging.getLogger("polar_cloud")
 
@@ -767,7 +767,7 @@ class JobManager:
         try:
             data = read_json(self.job_path) or {}
             outbox = read_json(self.outbox_path) or []
-        except IdentityError as e:
+        except StateFileError as e:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
         job = data.get("job")

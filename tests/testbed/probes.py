@@ -256,7 +256,8 @@ def log_size(k: Klippy) -> int:
 def provision(state_path: Path, sim, mac: Optional[str] = None) -> str:
     """Give a printer an identity the simulator knows, without the
     registration round trip (the module's own IdentityStore writes it)."""
-    from klippy_extras.polar_cloud.identity import IdentityStore, ensure_state_dir
+    from klippy_extras.polar_cloud.identity import IdentityStore
+    from klippy_extras.polar_cloud.statefiles import ensure_state_dir
     state_path = Path(state_path)
     ensure_state_dir(str(state_path))
     if mac is None:
