@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from . import camera, protocol
+from . import camera, handoff, protocol
 from .backoff import Backoff
 from .commands import RemoteCommands
 from .identity import Identity, IdentityError, IdentityStore
@@ -208,6 +208,9 @@ class CloudSession:
         self.hello_at = 0.
         self.pending_register: Optional[tuple[str, str]] = None
         self.pending_unregister = False
+        # The id of a registration requested by scripts/register.sh
+        self.handoff_id: Optional[str] = None
+        self.handoff_checked = 0.
         self.connected_at = 0.
         self.online_at = 0.
         # The current outage, for its summary lines (0: none)
@@ -382,6 +385,7 @@ class CloudSession:
             self._check_link(now)
             if self.state == ONLINE:
                 self._online_work(now)
+        self._poll_handoff(now)
     def _check_link(self, now: float) -> None:
         sio = self.sio
         if sio is None or not sio.connected:
@@ -667,11 +671,23 @@ class CloudSession:
         self._connect()
     def _finish_register(self, ok: bool, detail: str) -> None:
         self.pending_register = None
+        from_shell = self.handoff_id is not None
+        if from_shell:
+            self._answer_handoff(self.handoff_id, ok, detail)
         if ok:
             self.last_error = ""
             self.bridge.console("Polar Cloud: registered, serial number %s;"
                                 " connecting" % (detail,))
             log.info("polar_cloud: registered as %s", detail)
+            if not from_shell:
+                self.bridge.console(
+                    "Polar Cloud: note: the PIN went through Klipper: typed"
+                    " in the console it stays in the console history, and"
+                    " klippy.log may show it if Klipper shuts down soon."
+                    " Next time register from the printer's shell with"
+                    " polar_cloud/scripts/register.sh --email <e-mail>,"
+                    " which asks for the PIN (see the README).",
+                    log=False)
             return
         self._drop_connection("registration failed")
         self.identity = None
@@ -679,6 +695,58 @@ class CloudSession:
         self.bridge.console("Polar Cloud registration failed: %s" % (detail,),
                             error=True)
         log.warning("polar_cloud: registration failed: %s", detail)
+    # Registration handed over by scripts/register.sh (see handoff.py)
+    def _poll_handoff(self, now: float) -> None:
+        # A session being replaced (RESTART) leaves requests to the next
+        if self.stop_event.is_set() or now - self.handoff_checked < 1.:
+            return
+        self.handoff_checked = now
+        state_dir = self.options.state_path
+        try:
+            req = handoff.take_request(state_dir)
+        except handoff.HandoffError as e:
+            log.warning("polar_cloud: register.sh request refused: %s", e)
+            if e.request_id:
+                self._answer_handoff(e.request_id, False, str(e))
+            return
+        except OSError as e:
+            self.rlog("handoff", "cannot read the register.sh request: %s",
+                      e.strerror, level=logging.WARNING)
+            return
+        if req is None:
+            return
+        email, pin, req.pin = req.email, req.pin, ""
+        refusal = (protocol.validate_email(email)
+                   or protocol.validate_pin(pin))
+        if self.state == DISABLED:
+            refusal = self.last_error or "the cloud session is disabled"
+        elif self.identity is not None and self.state != AUTH_FAILED:
+            self._answer_handoff(req.request_id, False, "already registered"
+                                 " as %s" % (self.identity.serial,),
+                                 already=True)
+            return
+        elif self.pending_register is not None or self.state == REGISTERING:
+            refusal = "a registration is already in progress"
+        if refusal:
+            self._answer_handoff(req.request_id, False, refusal)
+            return
+        self.handoff_id = req.request_id
+        self.bridge.console("Polar Cloud: registering as %s (requested from"
+                            " the shell)" % (protocol.redact_email(email),),
+                            log=False)
+        self._start_register(email, pin)
+    def _answer_handoff(self, request_id: str, ok: bool, detail: str,
+                        already: bool = False) -> None:
+        self.handoff_id = None
+        serial = detail if ok else (
+            self.identity.serial if already and self.identity else "")
+        try:
+            handoff.write_result(self.options.state_path, request_id, ok,
+                                 serial=serial, reason="" if ok else detail,
+                                 already=already)
+        except OSError as e:
+            log.warning("polar_cloud: cannot answer register.sh: %s",
+                        e.strerror)
     def _start_unregister(self, force: bool) -> None:
         if self.identity is None:
             self.bridge.console("Polar Cloud: this printer is not registered")
