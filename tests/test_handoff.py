@@ -105,10 +105,9 @@ def test_a_stale_result_is_cleared_by_the_next_request(tmp_path):
 def test_unusable_requests_are_refused_and_deleted(tmp_path, content, error):
     path = tmp_path / handoff.REQUEST_FILE
     path.write_bytes(content)
-    with pytest.raises(handoff.HandoffError, match=error) as exc:
+    with pytest.raises(handoff.HandoffError, match=error):
         handoff.take_request(str(tmp_path))
     assert leftovers(tmp_path) == []
-    assert "1\"" not in str(exc.value)
 
 
 def test_a_symlinked_request_is_not_followed(tmp_path):
@@ -130,6 +129,22 @@ def test_an_old_forgotten_request_is_refused_with_its_id(tmp_path):
         handoff.take_request(state, now=later)
     assert exc.value.request_id == rid and PIN not in str(exc.value)
     assert leftovers(state) == []
+
+
+def test_leftovers_of_killed_writers_are_swept(tmp_path):
+    """A script or klippy killed between writing and deleting a working
+    file: the session's first check removes it, once it is old."""
+    names = [handoff.TAKEN_FILE, ".register.tmp-abc123",
+             ".register.request.withdrawn-42"]
+    for name in names:
+        (tmp_path / name).write_text(PIN)
+    (tmp_path / "key.pem").write_text("key")
+    (tmp_path / handoff.REQUEST_FILE).write_text("{}")
+    assert handoff.sweep(str(tmp_path)) == 0            # too fresh
+    later = time.time() + handoff.SWEEP_AGE + 1
+    assert handoff.sweep(str(tmp_path), now=later) == 3
+    assert leftovers(tmp_path) == ["key.pem", handoff.REQUEST_FILE]
+    assert handoff.sweep(str(tmp_path / "missing")) == 0
 
 
 def test_a_folder_of_another_user_is_refused(tmp_path, monkeypatch):
@@ -301,6 +316,16 @@ def test_session_checks_at_most_once_a_second(tmp_path):
     assert handoff.request_waiting(str(tmp_path))
     s._poll_handoff(now + 1.)
     assert not handoff.request_waiting(str(tmp_path))
+
+
+def test_the_first_check_sweeps_leftovers(tmp_path):
+    s = make_session(tmp_path)
+    old = tmp_path / ".register.tmp-x"
+    old.write_text(PIN)
+    t = time.time() - handoff.SWEEP_AGE - 5
+    os.utime(old, (t, t))
+    s._poll_handoff(time.monotonic())
+    assert leftovers(tmp_path) == []
 
 
 def test_a_stopping_session_leaves_the_request_to_the_next(tmp_path):

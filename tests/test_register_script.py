@@ -33,7 +33,7 @@ from tests.testbed.moonraker import Moonraker
 
 SCRIPT = REPO / "scripts" / "register.sh"
 WRONG_PIN = "Wr0ngPin73"
-HANDOFF_NAMES = re.compile(r"^(register\.(request|result)|\.register\..*|\.tmp-.*)$")
+HANDOFF_NAMES = re.compile(r"^(register\.(request|result)|\.register\..*)$")
 
 
 def load_helper():

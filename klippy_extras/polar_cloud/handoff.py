@@ -26,12 +26,16 @@ from typing import Optional
 
 REQUEST_FILE = "register.request"
 RESULT_FILE = "register.result"
+# Working names (temporary, taken, withdrawn) all start with this
+WORK_PREFIX = ".register."
 # The module renames a request here before reading it
 TAKEN_FILE = ".register.request.taken"
 MAX_SIZE = 4096
 # A request nobody took for this long (klippy was down, the script was
 # killed) is refused instead of registering the printer by surprise
 MAX_AGE = 600.
+# Working files older than this are leftovers of a killed script or klippy
+SWEEP_AGE = 60.
 FORMAT = 1
 
 
@@ -68,7 +72,7 @@ def _write_private(path: str, data: bytes, replace: bool) -> None:
     FileExistsError when path exists; replace=True renames over it.
     """
     dirname = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
+    fd, tmp = tempfile.mkstemp(prefix=WORK_PREFIX + "tmp-", dir=dirname)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -116,6 +120,28 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def sweep(state_dir: str, now: Optional[float] = None) -> int:
+    """Delete working files left by a script or klippy killed between
+    writing and deleting one (they may hold a PIN); return how many."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return 0
+    count = 0
+    for name in names:
+        if not name.startswith(WORK_PREFIX):
+            continue
+        path = os.path.join(state_dir, name)
+        try:
+            if now - os.lstat(path).st_mtime > SWEEP_AGE:
+                os.unlink(path)
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 # The script's side

@@ -700,9 +700,13 @@ class CloudSession:
         # A session being replaced (RESTART) leaves requests to the next
         if self.stop_event.is_set() or now - self.handoff_checked < 1.:
             return
+        first = not self.handoff_checked
         self.handoff_checked = now
         state_dir = self.options.state_path
         try:
+            if first and handoff.sweep(state_dir):
+                log.info("polar_cloud: removed leftovers of an interrupted"
+                         " register.sh")
             req = handoff.take_request(state_dir)
         except handoff.HandoffError as e:
             log.warning("polar_cloud: register.sh request refused: %s", e)
