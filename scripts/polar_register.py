@@ -358,13 +358,21 @@ def check(job: Job, skip_unconfigured: bool) -> None:
         finish(job, outcome, text)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def send(job: Job, email: str, pin: str, now: float,
          pickup_timeout: float) -> None:
+    # Held off until the request is written and known, so that an
+    # interruption always finds it to take back
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         job.request_id = handoff.write_request(job.inst.state_dir, email, pin)
     except handoff.HandoffError as e:
         finish(job, "failed", str(e))
         return
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     # klippy answered: its session takes the request within a second or
     # two (longer while it is busy connecting).  Without an API socket to
     # ask, klippy gets only a short while.
