@@ -373,11 +373,9 @@ def send(job: Job, email: str, pin: str, now: float,
         return
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    # klippy answered: its session takes the request within a second or
-    # two (longer while it is busy connecting).  Without an API socket to
-    # ask, klippy gets only a short while.
-    if job.probe.running is None:
-        job.pickup_deadline = now + pickup_timeout
+    # The session of an unregistered printer is idle and takes it within a
+    # second; key generation and the cloud come after
+    job.pickup_deadline = now + pickup_timeout
 
 
 def poll(job: Job, now: float, deadline: float, timeout: float) -> None:
@@ -388,20 +386,20 @@ def poll(job: Job, now: float, deadline: float, timeout: float) -> None:
         return
     if not job.taken and not handoff.request_waiting(state_dir):
         job.taken = True
-    if not job.taken and job.pickup_deadline and now >= job.pickup_deadline:
+    if not job.taken and (now >= job.pickup_deadline or now >= deadline):
         if handoff.withdraw_request(state_dir):
-            finish(job, "failed", "klippy did not take the request, so it is"
-                   " not running (%s); request removed" % (job.probe.text,))
+            if job.probe.running is None:
+                why = "so it is not running (%s)" % (job.probe.text,)
+            else:
+                why = ("though klippy runs: its polar_cloud may be older than"
+                       " this script (restart Klipper after an update)")
+            finish(job, "failed", "klippy did not take the request, %s;"
+                   " request removed" % (why,))
             return
         job.taken = True
     if now >= deadline:
-        if not job.taken and handoff.withdraw_request(state_dir):
-            finish(job, "failed", "klippy did not take the request within"
-                   " %d s (is it running, with [polar_cloud]?); request"
-                   " removed" % (timeout,))
-        else:
-            finish(job, "failed", "no result within %d s; see POLAR_STATUS"
-                   " on this printer" % (timeout,))
+        finish(job, "failed", "no result within %d s; see POLAR_STATUS on"
+               " this printer" % (timeout,))
 
 
 def withdraw_all(jobs: list[Job]) -> None:
@@ -512,9 +510,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                        help="klippy's API socket [<data>/comms/klippy.sock]")
     p.add_argument("--timeout", type=float, default=90., metavar="S",
                    help="how long to wait for the result [90]")
-    p.add_argument("--pickup-timeout", type=float, default=10., metavar="S",
-                   help="without an API socket to ask: how long klippy may"
-                   " take to pick the request up [10]")
+    p.add_argument("--pickup-timeout", type=float, default=15., metavar="S",
+                   help="how long klippy may take to pick the request up"
+                   " before it is taken back [15]")
     return p.parse_args(argv)
 
 

@@ -307,6 +307,20 @@ def test_session_refuses_what_the_console_refuses(tmp_path, setup, email, pin,
     assert pin not in json.dumps(result)
 
 
+def test_a_failure_inside_the_registration_is_answered(tmp_path):
+    s = make_session(tmp_path)
+
+    def broken():
+        raise RuntimeError("injected")
+    s.store.save_machine = broken
+    rid = handoff.write_request(str(tmp_path), EMAIL, PIN)
+    with pytest.raises(RuntimeError):           # the supervisor logs it
+        poll(s)
+    result = handoff.take_result(str(tmp_path), rid)
+    assert result["ok"] is False and "internal error" in result["reason"]
+    assert s.handoff_id is None
+
+
 def test_session_checks_at_most_once_a_second(tmp_path):
     s = make_session(tmp_path)
     now = time.monotonic() + 10.

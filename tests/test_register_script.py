@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,21 @@ def wait_log(k: Klippy, text: str, timeout: float = 30.) -> str:
         if time.monotonic() > deadline:
             raise AssertionError("%r not in klippy.log:\n%s"
                                  % (text, k.log_tail()))
+        time.sleep(.1)
+
+
+def wait_store(mr: Moonraker, text: str, timeout: float = 30.) -> str:
+    """Moonraker's G-code store once it holds text (the script's result
+    can arrive before the console line does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = mr.get("/server/gcode_store?count=1000")["gcode_store"]
+        joined = "\n".join(item["message"] for item in store)
+        if text in joined:
+            return joined
+        if time.monotonic() > deadline:
+            raise AssertionError("%r not in the G-code store:\n%s"
+                                 % (text, joined[-2000:]))
         time.sleep(.1)
 
 
@@ -188,8 +205,8 @@ def test_every_instance_registers_through_the_script(lab, sim, pin_file):
         assert st["serial_number"] == serials[name]
         sim.wait_until(lambda s=serials[name]: sim.live_sessions(s) == 1)
     # The console said it came from the shell, with no note about the PIN
-    log = lab.printers["printer_data"].log_text()
-    assert "registered as %s" % (serials["printer_data"],) in log
+    wait_log(lab.printers["printer_data"],
+             "registered as %s" % (serials["printer_data"],))
     assert_clean(lab, run)
     assert sim.violations == []
 
@@ -241,9 +258,7 @@ def test_one_instance_then_an_emergency_stop_leaves_the_pin_nowhere(
     assert "Dumping" in log and "requests for client" in log
     assert PIN not in log
     # Moonraker's console history holds the result, not the PIN
-    store = mr.get("/server/gcode_store?count=1000")["gcode_store"]
-    text = "\n".join(item["message"] for item in store)
-    assert "registered, serial number %s" % (m.group(1),) in text
+    text = wait_store(mr, "registered, serial number %s" % (m.group(1),))
     assert "requested from the shell" in text
     assert "console history" not in text            # no note: nothing typed
     assert PIN not in text
@@ -330,6 +345,98 @@ def test_an_interrupted_run_takes_its_request_back(tmp_path, pin_file, sig):
             proc.communicate()
     assert proc.returncode == 130, (out, err)
     assert "printer_data: interrupted; request removed" in out
+    assert handoff_files(data / "polar_cloud") == []
+
+
+class FakeKlippyApi:
+    """A unix socket answering klippy's `info` and `objects/query` as a
+    klippy with the given state and printer.polar_cloud would."""
+
+    def __init__(self, path: Path, state: str, polar: dict | None) -> None:
+        self.state, self.polar = state, polar
+        self.methods: list[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while True:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    buf += data
+                    while b"\x03" in buf:
+                        raw, buf = buf.split(b"\x03", 1)
+                        conn.sendall(json.dumps(self._answer(json.loads(raw)))
+                                     .encode() + b"\x03")
+
+    def _answer(self, req: dict) -> dict:
+        self.methods.append(req["method"])
+        if req["method"] == "info":
+            return {"id": req["id"], "result": {"state": self.state}}
+        status = {} if self.polar is None else {"polar_cloud": self.polar}
+        return {"id": req["id"], "result": {"eventtime": 1., "status": status}}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+UNREGISTERED = {"state": "unregistered", "registered": False,
+                "serial_number": "", "last_error": ""}
+
+
+@pytest.mark.parametrize("state,polar,rc,expected", [
+    ("ready", dict(UNREGISTERED, state="online", registered=True,
+                   serial_number="KL000777"), 0,
+     "already registered as KL000777; nothing to do"),
+    ("ready", None, 1, "klippy runs without [polar_cloud]"),
+    ("startup", None, 1, "klippy is not ready (startup)"),
+    ("ready", dict(UNREGISTERED, state="disabled",
+                   last_error="missing Python packages: requests"), 1,
+     "disabled here: missing Python packages: requests"),
+    ("ready", dict(UNREGISTERED, state="registering"), 1,
+     "a registration is already in progress"),
+    ("startup", dict(UNREGISTERED, state="stopped"), 1,
+     "the Polar Cloud session is not running (klippy is startup)"),
+])
+def test_what_klippy_says_settles_it_without_the_pin(tmp_path, state, polar,
+                                                     rc, expected):
+    data = fake_instance(tmp_path, "printer_data")
+    api = FakeKlippyApi(data / "comms" / "klippy.sock", state, polar)
+    try:
+        # No PIN option and no terminal: asking for one would fail the run
+        run = run_script(tmp_path, "--email", EMAIL)
+    finally:
+        api.close()
+    assert run.rc == rc, (run.out, run.err)
+    assert expected in run.line("printer_data")
+    assert api.methods == ["info", "objects/query"]
+    assert not (data / "polar_cloud").exists()
+
+
+def test_a_klippy_that_takes_nothing_gets_its_request_back(tmp_path,
+                                                           pin_file):
+    """klippy answers, but runs a polar_cloud from before register.sh."""
+    data = fake_instance(tmp_path, "printer_data")
+    api = FakeKlippyApi(data / "comms" / "klippy.sock", "ready", UNREGISTERED)
+    try:
+        run = run_script(tmp_path, "--email", EMAIL, "--pin-file",
+                         str(pin_file), "--pickup-timeout", "2")
+    finally:
+        api.close()
+    assert run.rc == 1, (run.out, run.err)
+    line = run.line("printer_data")
+    assert "did not take the request, though klippy runs" in line
+    assert "restart Klipper" in line and "request removed" in line
     assert handoff_files(data / "polar_cloud") == []
 
 

@@ -671,15 +671,16 @@ class CloudSession:
         self._connect()
     def _finish_register(self, ok: bool, detail: str) -> None:
         self.pending_register = None
-        from_shell = self.handoff_id is not None
-        if from_shell:
-            self._answer_handoff(self.handoff_id, ok, detail)
+        # register.sh gets its answer last, when the state is final
+        handoff_id, self.handoff_id = self.handoff_id, None
         if ok:
             self.last_error = ""
             self.bridge.console("Polar Cloud: registered, serial number %s;"
                                 " connecting" % (detail,))
             log.info("polar_cloud: registered as %s", detail)
-            if not from_shell:
+            if handoff_id is not None:
+                self._answer_handoff(handoff_id, True, detail)
+            else:
                 self.bridge.console(
                     "Polar Cloud: note: the PIN went through Klipper: typed"
                     " in the console it stays in the console history, and"
@@ -695,6 +696,8 @@ class CloudSession:
         self.bridge.console("Polar Cloud registration failed: %s" % (detail,),
                             error=True)
         log.warning("polar_cloud: registration failed: %s", detail)
+        if handoff_id is not None:
+            self._answer_handoff(handoff_id, False, detail)
     # Registration handed over by scripts/register.sh (see handoff.py)
     def _poll_handoff(self, now: float) -> None:
         # A session being replaced (RESTART) leaves requests to the next
@@ -738,7 +741,14 @@ class CloudSession:
         self.bridge.console("Polar Cloud: registering as %s (requested from"
                             " the shell)" % (protocol.redact_email(email),),
                             log=False)
-        self._start_register(email, pin)
+        try:
+            self._start_register(email, pin)
+        except Exception:
+            # The supervisor logs it and carries on; the script is told
+            if self.handoff_id == req.request_id:
+                self._answer_handoff(req.request_id, False, "internal"
+                                     " error; see klippy.log")
+            raise
     def _answer_handoff(self, request_id: str, ok: bool, detail: str,
                         already: bool = False) -> None:
         self.handoff_id = None
