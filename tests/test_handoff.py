@@ -50,6 +50,14 @@ def test_request_is_private_whole_and_taken_once(tmp_path):
     assert handoff.withdraw_request(str(state)) is False
 
 
+def test_an_open_state_folder_is_closed_first(tmp_path):
+    state = tmp_path / "polar_cloud"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    handoff.write_request(str(state), EMAIL, PIN)
+    assert mode(state) == 0o700
+
+
 def test_no_state_folder_means_no_request(tmp_path):
     assert handoff.take_request(str(tmp_path / "missing")) is None
 

@@ -163,6 +163,11 @@ def prepare_state_dir(state_dir: str) -> None:
     if st.st_uid != os.geteuid():
         raise HandoffError("%s belongs to another user: run this as the user"
                            " Klipper runs as" % (state_dir,))
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.chmod(state_dir, 0o700)      # as the module keeps it
+        except OSError:
+            pass
 
 
 def write_request(state_dir: str, email: str, pin: str) -> str:
