@@ -16,7 +16,9 @@ import importlib.util
 import io
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -345,6 +347,48 @@ def test_an_interrupted_run_takes_its_request_back(tmp_path, pin_file, sig):
             proc.communicate()
     assert proc.returncode == 130, (out, err)
     assert "printer_data: interrupted; request removed" in out
+    assert handoff_files(data / "polar_cloud") == []
+
+
+def read_tty(fd: int, until: bytes, timeout: float = 60.) -> bytes:
+    """What the terminal shows until `until` (or the end)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while until not in out:
+        left = deadline - time.monotonic()
+        assert left > 0, out
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:             # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    return out
+
+
+def test_the_pin_is_asked_on_the_terminal_without_echo(tmp_path):
+    data = fake_instance(tmp_path, "printer_data")
+    pid, fd = pty.fork()
+    if pid == 0:                                    # the child: a terminal
+        os.environ["HOME"] = str(tmp_path)
+        os.execvp("bash", ["bash", str(SCRIPT), "--email", EMAIL,
+                           "--pickup-timeout", "1"])
+    try:
+        shown = read_tty(fd, b"PIN for %s: " % (EMAIL.encode(),))
+        os.write(fd, PIN.encode() + b"\n")
+        shown += read_tty(fd, b"\x00")                # to the end
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = shown.decode("utf-8", "replace")
+    assert PIN not in text, text
+    # It got the PIN: the request was made (and taken back: no klippy)
+    assert "printer_data: klippy did not take the request" in text, text
+    assert os.waitstatus_to_exitcode(status) == 1
     assert handoff_files(data / "polar_cloud") == []
 
 
