@@ -734,7 +734,7 @@ install_instance() {  # what each instance gets: its moonraker.conf, a restart
         say "next: add this section to printer.cfg, then RESTART Klipper (all options: ${example:-see README.md}):"
         printf '\n[polar_cloud]\n\n'
     fi
-    say "then register the printer from the console: POLAR_REGISTER EMAIL=you@example.com PIN=1234"
+    say "then register the printer from the shell: $REPO_DIR/scripts/register.sh --email you@example.com (it asks for the PIN and keeps it out of logs; --all for every instance), or from the console: POLAR_REGISTER EMAIL=you@example.com PIN=1234"
     say "its identity is kept in ${STATE_DIR:-state_path (relative to klippy)}"
 }
 

@@ -189,6 +189,10 @@ def test_register_and_unregister_from_the_page(page, browser, k, sim):
     assert page.text("#job").startswith("none")
     assert page.visible("#unregister-button") and not page.visible("#register-form")
     wait_message(page, "registered, serial number %s" % (serial,), "ok")
+    # Where the PIN went, and the shell script that avoids it, once
+    wait_message(page, "scripts/register.sh", "note")
+    notes = [text for kind, text in messages(page) if "register.sh" in text]
+    assert len(notes) == 1 and "klippy.log" in notes[0], notes
     assert page.js("localStorage.length + sessionStorage.length") == 0
     assert page.js("document.cookie") == ""
     assert PIN not in page.js("document.documentElement.outerHTML")

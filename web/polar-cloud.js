@@ -53,6 +53,14 @@
   let busy = false;
   let retryDeadline = 0;
   let startedAt = 0;        // a registration was accepted at this time
+  let registeredHere = false; // ...by this page: note where the PIN went
+
+  const PIN_NOTE = "Note: the PIN went through Moonraker and Klipper, and " +
+    "Klipper copies its recent requests into klippy.log when it shuts down " +
+    "soon after. Next time, register from the printer's shell with " +
+    "polar_cloud/scripts/register.sh --email <e-mail>: it asks for the PIN " +
+    "and keeps it out of every log and history (it also registers every " +
+    "printer of a host at once; see the README).";
 
   // ------------------------------------------------------------ messages
 
@@ -89,12 +97,19 @@
       }
       text = text.trim();
       if (!/^(Polar Cloud|POLAR_)/.test(text)) continue;
+      // The module's own note is for the console; the page says it below
+      if (/^Polar Cloud: note: the PIN/.test(text)) continue;
       if (kind === "info" && /(failed|refused|rejected|not accepted|cannot|error)/i.test(text)) {
         kind = "error";
       } else if (kind === "info" && /(registered, serial number|online as|unregistered)/.test(text)) {
         kind = "ok";
       }
       addMessage(text, kind);
+      if (/registration failed/.test(text)) registeredHere = false;
+      if (kind === "ok" && registeredHere && /registered, serial number/.test(text)) {
+        registeredHere = false;
+        addMessage(PIN_NOTE, "note");
+      }
     }
   }
 
@@ -430,6 +445,7 @@
     try {
       const token = await requestToken();
       await api("POST", "/printer/polar_cloud/register", { email, pin, token });
+      registeredHere = true;
       // Keep the button off until the new state arrives (the result itself
       // follows as console lines).
       startedAt = Date.now();

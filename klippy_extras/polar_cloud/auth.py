@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, Optional
 
-from . import camera, protocol
+from . import camera, handoff, protocol
 from .identity import IdentityError, IdentityStore
 from .states import (
     AUTH_FAILED,
@@ -22,6 +22,11 @@ from .states import (
 REPLY_TIMEOUT = 30.
 # A rejected hello rarely clears by itself: retry after a long pause
 AUTH_RETRY_DELAY = 30 * 60.
+PIN_NOTE = ("Polar Cloud: note: the PIN went through Klipper: typed in the"
+            " console it stays in the console history, and klippy.log may"
+            " show it if Klipper shuts down soon. Next time register from"
+            " the printer's shell with polar_cloud/scripts/register.sh"
+            " --email <e-mail>, which asks for the PIN (see the README).")
 DELETED_TEXT = ("was deleted in Polar Cloud; register it again with"
                 " POLAR_REGISTER")
 
@@ -36,6 +41,9 @@ class Auth:
         self.pending_register: Optional[tuple[str, str]] = None
         self.pending_unregister = False
         self.unregister_deadline = 0.
+        # The id of a registration requested by scripts/register.sh
+        self.handoff_id: Optional[str] = None
+        self.handoff_checked = 0.
         session.on("registerResponse", self.on_register_response,
                    online=False)
         session.on("helloResponse", self.on_hello_response, online=False)
@@ -103,11 +111,17 @@ class Auth:
     def finish_register(self, ok: bool, detail: str) -> None:
         session = self.session
         self.pending_register = None
+        # register.sh gets its answer last, when the state is final
+        handoff_id, self.handoff_id = self.handoff_id, None
         if ok:
             session.last_error = ""
             session.console("Polar Cloud: registered, serial number %s;"
                             " connecting" % (detail,))
             log.info("polar_cloud: registered as %s", detail)
+            if handoff_id is not None:
+                self.answer_handoff(handoff_id, True, detail)
+            else:
+                session.console(PIN_NOTE, log=False)
             return
         session.drop_connection("registration failed")
         session.identity = None
@@ -115,6 +129,73 @@ class Auth:
         session.console("Polar Cloud registration failed: %s" % (detail,),
                         error=True)
         log.warning("polar_cloud: registration failed: %s", detail)
+        if handoff_id is not None:
+            self.answer_handoff(handoff_id, False, detail)
+    # Registration handed over by scripts/register.sh (see handoff.py)
+    def poll_handoff(self, now: float) -> None:
+        session = self.session
+        # A session being replaced (RESTART) leaves requests to the next
+        if session.stop_event.is_set() or now - self.handoff_checked < 1.:
+            return
+        first = not self.handoff_checked
+        self.handoff_checked = now
+        state_dir = self.options.state_path
+        try:
+            if first and handoff.sweep(state_dir):
+                log.info("polar_cloud: removed leftovers of an interrupted"
+                         " register.sh")
+            req = handoff.take_request(state_dir)
+        except handoff.HandoffError as e:
+            log.warning("polar_cloud: register.sh request refused: %s", e)
+            if e.request_id:
+                self.answer_handoff(e.request_id, False, str(e))
+            return
+        except OSError as e:
+            session.rlog("handoff", "cannot read the register.sh request: %s",
+                         e.strerror, level=logging.WARNING)
+            return
+        if req is None:
+            return
+        email, pin, req.pin = req.email, req.pin, ""
+        refusal = (protocol.validate_email(email)
+                   or protocol.validate_pin(pin))
+        if session.state == DISABLED:
+            refusal = session.last_error or "the cloud session is disabled"
+        elif session.identity is not None and session.state != AUTH_FAILED:
+            self.answer_handoff(req.request_id, False, "already registered"
+                                " as %s" % (session.identity.serial,),
+                                already=True)
+            return
+        elif self.pending_register is not None or \
+                session.state == REGISTERING:
+            refusal = "a registration is already in progress"
+        if refusal:
+            self.answer_handoff(req.request_id, False, refusal)
+            return
+        self.handoff_id = req.request_id
+        session.console("Polar Cloud: registering as %s (requested from the"
+                        " shell)" % (protocol.redact_email(email),), log=False)
+        try:
+            self.start_register(email, pin)
+        except Exception:
+            # The supervisor logs it and carries on; the script is told
+            if self.handoff_id == req.request_id:
+                self.answer_handoff(req.request_id, False, "internal error;"
+                                    " see klippy.log")
+            raise
+    def answer_handoff(self, request_id: str, ok: bool, detail: str,
+                       already: bool = False) -> None:
+        self.handoff_id = None
+        identity = self.session.identity
+        serial = detail if ok else (
+            identity.serial if already and identity else "")
+        try:
+            handoff.write_result(self.options.state_path, request_id, ok,
+                                 serial=serial, reason="" if ok else detail,
+                                 already=already)
+        except OSError as e:
+            log.warning("polar_cloud: cannot answer register.sh: %s",
+                        e.strerror)
     # Unregistration
     def start_unregister(self, force: bool) -> None:
         session = self.session

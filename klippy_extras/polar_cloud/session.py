@@ -294,6 +294,7 @@ class CloudSession:
             self._check_link(now)
             if self.state == ONLINE:
                 self._online_work(now)
+        self.auth.poll_handoff(now)
     def _online_work(self, now: float) -> None:
         self.auth.check_unregister(now)
         self.reporter.work(now)
