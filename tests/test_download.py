@@ -139,7 +139,7 @@ def test_connects_only_to_the_address_it_checked(tmp_path, monkeypatch,
                        host="127.0.0.2", port=checked.port) as other:
         lookups = fake_dns(monkeypatch, [["127.0.0.1"], ["127.0.0.2"]])
         dl, results = start_download(checked.url(host=NAME), tmp_path,
-                                     ca_certs=certs["ca"]["cert"])
+                                     ca_file=certs["ca"]["cert"])
         dl.join(30.)
     assert results == [("", len(BODY))]
     assert (tmp_path / "x_polar-j1.gcode").read_bytes() == BODY
@@ -155,7 +155,7 @@ def test_the_certificate_must_match_the_name(tmp_path, monkeypatch, certs):
     with FileServer(BODY, cert=certs["good"]) as srv:
         fake_dns(monkeypatch, [["127.0.0.1"]])
         dl, results = start_download(srv.url(host=NAME), tmp_path,
-                                     ca_certs=certs["ca"]["cert"])
+                                     ca_file=certs["ca"]["cert"])
         dl.join(30.)
     assert len(results) == 1 and results[0][0].startswith("download failed")
     assert srv.requests == []

@@ -215,7 +215,7 @@ class FakeStore:
 def make_session(state) -> S.CloudSession:
     sios: list[FakeSio] = []
 
-    def factory(inbox, verify, timeout):
+    def factory(inbox, verify, timeout, proxy=None):
         sios.append(FakeSio())
         return sios[-1]
     opts = Options(

@@ -259,7 +259,8 @@ def test_implausible_slicer_estimate_is_ignored(text, tmp_path):
 class FakeSession:
     def __init__(self, state_dir):
         self.options = types.SimpleNamespace(state_path=str(state_dir),
-                                             max_job_size=1 << 20)
+                                             max_job_size=1 << 20,
+                                             ca_file="")
         self.abandoned = False
         self.stop_event = threading.Event()
         self.inbox = types.SimpleNamespace(put_local=lambda *a: None)
@@ -293,7 +294,7 @@ class FakeSession:
 
 class FakeDownload:
     made: list = []
-    def __init__(self, url, dest_dir, filename, *args):
+    def __init__(self, url, dest_dir, filename, *args, **kw):
         self.url, self.dest_dir, self.filename = url, dest_dir, filename
         FakeDownload.made.append(self)
     def start(self):

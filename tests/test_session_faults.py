@@ -198,7 +198,7 @@ def make_session(tmp_path, monkeypatch=None, **opts) -> S.CloudSession:
     """An online session: no threads, no network, no files but state_path."""
     sios: list[FakeSio] = []
 
-    def factory(inbox, verify, timeout):
+    def factory(inbox, verify, timeout, proxy=None):
         sio = FakeSio()
         sios.append(sio)
         return sio
@@ -507,7 +507,7 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     for module in (S, auth_mod, links, ratelog, outage):
         monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
-    s.client_factory = lambda inbox, verify, timeout: FakeSio(
+    s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio(
         fail_connect=True)
     s.backoff = Backoff(rand=random.Random(3).random)
     attempts = 0
@@ -518,7 +518,7 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
             s._tick(clock[0])
             attempts += 1
         # The cloud is back
-        s.client_factory = lambda inbox, verify, timeout: FakeSio()
+        s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio()
         clock[0] = s.retry_at
         s._tick(clock[0])
         s.on_welcome({"challenge": "c"})
@@ -552,7 +552,7 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
     for module in (S, auth_mod, links, ratelog, outage):
         monkeypatch.setattr(module, "time", fake)
     s = make_session(tmp_path)
-    s.client_factory = lambda inbox, verify, timeout: FakeSio(
+    s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio(
         fail_connect=True)
     s._fail("connection lost")
     delays = []

@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import imaging, protocol
+from . import imaging, netpolicy, protocol
 from .jobs import check_resolved, check_url
 
 log = logging.getLogger("polar_cloud")
@@ -329,9 +329,12 @@ class Camera:
 
     def __init__(self, opts: CameraOptions, allow_loopback_http: bool,
                  stop: threading.Event,
-                 on_result: Callable[[SnapshotResult], None]):
+                 on_result: Callable[[SnapshotResult], None],
+                 ca_file: str = ""):
         self.opts = opts
         self.allow_loopback_http = allow_loopback_http
+        self.ca_file = ca_file          # trusted for uploads, besides the
+        #                                 usual CAs
         self.stop_event = stop
         self.on_result = on_result
         parts = urllib.parse.urlsplit(opts.snapshot_url)
@@ -514,8 +517,14 @@ class Camera:
         """The JPEG to upload: fetched from the camera, checked,
         transformed and shrunk to at most limit bytes, all by imaging.py
         in a child process."""
+        try:
+            # A LAN camera (the usual case) never goes through a proxy
+            proxy = netpolicy.proxy_for(self.opts.snapshot_url)
+        except netpolicy.ProxyError as e:
+            raise CameraError(str(e)) from None
         spec = imaging.Fetch(self.opts.snapshot_url, CONNECT_TIMEOUT,
-                             READ_TIMEOUT, FETCH_DEADLINE, MAX_FETCH, CHUNK)
+                             READ_TIMEOUT, FETCH_DEADLINE, MAX_FETCH, CHUNK,
+                             proxy=proxy.url if proxy is not None else "")
         code, out, err, result.fetched = self._run_imaging(
             imaging.request(limit, self.opts, spec))
         if code == imaging.EXIT_BAD_JPEG:
@@ -596,12 +605,19 @@ class Camera:
             self._drop_slot(slot)
             raise SnapshotError(URL_EXPIRED, counts=False)
         host = urllib.parse.urlsplit(slot.url).hostname or ""
-        problem = check_resolved(host, self.allow_loopback_http)
+        try:
+            proxy = netpolicy.proxy_for(slot.url)
+        except netpolicy.ProxyError as e:
+            raise SnapshotError("upload failed: %s" % (e,)) from None
+        # Through a proxy the proxy resolves the name (parse_url_response
+        # has refused private literal addresses)
+        problem = "" if proxy is not None \
+            else check_resolved(host, self.allow_loopback_http)
         if problem:
             self._drop_slot(slot)
             raise SnapshotError("refused upload URL: %s" % (problem,))
         try:
-            with requests.Session() as http:
+            with netpolicy.requests_session(proxy, self.ca_file) as http:
                 # S3 POST policy: the issued fields first, in order, then
                 # the file (S3 ignores fields after it)
                 resp = http.post(
@@ -614,6 +630,9 @@ class Camera:
                     head = b""
                     if status not in (200, 201, 204):
                         head = next(resp.iter_content(4096), b"")
+        except requests.exceptions.ProxyError as e:
+            raise SnapshotError("upload failed: %s" % (
+                netpolicy.proxy_failure(host, proxy, e),)) from None
         except requests.RequestException as e:
             raise SnapshotError("upload failed: %s"
                                 % (imaging.request_error(e),)) from None

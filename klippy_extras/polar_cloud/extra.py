@@ -213,6 +213,9 @@ class PolarCloud:
             shown = "%s (retry %d)" % (state, info["retries"])
         lines = ["Polar Cloud: %s" % (shown,),
                  "server: %s" % (info["server"],)]
+        if info.get("proxy"):
+            # host and port only: the proxy's credentials are secrets
+            lines.append("through proxy: http://%s" % (info["proxy"],))
         if info["registered"]:
             lines.append("serial number: %s" % (info["serial_number"],))
         else:

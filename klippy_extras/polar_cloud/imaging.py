@@ -70,6 +70,9 @@ class Fetch:
     deadline: float             # seconds for the whole answer
     max_bytes: int
     chunk: int = 64 * 1024
+    # The proxy to fetch through (camera.py asks netpolicy; "": directly,
+    # as for a camera on the LAN)
+    proxy: str = dataclasses.field(default="", repr=False)
 
 
 class ImagingError(Exception):
@@ -256,7 +259,9 @@ def fetch(spec: Fetch) -> bytes:
     too_big = spec.max_bytes >> 20
     try:
         with requests.Session() as http:
-            http.trust_env = False          # a LAN camera: no proxies
+            http.trust_env = False          # the parent decided
+            if spec.proxy:
+                http.proxies = {"http": spec.proxy, "https": spec.proxy}
             http.max_redirects = 3
             with http.get(spec.url, stream=True, timeout=(
                     spec.connect_timeout, spec.read_timeout)) as resp:

@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import netpolicy, protocol
 from .port import CloudPort
 from .ratelog import LineBudget
 from .statefiles import StateFileError, read_json, write_json
@@ -505,11 +505,6 @@ def _pool_classes() -> dict:
     return {"http": HTTPPool, "https": HTTPSPool}
 
 
-def _default_ca_certs() -> str:
-    from requests.certs import where
-    return where()
-
-
 def _request_target(parts: urllib.parse.SplitResult) -> str:
     return (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
@@ -518,12 +513,16 @@ class Download:
     """Stream a G-code URL into a hidden temp file, then rename it.
 
     cancel(), a stop and the total timeout end it within moments whatever
-    the server does: they shut its socket down under any blocking call."""
+    the server does: they shut its socket down under any blocking call.
+    Directly, it connects only to the addresses it checked for the URL's
+    name; through a proxy (netpolicy.proxy_for) it connects to the proxy,
+    which resolves the name, and asks it for a CONNECT tunnel.  Either
+    way the certificate is verified for the name, against the usual CAs
+    and ca_file's."""
 
     def __init__(self, url: str, dest_dir: str, filename: str, max_bytes: int,
                  allow_loopback: bool, stop: threading.Event,
-                 on_done: Callable[[str, int], None],
-                 ca_certs: Optional[str] = None):
+                 on_done: Callable[[str, int], None], ca_file: str = ""):
         self.url = url
         self.dest_dir = dest_dir
         self.filename = filename
@@ -531,7 +530,7 @@ class Download:
         self.allow_loopback = allow_loopback
         self.stop = stop
         self.on_done = on_done
-        self.ca_certs = ca_certs
+        self.ca_file = ca_file
         self.cancelled = threading.Event()
         self.expired = threading.Event()
         self.connections = Connections()
@@ -604,8 +603,18 @@ class Download:
         if problem:
             raise DownloadError("refused download URL: %s" % (problem,))
         return addresses
-    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address]):
-        from urllib3.util import Timeout
+    def _proxy_addresses(self, host: str,
+                         proxy: netpolicy.Proxy) -> list[Address]:
+        """The proxy's addresses (the administrator's choice: a LAN address
+        is fine), from one lookup."""
+        try:
+            return resolve(proxy.host, proxy.port)
+        except OSError as e:
+            raise DownloadError(netpolicy.proxy_failure(host, proxy, e)) \
+                from e
+    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address],
+              proxy: Optional[netpolicy.Proxy] = None):
+        from urllib3.util import Timeout, make_headers, parse_url
         options = {"port": parts.port or DEFAULT_PORTS[parts.scheme],
                    "maxsize": 1, "retries": False,
                    "timeout": Timeout(connect=CONNECT_TIMEOUT,
@@ -613,25 +622,46 @@ class Download:
                    "addresses": addresses, "connections": self.connections}
         if parts.scheme == "https":
             options.update(cert_reqs="CERT_REQUIRED",
-                           ca_certs=self.ca_certs or _default_ca_certs())
+                           ssl_context=netpolicy.tls_context(self.ca_file))
+        if proxy is not None:
+            # The pool's connections go to the proxy and tunnel through it
+            auth = proxy.basic_auth()
+            options.update(_proxy=parse_url(proxy.shown), _proxy_headers=(
+                make_headers(proxy_basic_auth=auth) if auth else {}))
         return _pool_classes()[parts.scheme](parts.hostname, **options)
     def _request(self, url: str):
-        """One GET to an address checked for the URL's host."""
-        from urllib3.exceptions import HTTPError
+        """One GET, to an address checked for the URL's host or through
+        the proxy for the URL."""
+        from urllib3.exceptions import HTTPError, ProxyError
         problem = check_url(url, self.allow_loopback)
         if problem:
             raise DownloadError("refused download URL: %s" % (problem,))
         self._check_aborted()
         parts = urllib.parse.urlsplit(url)
         port = parts.port or DEFAULT_PORTS[parts.scheme]
-        pool = self._pool(parts, self._checked_addresses(parts.hostname,
-                                                         port))
+        try:
+            proxy = netpolicy.proxy_for(url)
+        except netpolicy.ProxyError as e:
+            raise DownloadError(str(e)) from None
+        if proxy is not None and parts.scheme != "https":
+            # Only loopback test servers use http, and never a proxy
+            raise DownloadError("refused download URL: plain http through"
+                                " a proxy")
+        if proxy is None:
+            pool = self._pool(parts, self._checked_addresses(parts.hostname,
+                                                             port))
+        else:
+            pool = self._pool(parts, self._proxy_addresses(parts.hostname,
+                                                           proxy), proxy)
         try:
             resp = pool.urlopen("GET", _request_target(parts),
                                 redirect=False, retries=False,
                                 preload_content=False)
         except BaseException as e:
             pool.close()
+            if proxy is not None and isinstance(e, ProxyError):
+                raise DownloadError(netpolicy.proxy_failure(
+                    parts.hostname, proxy, e)) from e
             if isinstance(e, (HTTPError, OSError)):
                 raise DownloadError("download failed: %s"
                                     % (e.__class__.__name__,)) from e
@@ -862,7 +892,8 @@ class JobManager:
             self.options.max_job_size, self.session.loopback_test_server(),
             self.session.stop_event,
             lambda err, size, jid=req.job_id: self.session.post(
-                self.download_done, jid, err, size))
+                self.download_done, jid, err, size),
+            ca_file=self.options.ca_file)
         self.download.start()
         self.session.status_now()
     def _refusal(self, req: protocol.PrintRequest,

@@ -9,7 +9,10 @@
 #   Client._receive_packet(pkt), Client._read_loop_websocket(), Client.ws
 #   (a websocket-client WebSocket with .sock), Client.queue (the outbound
 #   packet queue), Client.disconnect(abort=True), and
-#   socketio.Client._engineio_client_class().
+#   socketio.Client._engineio_client_class().  Proxies (checked against
+#   python-engineio 4.15 and websocket-client 1.9): websocket_extra_options
+#   override what python-engineio derives from its requests session, and
+#   websocket-client reads the environment only without them.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import netpolicy, protocol
 
 CONNECT_TIMEOUT = 20.
 WELCOME_WAIT = 10
@@ -129,8 +132,27 @@ class SizeLimitedSocket:
         return getattr(self.ws, name)
 
 
-def make_client(inbox: Inbox, options_verify, request_timeout: float):
-    """A python-socketio client whose events all land in the inbox."""
+def websocket_proxy_options(proxy: Optional[netpolicy.Proxy]) -> dict:
+    """websocket-client's proxy options for the link.
+
+    python-engineio hands websocket-client only the proxies of its requests
+    session, and websocket-client reads http(s)_proxy and no_proxy from
+    the environment by itself, with its own NO_PROXY rules.  Every option
+    is given here instead, so the decision is netpolicy.proxy_for()'s
+    alone: http_no_proxy is never empty, or the environment is read."""
+    if proxy is None:
+        return {"http_no_proxy": ["*"]}
+    auth = (proxy.username, proxy.password) if proxy.basic_auth() else None
+    # localhost: the only name a proxy is never used for anyway
+    return {"http_proxy_host": proxy.host, "http_proxy_port": proxy.port,
+            "http_proxy_auth": auth, "proxy_type": "http",
+            "http_no_proxy": ["localhost"]}
+
+
+def make_client(inbox: Inbox, options_verify, request_timeout: float,
+                proxy: Optional[netpolicy.Proxy] = None):
+    """A python-socketio client whose events all land in the inbox,
+    connecting through proxy (None: directly)."""
     import engineio
     import requests
     import socketio
@@ -164,10 +186,14 @@ def make_client(inbox: Inbox, options_verify, request_timeout: float):
             return OrderedEngineIO
 
     http = requests.Session()
+    http.trust_env = False          # proxies: netpolicy decides
+    if proxy is not None:
+        http.proxies = {"http": proxy.url, "https": proxy.url}
     http.verify = options_verify
     sio = Client(reconnection=False, handle_sigint=False, logger=False,
                  engineio_logger=False, request_timeout=request_timeout,
-                 http_session=http, ssl_verify=True)
+                 http_session=http, ssl_verify=True,
+                 websocket_extra_options=websocket_proxy_options(proxy))
 
     def on_any(event, *args):
         inbox.put_network(event, args[0] if args else None)
@@ -182,10 +208,11 @@ class Link:
     def __init__(self, sio):
         self.sio = sio
     @classmethod
-    def open(cls, factory: Callable, inbox: Inbox, url: str,
-             verify) -> Link:
-        """Connect (blocking: the session thread only); raises on failure."""
-        link = cls(factory(inbox, verify, CONNECT_TIMEOUT))
+    def open(cls, factory: Callable, inbox: Inbox, url: str, verify,
+             proxy: Optional[netpolicy.Proxy] = None) -> Link:
+        """Connect (blocking: the session thread only), through proxy when
+        there is one; raises on failure."""
+        link = cls(factory(inbox, verify, CONNECT_TIMEOUT, proxy=proxy))
         try:
             link.sio.connect(url, transports=["websocket"],
                              wait_timeout=WELCOME_WAIT)
@@ -243,7 +270,8 @@ class Link:
                 pass
 
 
-def connect_error_text(exc: Exception, url: str) -> str:
+def connect_error_text(exc: Exception, url: str,
+                       proxy: Optional[netpolicy.Proxy] = None) -> str:
     """What to tell the user about a failed connection attempt."""
     clock = protocol.clock_problem(time.time())
     if clock:
@@ -261,12 +289,20 @@ def connect_error_text(exc: Exception, url: str) -> str:
             reason = getattr(cause, "verify_message", "") or str(cause)
             return "TLS verification failed: %s" % (reason,)
         cause = cause.__cause__ or cause.__context__
+    if proxy is not None and netpolicy.failure_reason(exc):
+        return netpolicy.proxy_failure(
+            urllib.parse.urlsplit(url).hostname or url, proxy, exc)
+    if proxy is not None:
+        return "cannot connect to %s through proxy %s: %s" % (
+            url, proxy.shown, text)
     return "cannot connect to %s: %s" % (url, text)
 
 
-def local_ip(url: str) -> str:
-    """The address this host uses to reach url's host (no packet sent)."""
-    host = urllib.parse.urlsplit(url).hostname
+def local_ip(url: str, proxy: Optional[netpolicy.Proxy] = None) -> str:
+    """The address this host uses to reach url's host, or the proxy it
+    goes through (no packet sent)."""
+    host = proxy.host if proxy is not None \
+        else urllib.parse.urlsplit(url).hostname
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((host or "127.0.0.1", 443))

@@ -16,7 +16,7 @@ import urllib.parse
 from typing import Any, Callable, Optional
 
 from . import link as links
-from . import protocol
+from . import netpolicy, protocol
 from .auth import Auth
 from .backoff import Backoff
 from .commands import RemoteCommands
@@ -94,6 +94,15 @@ class CloudSession:
         self.snapshot_lock = threading.Lock()
         self.latest_sample: Optional[dict] = None
         self.missing: list[str] = []
+        # The proxy to Polar Cloud, from the environment (which does not
+        # change while klippy runs); an unusable one is every connect's
+        # error
+        self.proxy: Optional[netpolicy.Proxy] = None
+        self.proxy_problem = ""
+        try:
+            self.proxy = netpolicy.proxy_for(options.server_url)
+        except netpolicy.ProxyError as e:
+            self.proxy_problem = str(e)
         # Collaborators; each registers the cloud events it owns
         self.on("welcome", self.on_welcome, online=False)
         self.on("capabilitiesResponse", self.on_capabilities)
@@ -320,13 +329,17 @@ class CloudSession:
         self.set_state(CONNECTING, self.last_error)
         self.challenge = ""
         self.hello_at = 0.
+        if self.proxy_problem:
+            self._schedule_retry(self.proxy_problem)
+            return
+        proxy = self.proxy
         try:
             link = links.Link.open(self.client_factory, self.inbox,
                                    self.options.server_url,
-                                   self.options.ca_file or True)
+                                   self.options.ca_file or True, proxy)
         except Exception as e:
             self._schedule_retry(links.connect_error_text(
-                e, self.options.server_url))
+                e, self.options.server_url, proxy))
             return
         self.link = link
         if self.stop_event.is_set():
@@ -334,8 +347,9 @@ class CloudSession:
             return
         self.connected_at = time.monotonic()
         self.deadline = self.connected_at + WELCOME_TIMEOUT
-        self.local_ip = links.local_ip(self.options.server_url)
-        self.rlog("connected", "connected to %s", self.options.server_url)
+        self.local_ip = links.local_ip(self.options.server_url, proxy)
+        self.rlog("connected", "connected to %s%s", self.options.server_url,
+                  " through proxy " + proxy.shown if proxy else "")
     def wait_reply(self, state: str, timeout: float, error: str = "") -> None:
         """Enter a state that waits for the cloud's answer."""
         self.set_state(state, error)
@@ -463,6 +477,7 @@ class CloudSession:
             "registered": ident is not None,
             "serial_number": ident.serial if ident else "",
             "server": self.options.server_url,
+            "proxy": self.proxy.address if self.proxy else "",
             "online_since": (protocol.utc_iso(time.time() - (
                 time.monotonic() - self.online_at)) if self.online_at
                 else ""),

@@ -20,7 +20,8 @@ class Snapshots:
         self.camera = camera.Camera(
             session.options.camera, session.loopback_test_server(),
             session.stop_event,
-            lambda result: session.post(self.done, result))
+            lambda result: session.post(self.done, result),
+            ca_file=session.options.ca_file)
         self.last: Optional[camera.SnapshotResult] = None
         session.on("getUrlResponse", self.on_url_response)
     def kind(self) -> tuple[str, str]:

@@ -13,6 +13,8 @@ Certificates (ECDSA P-256, made with `cryptography`):
   expired      signed by the CA, for 127.0.0.1, expired a year ago
   wrong_host   signed by the CA, valid now, only for polar.example.com
   self_signed  its own issuer, for 127.0.0.1
+  named        signed by the CA, valid now, for the names given as
+               make_certs(tmp_path, names=[...]) (only then)
 Each value is a dict with "cert" and "key" paths (the CA: "cert" only
 matters, as a ca_file).
 """
@@ -48,7 +50,8 @@ def _write(dirname: Path, stem: str, cert: x509.Certificate,
     return {"cert": str(cert_path), "key": str(key_path)}
 
 
-def make_certs(dirname: Path) -> dict[str, dict[str, str]]:
+def make_certs(dirname: Path,
+               names: Optional[list[str]] = None) -> dict[str, dict[str, str]]:
     dirname = Path(dirname)
     dirname.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -108,6 +111,8 @@ def make_certs(dirname: Path) -> dict[str, dict[str, str]]:
     leaf("wrong_host", ["polar.example.com"], now - day, now + 30 * day)
     leaf("self_signed", ["127.0.0.1", "localhost"], now - day,
          now + 30 * day, self_signed=True)
+    if names:
+        leaf("named", list(names), now - day, now + 30 * day)
     return out
 
 

@@ -189,10 +189,15 @@ class PolarSim:
         self._want_port = port
         self.port: int | None = None
         self.url: str | None = None
+        # Where printers find the job files and the upload endpoint, when
+        # not at url: e.g. behind a TLS terminator, under a name only a
+        # proxy resolves
+        self.public_url: str | None = None
         self.ping_interval = int(ping_interval)
         self.ping_timeout = int(ping_timeout)
         self.rec = Recorder(on_event, on_violation)
-        self.http = HttpSide(self.rec, lambda: self.url or "", lambda: self._stopping)
+        self.http = HttpSide(self.rec, lambda: self.public_url or self.url or "",
+                             lambda: self._stopping)
 
         # settings
         self.url_expires = url_expires
@@ -937,7 +942,7 @@ class PolarSim:
                 "maxSize": form.max_size,
                 "contentType": ctype,
                 "method": "post",
-                "url": f"{self.url}/upload",
+                "url": f"{self.public_url or self.url}/upload",
                 "fields": dict(form.fields),
             }
         if callable(scripted):

@@ -1,0 +1,248 @@
+# How the module reaches the network: proxies and the certificates trusted
+#
+# Schools and companies often let the internet through an HTTP proxy
+# only, set for services in the environment as HTTPS_PROXY (and
+# HTTP_PROXY, NO_PROXY; upper or lower case, lower case first, as Python's
+# urllib reads them).  Every outbound connection asks proxy_for() here:
+# the Socket.IO link (link.py), job downloads (jobs.py), snapshot uploads
+# and the webcam fetch (camera.py, imaging.py).  Loopback and LAN
+# addresses never go through a proxy.  Through a proxy the proxy resolves
+# the destination's name; the module does no lookup of its own for it.
+#
+# A proxy's credentials are secrets: logs, the console and get_status
+# only ever show Proxy.shown (scheme, host and port).
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import http
+import ipaddress
+import re
+import socket
+import ssl
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+DEFAULT_PROXY_PORT = 80
+# Names a proxy cannot know: this host and the LAN's multicast DNS
+LOCAL_SUFFIXES = (".localhost", ".local")
+TUNNEL_STATUS_RES = (
+    # http.client (urllib3, requests): "Tunnel connection failed: 403 Forbidden"
+    re.compile(r"Tunnel connection failed: (\d{3})(?: ([^'\"()\\]*))?"),
+    # websocket-client: "failed CONNECT via proxy status: 403"
+    re.compile(r"CONNECT via proxy status: (\d{3})()"),
+)
+
+
+class ProxyError(ValueError):
+    """The proxy setting in the environment cannot be used."""
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy (CONNECT tunnels).  repr() hides the password."""
+    host: str
+    port: int
+    username: str = ""
+    password: str = field(default="", repr=False)
+    @property
+    def address(self) -> str:
+        """host:port, for get_status."""
+        host = "[%s]" % (self.host,) if ":" in self.host else self.host
+        return "%s:%d" % (host, self.port)
+    @property
+    def shown(self) -> str:
+        """http://host:port: never the credentials."""
+        return "http://" + self.address
+    @property
+    def url(self) -> str:
+        """The full URL, credentials included (for requests only)."""
+        auth = ""
+        if self.username or self.password:
+            auth = "%s:%s@" % (urllib.parse.quote(self.username, safe=""),
+                               urllib.parse.quote(self.password, safe=""))
+        return "http://%s%s" % (auth, self.address)
+    def basic_auth(self) -> Optional[str]:
+        """user:password for a Proxy-Authorization header, or None."""
+        if not self.username and not self.password:
+            return None
+        return "%s:%s" % (self.username, self.password)
+
+
+def _without_credentials(value: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", value)[:80]
+
+
+def parse_proxy(value: str) -> Proxy:
+    """A proxy URL from the environment ("http://[user:pw@]host[:port]",
+    or just "host:port"); raises ProxyError."""
+    value = value.strip()
+    text = value if "://" in value else "http://" + value
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ProxyError("not a proxy URL: %s"
+                         % (_without_credentials(value),)) from None
+    if parts.scheme.lower() != "http":
+        raise ProxyError("only http:// proxies are supported, not %s"
+                         % (_without_credentials(value),))
+    if not parts.hostname:
+        raise ProxyError("not a proxy URL: %s"
+                         % (_without_credentials(value),))
+    return Proxy(parts.hostname, port or DEFAULT_PROXY_PORT,
+                 urllib.parse.unquote(parts.username or ""),
+                 urllib.parse.unquote(parts.password or ""))
+
+
+def is_local_host(host: str) -> bool:
+    """This host or the LAN: never through a proxy."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(LOCAL_SUFFIXES):
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """NO_PROXY as urllib reads it (names match themselves and their
+    subdomains, a leading dot is ignored, '*' matches everything), plus
+    address ranges ("203.0.113.0/24") for literal addresses."""
+    if not no_proxy:
+        return False
+    if urllib.request.proxy_bypass_environment(host, {"no": no_proxy}):
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in no_proxy.split(","):
+        try:
+            if addr in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def proxy_for(url: str) -> Optional[Proxy]:
+    """The proxy to reach url through, None to connect directly; raises
+    ProxyError when the environment names a proxy that cannot be used."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host or is_local_host(host):
+        return None
+    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
+    proxies = urllib.request.getproxies_environment()
+    value = proxies.get(scheme)
+    if not value or _bypassed(host, proxies.get("no", "")):
+        return None
+    try:
+        return parse_proxy(value)
+    except ProxyError as e:
+        raise ProxyError("%s_PROXY: %s" % (scheme.upper(), e)) from None
+
+
+def shown_proxy(proxy: Optional[Proxy]) -> str:
+    """http://host:port, or "" without a proxy."""
+    return proxy.shown if proxy is not None else ""
+
+
+def _reasons(exc: BaseException):
+    """exc and what it wraps: causes, contexts, and the exceptions urllib3
+    and requests keep in their arguments or in .reason."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 16:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        inner = [e.__cause__, e.__context__, getattr(e, "reason", None)]
+        inner += list(getattr(e, "args", ()))
+        todo += [i for i in inner if isinstance(i, BaseException)]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a connection through a proxy failed, in a few words: the
+    proxy's answer to CONNECT ("403 Forbidden") when there was one; ""
+    when exc tells nothing about the proxy."""
+    chain = list(_reasons(exc))
+    for e in chain:
+        for pattern in TUNNEL_STATUS_RES:
+            match = pattern.search(str(e))
+            if match:
+                code = int(match.group(1))
+                phrase = (match.group(2) or "").strip()
+                if not phrase:
+                    try:
+                        phrase = http.HTTPStatus(code).phrase
+                    except ValueError:
+                        phrase = ""
+                return ("%d %s" % (code, phrase)).strip()[:80]
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "cannot resolve the proxy's name"
+        if isinstance(e, (socket.timeout, TimeoutError)) \
+                or e.__class__.__name__ in ("ConnectTimeoutError",
+                                            "ReadTimeoutError",
+                                            "ConnectTimeout", "ReadTimeout"):
+            return "timed out"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset"
+    return ""
+
+
+def proxy_failure(host: str, proxy: Proxy, exc: BaseException) -> str:
+    """The error text for a connection through a proxy."""
+    return "cannot reach %s through proxy %s: %s" % (
+        host, proxy.shown, failure_reason(exc) or exc.__class__.__name__)
+
+
+# Certificates
+
+def default_ca_certs() -> str:
+    from requests.certs import where
+    return where()
+
+
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """Verifying TLS for downloads and uploads: the usual CA bundle, and
+    the CAs in ca_file too (a private cloud, a TLS-inspecting proxy)."""
+    ctx = ssl.create_default_context(cafile=default_ca_certs())
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+def requests_session(proxy: Optional[Proxy], ca_file: str = ""):
+    """A requests Session that goes through proxy (or directly: the
+    environment is not read again) and trusts ca_file besides the usual
+    CAs."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class TrustingAdapter(HTTPAdapter):
+        # requests' documented way to verify with an SSLContext of one's own
+        context = tls_context(ca_file) if ca_file else None
+        def build_connection_pool_key_attributes(self, request, verify,
+                                                 cert=None):
+            host, pool = super().build_connection_pool_key_attributes(
+                request, verify, cert)
+            pool["ssl_context"] = self.context
+            return host, pool
+
+    http_session = requests.Session()
+    http_session.trust_env = False
+    if proxy is not None:
+        http_session.proxies = {"http": proxy.url, "https": proxy.url}
+    if ca_file:
+        http_session.mount("https://", TrustingAdapter())
+    return http_session
