@@ -349,7 +349,6 @@ def test_dns_that_never_answers_leaves_klippy_alone(make_klippy, sim):
     k.restart()
     hist.wait_for(lambda s: s["state"] == "connecting",
                   since=hist.mark() - 1)
-    assert "still busy; it will end by itself" in k.log_text()
     k.gcode("POLAR_STATUS")
     out.wait_for(r"Polar Cloud: connecting")
     out.close()

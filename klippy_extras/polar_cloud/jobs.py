@@ -784,9 +784,10 @@ class JobManager:
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
         self.estimate = 0.
-        # Console and log lines about jobs: a flood of refused prints is
-        # answered in full, but not written out in full
-        self.lines = LineBudget(20, 60.)
+        # A flood of refused prints is answered in full, but not written
+        # out in full
+        self.refusal_lines = LineBudget(60, 60.)
+        self.report_lines = LineBudget(60, 60.)
         session.on("print", lambda data: self.handle_print(
             data, session.snapshot()))
         for action in ("pause", "resume", "cancel"):
@@ -924,7 +925,7 @@ class JobManager:
     def _refuse(self, job_id: str, reason: str, cause: str = "") -> None:
         # Every refused job is answered; a flood of them is not a flood of
         # console and log lines
-        if self.lines.allow():
+        if self.refusal_lines.allow():
             self.session.console("Polar Cloud: job %s refused: %s%s" % (
                 shown_id(job_id), reason, " [%s]" % (cause,) if cause
                 else ""), error=True)
@@ -1081,7 +1082,7 @@ class JobManager:
         for msg in pending:
             wire = dict(msg, serialNumber=serial)
             if self.session.emit("job", wire, callback=self._ack(msg)):
-                if self.lines.allow():
+                if self.report_lines.allow():
                     log.info("polar_cloud: job %s reported %s",
                              shown_id(msg["jobId"]), msg["state"])
                 self.unsettled.append((now, msg))
