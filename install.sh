@@ -6,8 +6,8 @@
 #   ./install.sh --all      the same for every Klipper instance on this host
 #   ./install.sh -u         uninstall (keeps the printer's identity)
 # ./install.sh -h lists every option. Nothing is asked: flags only.
-# Helpers: scripts/install_helper.py (config files, Moonraker's API, pip with
-# Klipper's packages held) and scripts/install_nginx.sh (the --nginx page).
+# Helpers: scripts/install_helper.py (instances, config files, Moonraker's
+# API, pip with Klipper's packages held) and scripts/install_nginx.sh.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 set -euo pipefail
@@ -22,9 +22,8 @@ PKG_DIR=$REPO_DIR/klippy_extras/polar_cloud
 HELPER=$REPO_DIR/scripts/install_helper.py
 DEFAULT_ORIGIN=https://github.com/polar-cloud-klipper/polar_cloud
 UM_FILE=polar_cloud_update.conf   # install_helper.py's UM_FILE
-EXCLUDE_LINE=/klippy/extras/polar_cloud
 # Test hook, not for normal use: a stand-in for `id -u` (the helper reads
-# POLAR_SYSTEMD_DIR and install_nginx.sh POLAR_NGINX_DIR).
+# POLAR_SYSTEMD_DIR, install_nginx.sh POLAR_NGINX_DIR).
 RUN_UID=${POLAR_INSTALL_UID:-$(id -u)}
 
 say()  { printf 'polar_cloud: %s\n' "$*"; }
@@ -36,14 +35,12 @@ usage() {
     cat <<EOF
 Usage: $0 [options]
 
-Installs the polar_cloud extra: the Debian packages pip needs to build Pillow
-where it finds no wheel (only missing ones), the Python requirements into
-klippy's virtualenv (Klipper's own packages held at their versions), a link
-<klipper>/klippy/extras/polar_cloud -> klippy_extras/polar_cloud, and the
-Moonraker update entry <config>/$UM_FILE, included by the line
-[include $UM_FILE] in moonraker.conf (backed up first). Then restarts
-Klipper, through Moonraker when it answers, unless a print is running.
-Running it again repairs, and changes nothing that is already right.
+Installs the polar_cloud extra (README.md, "Install"): the Python requirements
+into klippy's venv (Klipper's packages held; apt only for missing packages
+Pillow may need), a link in <klipper>/klippy/extras, Moonraker's update entry
+<config>/$UM_FILE (the line [include $UM_FILE] in moonraker.conf), then
+restarts Klipper unless it prints. Running it again repairs, changing nothing
+that is already right.
 
   -k, --klipper DIR        Klipper (or Kalico) checkout [~/klipper]
       --venv DIR           klippy's virtualenv [~/klippy-env]
@@ -68,37 +65,29 @@ Running it again repairs, and changes nothing that is already right.
       --allow-root         run as root (normally refused)
   -h, --help               this text
 
-With several instances (KIAUH's ~/printer_data, ~/printer_2_data, ...) and
-none of --all, -i, -d, -c, nothing is done. The link and the requirements
-are shared; each instance gets its own include and restart. printer.cfg is
-never edited: add [polar_cloud] to each and register each printer.
-After a Moonraker "recovery" of the Klipper repository, run this again.
+Several instances (~/printer_data, ~/printer_2_data, ...): pick one with -i,
+-d or -c, or all with --all. printer.cfg is never edited. After a Moonraker
+"recovery" of the Klipper repository, run this again.
 EOF
 }
 
 # --- arguments -------------------------------------------------------------
 
-KLIPPER_DIR="" VENV_DIR="" DATA_DIR="" CONFIG_DIR="" INSTANCE=""
-SERVICE="" MR_SERVICE="" MR_URL="" ALL=0
+KLIPPER_DIR=$HOME/klipper VENV_DIR=$HOME/klippy-env PICK=() ALL=0
 NO_RESTART=0 FORCE_RESTART=0 NGINX=0 UNINSTALL=0 PURGE=0 ALLOW_ROOT=0
-
 while [ $# -gt 0 ]; do
     case $1 in --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;; esac
     case $1 in
         -k|--klipper|--venv|-d|--data|-c|--config|-i|--instance|-s|--service|\
         --moonraker-service|--moonraker-url)
-            if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi ;;
-    esac
-    case $1 in
-        -k|--klipper) KLIPPER_DIR=$(realpath -ms -- "$2"); shift ;;
-        --venv) VENV_DIR=$(realpath -ms -- "$2"); shift ;;
-        -d|--data) DATA_DIR=$(realpath -ms -- "$2"); shift ;;
-        -c|--config) CONFIG_DIR=$(realpath -ms -- "$2"); shift ;;
-        -i|--instance) INSTANCE=$2; shift ;;
-        -a|--all) ALL=1 ;;
-        -s|--service) SERVICE=$2; shift ;;
-        --moonraker-service) MR_SERVICE=$2; shift ;;
-        --moonraker-url) MR_URL=${2%/}; shift ;;
+            if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi
+            case $1 in
+                -k|--klipper) KLIPPER_DIR=$(realpath -ms -- "$2") ;;
+                --venv) VENV_DIR=$(realpath -ms -- "$2") ;;
+                *) PICK+=("$1" "$2") ;;   # which instances: install_helper.py instances
+            esac
+            shift ;;
+        -a|--all) ALL=1 PICK+=(--all) ;;
         --no-restart) NO_RESTART=1 ;;
         --force-restart) FORCE_RESTART=1 ;;
         --nginx) NGINX=1 ;;
@@ -111,43 +100,29 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || die "--purge only goes with --uninstall"
-if [ "$ALL" = 1 ] && [ -n "$DATA_DIR$CONFIG_DIR$INSTANCE$SERVICE$MR_SERVICE$MR_URL" ]; then
-    die "--all picks every instance: it does not go with -d, -c, -i, -s, --moonraker-service or --moonraker-url"
-fi
+SUDO=(sudo)
 if [ "$RUN_UID" = 0 ]; then
     [ "$ALLOW_ROOT" = 1 ] || die "do not run as root: run as the user Klipper runs as (sudo is used only for apt, restarts and nginx), or pass --allow-root"
     SUDO=()
-else
-    SUDO=(sudo)
 fi
 
-# --- instances ---------------------------------------------------------------
+# --- where things are --------------------------------------------------------
 
-resolve_paths() {  # Klipper, its venv, and the instances to work on
-    local out pick=()
-    KLIPPER_DIR=${KLIPPER_DIR:-$HOME/klipper}
-    VENV_DIR=${VENV_DIR:-$HOME/klippy-env}
-    VENV_PY=$VENV_DIR/bin/python
-    PY=$(command -v python3 || echo "$VENV_PY")   # runs the helper
-    EXTRAS_DIR=$KLIPPER_DIR/klippy/extras
-    LINK=$EXTRAS_DIR/polar_cloud
-    ORIGIN=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null || true)
-    ORIGIN=${ORIGIN:-$DEFAULT_ORIGIN}
-    [ "$ALL" = 0 ] || pick=(--all)
-    out=$(helper instances "${pick[@]}" --data "$DATA_DIR" --config "$CONFIG_DIR" \
-          --instance "$INSTANCE" --service "$SERVICE" --moonraker-service "$MR_SERVICE" \
-          --moonraker-url "$MR_URL") || exit 1
-    mapfile -t INSTANCES <<< "$out"
-    [ "$ALL" = 0 ] || say "instances: $(cut -d$'\x1f' -f1 <<< "$out" | tr '\n' ' ')"
-    use_instance "${INSTANCES[0]}"
-}
+VENV_PY=$VENV_DIR/bin/python
+PY=$(command -v python3 || echo "$VENV_PY")   # runs the helper
+EXTRAS_DIR=$KLIPPER_DIR/klippy/extras
+ORIGIN=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null || true)
+ORIGIN=${ORIGIN:-$DEFAULT_ORIGIN}
+OUT=$(helper instances "${PICK[@]}") || exit 1
+mapfile -t INSTANCES <<< "$OUT"
+[ "$ALL" = 0 ] || say "instances: $(cut -d$'\x1f' -f1 <<< "$OUT" | tr '\n' ' ')"
 
-use_instance() {  # RECORD of `install_helper.py instances`: the current instance
-    # STATE_DIR is empty for a state_path relative to klippy; CFGS: the
-    # config files holding [polar_cloud]
+use_instance() {  # RECORD: a line of `install_helper.py instances` (STATE_DIR is
+    # empty for a state_path relative to klippy; CFGS: files with [polar_cloud])
     IFS=$'\x1f' read -r DATA_DIR CONFIG_DIR SERVICE MR_SERVICE MR_URL STATE_DIR CFGS <<< "$1"
     MR_CHANGED=0
 }
+use_instance "${INSTANCES[0]}"
 
 for_each_instance() {  # FUNC: run it for each instance
     local rec
@@ -157,7 +132,7 @@ for_each_instance() {  # FUNC: run it for each instance
 # --- checks, before anything changes ------------------------------------------
 
 check_install() {
-    local ver p
+    local ver
     [ -d "$KLIPPER_DIR" ] || die "Klipper not found at $KLIPPER_DIR (use -k DIR)"
     [ -d "$EXTRAS_DIR" ] || die "$KLIPPER_DIR is not a Klipper checkout: no klippy/extras folder (use -k DIR)"
     [ -d "$VENV_DIR" ] || die "klippy's virtualenv not found at $VENV_DIR (use --venv DIR)"
@@ -173,20 +148,7 @@ check_install() {
     [ -f "$PKG_DIR/__init__.py" ] || die "$PKG_DIR/__init__.py missing: run install.sh from a complete clone of polar_cloud"
     git -C "$REPO_DIR" rev-parse --git-dir >/dev/null 2>&1 \
         || warn "$REPO_DIR is not a git clone: Moonraker cannot update it (clone it with git instead)"
-    if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
-        die "$LINK exists and is not a link (an old copy?): move it away and run again"
-    fi
-    [ ! -e "$EXTRAS_DIR/polar_cloud.py" ] || die "$EXTRAS_DIR/polar_cloud.py exists (another polar_cloud module): remove it and run again"
-    # Kalico loads klippy/extras and klippy/plugins and refuses a module in both.
-    for p in "$KLIPPER_DIR"/klippy/plugins/polar_cloud{,.py}; do
-        if [ -e "$p" ] && [ ! -L "$p" ]; then die "$p exists: Kalico would load polar_cloud twice; remove it and run again"; fi
-    done
-}
-
-check_state_dir() {
-    case ${STATE_DIR:-/}/ in "$REPO_DIR"/*)
-        warn "the identity would be stored in the repository ($STATE_DIR): set state_path in [polar_cloud]" ;;
-    esac
+    helper link-check "$KLIPPER_DIR" || exit 1
 }
 
 check_purge() {  # refuse to delete a state_path that holds more than the identity
@@ -216,37 +178,7 @@ install_system_packages() {  # those of PKGLIST that are missing, with apt
     fi
 }
 
-link_module() {
-    local p ex=$KLIPPER_DIR/.git/info/exclude
-    for p in "$KLIPPER_DIR"/klippy/plugins/polar_cloud{,.py}; do
-        if [ -L "$p" ]; then rm -f "$p"; say "removed $p (Kalico loads klippy/extras too)"; fi
-    done
-    if [ -L "$LINK" ] && [ "$(readlink "$LINK")" = "$PKG_DIR" ]; then
-        say "link $LINK -> $PKG_DIR already in place"
-    else
-        if [ -L "$LINK" ]; then say "replacing link $LINK (was -> $(readlink "$LINK"))"; fi
-        ln -sfn "$PKG_DIR" "$LINK"
-        say "linked $LINK -> $PKG_DIR"
-    fi
-    # Keep `git status` of Klipper clean (Moonraker calls it dirty otherwise).
-    if [ -d "$KLIPPER_DIR/.git/info" ] && ! grep -qxF "$EXCLUDE_LINE" "$ex" 2>/dev/null; then
-        if [ -s "$ex" ] && [ -n "$(tail -c1 "$ex")" ]; then echo >> "$ex"; fi
-        printf '%s\n' "$EXCLUDE_LINE" >> "$ex"
-        say "added $EXCLUDE_LINE to $ex"
-    fi
-}
-
-unlink_module() {
-    local ex=$KLIPPER_DIR/.git/info/exclude
-    if [ -L "$LINK" ]; then rm -f "$LINK"; say "removed link $LINK"
-    elif [ -e "$LINK" ]; then warn "$LINK is not a link: left alone"; fi
-    if [ -f "$ex" ] && grep -qxF "$EXCLUDE_LINE" "$ex"; then
-        sed -i "\\#^$EXCLUDE_LINE\$#d" "$ex"
-        say "removed $EXCLUDE_LINE from $ex"
-    fi
-}
-
-update_manager() {  # install|remove: the include of $UM_FILE in moonraker.conf
+update_manager() {  # install|remove: $UM_FILE and its include in moonraker.conf
     local rc=0
     helper update-manager "$1" "$CONFIG_DIR" --path "$REPO_DIR" --origin "$ORIGIN" --venv "$VENV_DIR" || rc=$?
     case $rc in 0) ;; 10) MR_CHANGED=1 ;; *) die "could not edit $CONFIG_DIR/moonraker.conf" ;; esac
@@ -291,14 +223,13 @@ uninstall_instance() {
 
 do_install() {
     check_install
-    for_each_instance check_state_dir
     say "Klipper: $KLIPPER_DIR, venv: $VENV_DIR"
     [ ! -d "$KLIPPER_DIR/klippy/plugins" ] || say "Kalico detected: linking into klippy/extras, which Kalico loads too"
     install_system_packages
     "$VENV_PY" "$HELPER" pip-install --hold-file "$KLIPPER_DIR/scripts/klippy-requirements.txt" \
         -r "$REPO_DIR/requirements.txt" || exit 1
     "$VENV_PY" "$HELPER" imports || exit 1
-    link_module
+    helper link "$KLIPPER_DIR" "$PKG_DIR"
     [ "$NGINX" = 0 ] || bash "$REPO_DIR/scripts/install_nginx.sh" install
     for_each_instance install_instance
 }
@@ -310,9 +241,9 @@ do_uninstall() {
     if [ ! -d "$EXTRAS_DIR" ]; then
         say "no Klipper at $KLIPPER_DIR: nothing to unlink"
     elif [ -n "$others" ]; then
-        say "link $LINK kept: still used by $others (uninstall those instances first)"
+        say "link $EXTRAS_DIR/polar_cloud kept: still used by $others (uninstall those instances first)"
     else
-        unlink_module
+        helper unlink "$KLIPPER_DIR"
     fi
     bash "$REPO_DIR/scripts/install_nginx.sh" remove
     for_each_instance uninstall_instance
@@ -320,5 +251,4 @@ do_uninstall() {
     say "kept: this repository ($REPO_DIR) and any moonraker.conf backups"
 }
 
-resolve_paths
 if [ "$UNINSTALL" = 1 ]; then do_uninstall; else do_install; fi

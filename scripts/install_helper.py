@@ -13,6 +13,8 @@ test venvs hold Klipper's packages exactly as a printer's venv does.
     install_helper.py instances [--all] [--data DIR] [--config DIR] [--instance NAME]
                       [--service S] [--moonraker-service S] [--moonraker-url URL]
     install_helper.py installed-elsewhere DATA_DIR
+    install_helper.py link-check|unlink KLIPPER_DIR
+    install_helper.py link KLIPPER_DIR PACKAGE_DIR
     install_helper.py update-manager install CONFIG_DIR --path REPO
                       --origin URL --venv VENV
     install_helper.py update-manager remove CONFIG_DIR
@@ -46,6 +48,8 @@ from collections.abc import Iterable
 from typing import Optional
 
 CHANGED = 10
+EXCLUDE_LINE = "/klippy/extras/polar_cloud"
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SEP = "\x1f"  # between the fields of an instance (some may be empty)
 UM_SECTION = "update_manager polar_cloud"
 UM_HEADER = "[%s]" % UM_SECTION
@@ -173,6 +177,7 @@ def instance_name(data_dir: str) -> str:
 def pick_data_dirs(home: str, every: bool, data: str, config: str,
                    instance: str) -> list[tuple[str, str, str]]:
     """(data dir, config dir, instance name) of the instances to work on."""
+    data, config = (os.path.abspath(p) if p else "" for p in (data, config))
     found = data_dirs(home)
     if every:
         if not found:
@@ -214,14 +219,22 @@ def instances(a: argparse.Namespace) -> list[list[str]]:
     """Per instance: data dir, config dir, Klipper's and Moonraker's
     services, Moonraker's URL, the state dir (empty for a state_path
     relative to klippy) and the config files that hold [polar_cloud]."""
+    if a.all and (a.data or a.config or a.instance or a.service
+                  or a.moonraker_service or a.moonraker_url):
+        raise Error("--all picks every instance: it does not go with -d, -c, -i,"
+                    " -s, --moonraker-service or --moonraker-url")
     out = []
     home = os.path.expanduser("~")
     for data, config, name in pick_data_dirs(home, a.all, a.data, a.config, a.instance):
         suffix = "-" + name if name else ""
         url = a.moonraker_url or moonraker_url(os.path.join(config, "moonraker.conf"))
+        state = state_dir(config)
+        if state and (os.path.realpath(state) + "/").startswith(REPO + "/"):
+            warn("the identity would be stored in the repository (%s): set"
+                 " state_path in [polar_cloud]" % (state,))
         out.append([data, config, a.service or "klipper" + suffix,
-                    a.moonraker_service or "moonraker" + suffix, url,
-                    state_dir(config), " ".join(polar_cloud_cfgs(config))])
+                    a.moonraker_service or "moonraker" + suffix, url.rstrip("/"),
+                    state, " ".join(polar_cloud_cfgs(config))])
     return out
 
 
@@ -235,6 +248,74 @@ def installed_elsewhere(data_dir: str) -> list[str]:
                 or os.path.isfile(conf) and has_section(read_text(conf), UM_SECTION)):
             out.append(d)
     return out
+
+
+# --- the link into Klipper -------------------------------------------------
+
+
+def _paths(klipper: str) -> tuple[str, str, list[str]]:
+    """The link, Klipper's git exclude file, and where Kalico would also
+    load the module from (klippy/plugins)."""
+    plugins = os.path.join(klipper, "klippy", "plugins", "polar_cloud")
+    return (os.path.join(klipper, "klippy", "extras", "polar_cloud"),
+            os.path.join(klipper, ".git", "info", "exclude"),
+            [plugins, plugins + ".py"])
+
+
+def link_check(klipper: str) -> None:
+    """Refuse, before anything changes, when the link's place is taken."""
+    link, _, plugins = _paths(klipper)
+    if os.path.exists(link) and not os.path.islink(link):
+        raise Error("%s exists and is not a link (an old copy?): move it away and"
+                    " run again" % (link,))
+    if os.path.exists(link + ".py"):
+        raise Error("%s.py exists (another polar_cloud module): remove it and run"
+                    " again" % (link,))
+    # Kalico loads klippy/extras and klippy/plugins and refuses a module in both.
+    for p in plugins:
+        if os.path.exists(p) and not os.path.islink(p):
+            raise Error("%s exists: Kalico would load polar_cloud twice; remove it"
+                        " and run again" % (p,))
+
+
+def link(klipper: str, package: str) -> None:
+    """klippy/extras/polar_cloud -> package, kept out of Klipper's git
+    status (Moonraker calls a Klipper with untracked files dirty)."""
+    path, exclude, plugins = _paths(klipper)
+    for p in plugins:
+        if os.path.islink(p):
+            os.remove(p)
+            say("removed %s (Kalico loads klippy/extras too)" % (p,))
+    if os.path.islink(path) and os.readlink(path) == package:
+        say("link %s -> %s already in place" % (path, package))
+    else:
+        if os.path.islink(path):
+            say("replacing link %s (was -> %s)" % (path, os.readlink(path)))
+            os.remove(path)
+        os.symlink(package, path)
+        say("linked %s -> %s" % (path, package))
+    if not os.path.isdir(os.path.dirname(exclude)):
+        return
+    text = read_text(exclude) if os.path.exists(exclude) else ""
+    if EXCLUDE_LINE not in text.splitlines():
+        newline = "\n" if text and not text.endswith("\n") else ""
+        with open(exclude, "a", encoding="utf-8") as f:
+            f.write(newline + EXCLUDE_LINE + "\n")
+        say("added %s to %s" % (EXCLUDE_LINE, exclude))
+
+
+def unlink(klipper: str) -> None:
+    path, exclude, _ = _paths(klipper)
+    if os.path.islink(path):
+        os.remove(path)
+        say("removed link %s" % (path,))
+    elif os.path.exists(path):
+        warn("%s is not a link: left alone" % (path,))
+    lines = read_text(exclude).splitlines(True) if os.path.isfile(exclude) else []
+    if any(line.rstrip("\r\n") == EXCLUDE_LINE for line in lines):
+        with open(exclude, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("".join(x for x in lines if x.rstrip("\r\n") != EXCLUDE_LINE))
+        say("removed %s from %s" % (EXCLUDE_LINE, exclude))
 
 
 # --- Moonraker's API -------------------------------------------------------
@@ -620,10 +701,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--hold", default="", help="a reason not to restart")
     p = sub.add_parser("instances")
     p.add_argument("--all", action="store_true")
-    for opt in ("data", "config", "instance", "service", "moonraker-service",
-                "moonraker-url"):
-        p.add_argument("--" + opt, default="")
+    for opt in ("-d/--data", "-c/--config", "-i/--instance", "-s/--service",
+                "--moonraker-service", "--moonraker-url"):
+        p.add_argument(*opt.split("/"), default="")
     sub.add_parser("installed-elsewhere").add_argument("data_dir")
+    sub.add_parser("link-check").add_argument("klipper")
+    p = sub.add_parser("link")
+    p.add_argument("klipper")
+    p.add_argument("package")
+    sub.add_parser("unlink").add_argument("klipper")
     p = sub.add_parser("update-manager")
     p.add_argument("action", choices=["install", "remove"])
     p.add_argument("config_dir")
@@ -649,6 +735,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif a.command == "instances":
             for fields in instances(a):
                 print(SEP.join(fields))
+        elif a.command == "link-check":
+            link_check(a.klipper)
+        elif a.command == "link":
+            link(a.klipper, a.package)
+        elif a.command == "unlink":
+            unlink(a.klipper)
         elif a.command == "installed-elsewhere":
             print(" ".join(installed_elsewhere(a.data_dir)))
         elif a.command == "update-manager":

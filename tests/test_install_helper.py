@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -357,3 +358,59 @@ def test_main_exit_codes(tmp_path, capsys):
     assert h.main(["update-manager", "remove", str(tmp_path)]) == h.CHANGED
     assert h.main(["instances", "--instance", "nope"]) == 1
     assert "ERROR: " in capsys.readouterr().err
+
+
+# --- the link ------------------------------------------------------------------------
+
+
+def make_klipper(root: Path) -> Path:
+    klipper = root / "klipper"
+    (klipper / "klippy" / "extras").mkdir(parents=True)
+    (klipper / ".git" / "info").mkdir(parents=True)
+    (klipper / ".git" / "info" / "exclude").write_text("# git\n*.swp")  # no final \n
+    return klipper
+
+
+def test_link_and_unlink(tmp_path, capsys):
+    klipper, package = make_klipper(tmp_path), tmp_path / "repo" / "polar_cloud"
+    package.mkdir(parents=True)
+    link = klipper / "klippy" / "extras" / "polar_cloud"
+    exclude = klipper / ".git" / "info" / "exclude"
+    plugins = klipper / "klippy" / "plugins"
+    plugins.mkdir()
+    (plugins / "polar_cloud").symlink_to(package)  # Kalico: both would load
+    h.link_check(str(klipper))
+    h.link(str(klipper), str(package))
+    assert os.readlink(link) == str(package)
+    assert not (plugins / "polar_cloud").is_symlink()
+    assert exclude.read_text() == "# git\n*.swp\n/klippy/extras/polar_cloud\n"
+    h.link(str(klipper), str(package))
+    assert "already in place" in capsys.readouterr().out
+    assert exclude.read_text().count("polar_cloud") == 1
+    link.unlink()
+    link.symlink_to(tmp_path / "old")
+    h.link(str(klipper), str(package))
+    assert os.readlink(link) == str(package)
+    assert "was -> %s" % (tmp_path / "old") in capsys.readouterr().out
+    h.unlink(str(klipper))
+    assert not link.is_symlink()
+    assert exclude.read_text() == "# git\n*.swp\n"
+    h.unlink(str(klipper))  # again: nothing to do
+
+
+@pytest.mark.parametrize("taken, message", [
+    ("klippy/extras/polar_cloud/", "is not a link"),
+    ("klippy/extras/polar_cloud.py", "another polar_cloud module"),
+    ("klippy/plugins/polar_cloud/", "Kalico would load polar_cloud twice"),
+    ("klippy/plugins/polar_cloud.py", "Kalico would load polar_cloud twice"),
+])
+def test_link_check_refuses_a_taken_place(tmp_path, taken, message):
+    klipper = make_klipper(tmp_path)
+    path = klipper / taken.rstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if taken.endswith("/"):
+        path.mkdir()
+    else:
+        path.write_text("")
+    with pytest.raises(h.Error, match=message):
+        h.link_check(str(klipper))
