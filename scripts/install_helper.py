@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
-"""What install.sh asks of Python: config files, Moonraker's API and pip.
+"""What install.sh asks of Python: the instances, the link into Klipper,
+Moonraker's update entry, Moonraker's API, and pip with Klipper's packages
+held.
 
 Standard library only. install.sh runs it with the system python3 (3.7 or
 newer), and pip-install and imports with the python of klippy's venv, the
 one they install into. scripts/testenv.sh uses pip-install too, so the
 test venvs hold Klipper's packages exactly as a printer's venv does.
 
-    install_helper.py state-dir CONFIG_DIR
-    install_helper.py moonraker-url MOONRAKER_CONF
-    install_helper.py print-state URL
-    install_helper.py restart URL SERVICE... [--force] [--sudo]
-    install_helper.py instances [--all] [--data DIR] [--config DIR] [--instance NAME]
-                      [--service S] [--moonraker-service S] [--moonraker-url URL]
+    install_helper.py instances [--all] [-d DIR] [-c DIR] [-i NAME] [-s SERVICE]
+                      [--moonraker-service SERVICE] [--moonraker-url URL]
+    install_helper.py restart [--hold REASON] [--no-restart] [--force] [--sudo]
+                      URL SERVICE...
     install_helper.py installed-elsewhere DATA_DIR
     install_helper.py link-check|unlink KLIPPER_DIR
     install_helper.py link KLIPPER_DIR PACKAGE_DIR
@@ -689,9 +689,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="install_helper.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("state-dir").add_argument("config_dir")
-    sub.add_parser("moonraker-url").add_argument("conf")
-    sub.add_parser("print-state").add_argument("url")
     p = sub.add_parser("restart")
     p.add_argument("url")
     p.add_argument("services", nargs="+")
@@ -723,13 +720,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("imports")
     a = ap.parse_args(argv)
     try:
-        if a.command == "state-dir":
-            print(state_dir(a.config_dir))
-        elif a.command == "moonraker-url":
-            print(moonraker_url(a.conf))
-        elif a.command == "print-state":
-            print(print_state(a.url.rstrip("/")))
-        elif a.command == "restart":
+        if a.command == "restart":
             restart(a.url.rstrip("/"), a.services, a.force, a.sudo, a.hold,
                     a.no_restart)
         elif a.command == "instances":
