@@ -38,9 +38,9 @@ Usage: $0 [options]
 Installs the polar_cloud extra (README.md, "Install"): the Python requirements
 into klippy's venv (Klipper's packages held; apt only for missing packages
 Pillow may need), a link in <klipper>/klippy/extras, Moonraker's update entry
-<config>/$UM_FILE (the line [include $UM_FILE] in moonraker.conf), then
-restarts Klipper unless it prints. Running it again repairs, changing nothing
-that is already right.
+in <config>/$UM_FILE, pulled in by one line in moonraker.conf:
+[include $UM_FILE]. Then restarts Klipper unless it prints.
+Running it again repairs, changing nothing that is already right.
 
   -k, --klipper DIR        Klipper (or Kalico) checkout [~/klipper]
       --venv DIR           klippy's virtualenv [~/klippy-env]
