@@ -31,12 +31,13 @@ make_venv() {  # dir, klippy package, extra requirement files...
     rm -rf "$dir"
     "$PY" -m venv "$dir"
     "$dir/bin/pip" install -q --disable-pip-version-check "$pkg"
-    # Klipper's own pins (cffi, greenlet, Jinja2...) must survive: freeze
-    # them as constraints, exactly as install.sh does on a real host.
-    "$dir/bin/pip" freeze --exclude-editable > "$dir/klippy-pins.txt"
-    local reqs=(-c "$dir/klippy-pins.txt" -r requirements.txt)
+    # Klipper's own packages (cffi, greenlet, Jinja2...) keep their versions,
+    # held by the same code as install.sh's on a printer; they are those the
+    # klippy package requires, as klippy-requirements.txt lists them there.
+    local reqs=(-r requirements.txt)
     for f in "$@"; do reqs+=(-r "$f"); done
-    "$dir/bin/pip" install -q --disable-pip-version-check "${reqs[@]}"
+    "$dir/bin/python" scripts/install_helper.py pip-install \
+        --hold-dist "${pkg%%==*}" "${reqs[@]}"
     echo "$stamp" > "$dir/.stamp"
 }
 make_venv .venv "$KLIPPY_PKG" requirements-dev.txt

@@ -5,9 +5,10 @@
     site.stop()
 
 The server block is MainsailOS's (`/websocket` and the API prefixes proxied
-to Moonraker, everything else a single-page app); install.sh's
-`--nginx` snippet is included after `server_name`, exactly where install.sh
-puts it, so the test serves the page the way a user's printer does.  It runs
+to Moonraker, everything else a single-page app); the snippet of
+`install.sh --nginx` (scripts/install_nginx.sh) is included after
+`server_name`, exactly where that script puts it, so the test serves the
+page the way a user's printer does.  It runs
 in the foreground as a single process (`master_process off`) with every
 path (pid, logs, temp files) inside workdir, on a free loopback port.
 """
@@ -15,7 +16,6 @@ path (pid, logs, temp files) inside workdir, on a free loopback port.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -104,17 +104,11 @@ def find_nginx() -> str | None:
 
 
 def install_sh_snippet(repo: Path = REPO) -> str:
-    """The snippet `install.sh --nginx` writes for a clone at `repo`.
-
-    Taken from install.sh's here-document and expanded by bash, so the test
-    serves the page with exactly what the installer would install."""
-    text = (REPO / "install.sh").read_text()
-    m = re.search(r'cat > "\$TMP_DIR/nginx\.conf" <<EOF\n(.*?\n)EOF\n', text, re.S)
-    if not m:
-        raise ValueError("install.sh: no nginx snippet here-document found")
-    proc = subprocess.run(["bash", "-c", "cat <<EOF\n%sEOF\n" % (m.group(1),)],
-                          env={"REPO_DIR": str(repo), "PATH": os.environ["PATH"]},
-                          capture_output=True, text=True, check=True)
+    """The snippet `install.sh --nginx` writes for a clone at `repo`, as
+    its scripts/install_nginx.sh prints it: the test serves the page with
+    exactly what the installer would install."""
+    proc = subprocess.run(["bash", str(repo / "scripts" / "install_nginx.sh"),
+                           "snippet"], capture_output=True, text=True, check=True)
     return proc.stdout
 
 
