@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, imaging, protocol
+from klippy_extras.polar_cloud import camera, children, imaging, protocol
 from tests.testbed.camera_server import (
     CameraServer,
     noisy_jpeg,
@@ -812,8 +812,8 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
     chrt.write_text("#!/bin/sh\necho \"chrt: failed to set pid 0's policy:"
                     " Operation not permitted\" >&2\nexit 1\n")
     chrt.chmod(0o755)
-    monkeypatch.setattr(camera, "_idle_prefix", lambda: [str(chrt)])
-    monkeypatch.setattr(camera, "_use_chrt", True)
+    monkeypatch.setattr(children, "_idle_prefix", lambda: [str(chrt)])
+    monkeypatch.setattr(children, "_use_chrt", True)
     run = Runner(options(cam_server, flip_vertical=True))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -822,7 +822,7 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
         assert result.uploaded, result
         run.cam.set_slot(make_slot(sim))
         assert run.run().uploaded
-    assert camera._use_chrt is False
+    assert children._use_chrt is False
     lines = [r.getMessage() for r in caplog.records if "chrt" in r.getMessage()]
     assert lines == ["polar_cloud: chrt: failed to set pid 0's policy:"
                      " Operation not permitted; image work runs at nice 19"]
