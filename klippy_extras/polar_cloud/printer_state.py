@@ -85,11 +85,15 @@ class PrinterSampler:
                 if category in ("shutdown", "error") else ""}
         if self.print_stats is not None:
             ps = self.print_stats.get_status(eventtime)
+            # SET_PRINT_STATS_INFO CURRENT_LAYER=...: None unless the file
+            # reports layers (timelapse frames follow them)
+            info = ps.get("info") or {}
             snap.update(print_state=ps["state"], filename=ps["filename"],
                         print_duration=ps["print_duration"],
                         total_duration=ps["total_duration"],
                         filament_used=ps["filament_used"],
-                        print_message=ps["message"])
+                        print_message=ps["message"],
+                        current_layer=info.get("current_layer"))
         if self.sdcard is not None:
             sd = self.sdcard.get_status(eventtime)
             snap.update(progress=sd["progress"], is_active=sd["is_active"],
@@ -102,7 +106,7 @@ class PrinterSampler:
             heaters[key] = (hs.get("temperature", 0.), hs.get("target", 0.))
         snap["heaters"] = heaters
         key = (category, snap.get("print_state"), snap.get("filename"),
-               snap.get("is_active"),
+               snap.get("is_active"), snap.get("current_layer"),
                tuple(round(t[1], 1) for t in heaters.values()))
         changed = key != self.last_key
         self.last_key = key
