@@ -203,7 +203,12 @@ def test_options_values():
         enabled=False, snapshot_url="https://cam.local/snap.jpg",
         stream_url="http://localhost:8081/stream", flip_horizontal=True,
         flip_vertical=True, rotation=270, max_image_size=60000,
-        interval_idle=120., interval_printing=5.)
+        interval_idle=120., interval_printing=5.,
+        explicit=frozenset(camera.SOURCE_OPTIONS))
+    # Which of the camera's source options printer.cfg sets (a webcam from
+    # Moonraker never overrides those)
+    assert camera.read_camera_options(FakeConfig(
+        rotation="90")).explicit == {"rotation"}
     assert camera.read_camera_options(FakeConfig(webcam_enabled="true")).enabled is True
     assert camera.read_camera_options(FakeConfig(webcam_enabled="Auto")).enabled is None
     assert camera.read_camera_options(FakeConfig(stream_url="")).stream_url == ""

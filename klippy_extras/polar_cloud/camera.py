@@ -75,6 +75,13 @@ class CameraOptions:
     max_image_size: int = 150000
     interval_idle: float = 60.
     interval_printing: float = 10.
+    # The options printer.cfg sets: a webcam from Moonraker (webcams.py)
+    # never overrides them
+    explicit: frozenset = frozenset()
+
+
+SOURCE_OPTIONS = ("snapshot_url", "stream_url", "flip_horizontal",
+                  "flip_vertical", "rotation")
 
 
 def check_snapshot_url(url: str) -> str:
@@ -134,7 +141,9 @@ def read_camera_options(config) -> CameraOptions:
         interval_idle=config.getfloat("snapshot_interval", 60., minval=5.,
                                       maxval=3600.),
         interval_printing=config.getfloat("snapshot_interval_printing", 10.,
-                                          minval=5., maxval=3600.))
+                                          minval=5., maxval=3600.),
+        explicit=frozenset(o for o in SOURCE_OPTIONS
+                           if config.get(o, None) is not None))
 
 
 # hello hints
@@ -223,6 +232,15 @@ def run_imaging(kids: children.Children,
 
 # The camera
 
+def _where(url: str) -> str:
+    """For log lines: never the path, query or credentials."""
+    parts = urllib.parse.urlsplit(url)
+    where = parts.hostname or "?"
+    if parts.port:
+        where += ":%d" % (parts.port,)
+    return where
+
+
 @dataclass
 class SnapshotResult:
     ok: bool = False
@@ -253,12 +271,9 @@ class Camera:
         self.allow_loopback_http = allow_loopback_http
         self.stop_event = stop
         self.on_result = on_result
-        parts = urllib.parse.urlsplit(opts.snapshot_url)
-        # For log lines: never the path, query or credentials
-        self.where = parts.hostname or "?"
-        if parts.port:
-            self.where += ":%d" % (parts.port,)
+        self.where = _where(opts.snapshot_url)
         self.lock = threading.Lock()
+        self._held = False
         self.children = children.Children(stop)
         # Shared with the worker (under lock)
         self._slots: dict[str, UploadSlot] = {}
@@ -275,7 +290,22 @@ class Camera:
     def probing(self) -> bool:
         """Is the first look at the camera still under way?"""
         with self.lock:
-            return self._available is None and self._busy
+            return self._held or (self._available is None and self._busy)
+    def hold(self, held: bool) -> None:
+        """While the camera's settings are being looked up (webcams.py):
+        no probe of the old URL, and probing() says to wait."""
+        with self.lock:
+            self._held = held
+    def set_options(self, opts: CameraOptions) -> None:
+        """New settings (Mainsail's webcam); a new snapshot URL is looked
+        at afresh."""
+        with self.lock:
+            if opts.snapshot_url != self.opts.snapshot_url:
+                self._available = None
+                self._failures = 0
+                self._last_attempt = None
+                self.where = _where(opts.snapshot_url)
+            self.opts = opts
     def available(self) -> Optional[bool]:
         with self.lock:
             return self._available
@@ -316,7 +346,7 @@ class Camera:
         if self.opts.enabled is False:
             return False
         with self.lock:
-            if self._busy:
+            if self._busy or self._held:
                 return False
             failures = self._failures
             available = self._available

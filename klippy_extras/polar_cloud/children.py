@@ -87,6 +87,9 @@ class Children:
             if stdin is not subprocess.DEVNULL:
                 stdin.seek(0)
             code, out, err = self._spawn(args, False, timeout, stdin, cwd)
+        if idle and code in (126, 127) \
+                and _last_line(err).startswith("chrt: failed to execute"):
+            raise ChildError(_last_line(err).rpartition(": ")[2])
         return code, out, err
     def _spawn(self, args: list[str], idle: bool, timeout: float, stdin,
                cwd: Optional[str]) -> tuple[int, bytes, str]:

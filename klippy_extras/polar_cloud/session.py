@@ -23,6 +23,8 @@ from .commands import RemoteCommands
 from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
 from .jobs import JobManager
+from .timelapse import Timelapse
+from .webcams import Webcams
 
 WELCOME_TIMEOUT = 15.
 REPLY_TIMEOUT = 30.
@@ -302,6 +304,8 @@ class CloudSession:
             options.camera, self.loopback_test_server(), self.stop_event,
             lambda result: self.inbox.put_local(self._snapshot_done, result))
         self.last_snapshot: Optional[camera.SnapshotResult] = None
+        self.timelapse = Timelapse(self)
+        self.webcams = Webcams(self)
         self.public = self._public_view()
         self.missing: list[str] = []
     # Thread-safe entry points (called from the reactor)
@@ -328,6 +332,8 @@ class CloudSession:
                          " busy; it will end by itself")
         self.jobs.stop()
         self.camera.stop(timeout)
+        self.timelapse.stop(1.)
+        self.webcams.stop(1.)
     def post_snapshot(self, snap: dict, changed: bool) -> None:
         with self.snapshot_lock:
             self.snapshot = snap
@@ -399,6 +405,8 @@ class CloudSession:
                       level=logging.WARNING)
     def status_now(self) -> None:
         self.status_now_flag = True
+    def refresh_public(self) -> None:
+        self._publish()
     def loopback_test_server(self) -> bool:
         """Plain-http loopback job URLs only with a local test cloud."""
         parts = urllib.parse.urlsplit(self.options.server_url)
@@ -411,6 +419,7 @@ class CloudSession:
             self._set_state(DISABLED, "missing Python packages: %s (run"
                             " install.sh)" % (", ".join(self.missing),))
             return
+        self.webcams.refresh()
         try:
             self.identity = self.store.load()
         except IdentityError as e:
@@ -442,6 +451,7 @@ class CloudSession:
             self.rlog("flood", "the cloud sent more events than can be"
                       " handled; %d dropped", dropped, level=logging.WARNING)
         self.jobs.watch(self._snap())
+        self.timelapse.tick(now, self._snap())
         state = self.state
         if self.hello_at and state == CONNECTING and (
                 now >= self.hello_at or not self.camera.probing()):
@@ -478,6 +488,7 @@ class CloudSession:
     def _connect(self) -> None:
         if self.stop_event.is_set():
             return
+        self.webcams.refresh()
         self._drop_connection("reconnect")
         self._set_state(CONNECTING, self.last_error)
         self.challenge = ""
@@ -801,6 +812,7 @@ class CloudSession:
             log.warning("polar_cloud: cannot wipe identity: %s", e)
         self.identity = None
         self.camera.forget_urls()
+        self.timelapse.forget()
         self._drop_connection(why)
         self._set_state(UNREGISTERED, "")
         self.bridge.console("Polar Cloud: printer %s %s" % (serial, why))
@@ -812,7 +824,7 @@ class CloudSession:
             ident.serial, self.store.sign(self.challenge), ident.mac,
             ident.mfg_sn, self.options.printer_make, self.version,
             self.local_ip, camera.camera_hints(
-                self.options.camera, self.local_ip,
+                self.camera.opts, self.local_ip,
                 self.camera.available() is True))
         self._set_state(AUTHENTICATING, self.last_error)
         self.deadline = time.monotonic() + REPLY_TIMEOUT
@@ -842,6 +854,7 @@ class CloudSession:
                     "serialNumber": self.identity.serial,
                     "commandList": self.commands.command_list()})
             self.jobs.flush()
+            self.timelapse.hello_done()
             return
         if status == "DELETED":
             self._forget("was deleted in Polar Cloud; register it again"
@@ -879,9 +892,11 @@ class CloudSession:
         # Updates come through Moonraker's update_manager, never the cloud
         self.commands.refuse("update")
     def _on_getUrlResponse(self, data: Any) -> None:
-        self.camera.set_slot(camera.parse_url_response(
+        slot = camera.parse_url_response(
             data, self.serial(), self.loopback_test_server(),
-            time.monotonic()))
+            time.monotonic())
+        owner = self.timelapse if slot.type == "timelapse" else self.camera
+        owner.set_slot(slot)
     def _on_capabilitiesResponse(self, data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("capabilities"),
                                                  list):
@@ -907,6 +922,7 @@ class CloudSession:
         self.jobs.flush()
         self._maybe_send_status(now)
         self._snapshot_work(now)
+        self.timelapse.online_work(now)
     # Webcam snapshots
     def _snapshot_kind(self) -> tuple[str, str]:
         job = self.jobs.view()
@@ -953,7 +969,7 @@ class CloudSession:
         if snap is None:
             return None
         job = self.jobs.view(snap)
-        code = protocol.status_code(snap, job)
+        code = self.timelapse.status_code(protocol.status_code(snap, job), job)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
             self.identity.serial, snap, code, job_id,
@@ -1023,6 +1039,8 @@ class CloudSession:
             if self.state == BACKOFF else 0,
             "retries": self.backoff.attempts if self.state != ONLINE
             else 0,
+            "camera": self.webcams.describe(),
+            "timelapse": self.timelapse.describe(),
         }
     def _publish(self) -> None:
         self.public = self._public_view()
