@@ -252,6 +252,7 @@ class SnapshotResult:
     kind: str = "idle"
     job_id: str = ""
     manual: bool = False
+    settings: int = 0           # which options it was taken with
 
 
 @dataclass
@@ -274,6 +275,7 @@ class Camera:
         self.where = _where(opts.snapshot_url)
         self.lock = threading.Lock()
         self._held = False
+        self._settings = 0
         self.children = children.Children(stop)
         # Shared with the worker (under lock)
         self._slots: dict[str, UploadSlot] = {}
@@ -301,6 +303,7 @@ class Camera:
         at afresh."""
         with self.lock:
             if opts.snapshot_url != self.opts.snapshot_url:
+                self._settings += 1
                 self._available = None
                 self._failures = 0
                 self._last_attempt = None
@@ -386,7 +389,8 @@ class Camera:
             self._busy = True
         if not manual:
             self._last_attempt = now
-        result = SnapshotResult(kind=kind, job_id=job_id, manual=manual)
+        result = SnapshotResult(kind=kind, job_id=job_id, manual=manual,
+                                settings=self._settings)
         self._worker = threading.Thread(
             target=self._run, args=(result, slot, expired), daemon=True,
             name="polar_cloud-snapshot")
@@ -421,7 +425,7 @@ class Camera:
             if self.stop_event.is_set():
                 failed = None
             else:
-                self._camera_state(False, str(e))
+                self._camera_state(False, str(e), result.settings)
         except SnapshotError as e:
             result.error = str(e)
             result.http_status = e.status
@@ -472,7 +476,7 @@ class Camera:
             raise CameraError(err or "broken JPEG from the camera")
         if code in (imaging.EXIT_OK, imaging.EXIT_CANNOT_SHRINK,
                     imaging.EXIT_NO_PILLOW):
-            self._camera_state(True, "")
+            self._camera_state(True, "", result.settings)
         if code in (imaging.EXIT_CANNOT_SHRINK, imaging.EXIT_NO_PILLOW):
             raise SnapshotError(err or "cannot shrink the snapshot to %d"
                                 " bytes; skipped" % (limit,))
@@ -510,8 +514,11 @@ class Camera:
             if self._slots.get(slot.type) is slot:
                 del self._slots[slot.type]
     # One log line per state change
-    def _camera_state(self, reachable: bool, error: str) -> None:
+    def _camera_state(self, reachable: bool, error: str,
+                      settings: int) -> None:
         with self.lock:
+            if settings != self._settings:
+                return      # taken with the settings before set_options
             old, self._available = self._available, reachable
         if old is reachable:
             return

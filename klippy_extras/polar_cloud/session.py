@@ -946,6 +946,7 @@ class CloudSession:
                                 " (or the session is stopping)")
     def _snapshot_done(self, result: camera.SnapshotResult) -> None:
         self.last_snapshot = result
+        self._publish()         # the camera may answer now, or no more
         if not result.manual:
             return
         if result.fetched:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -168,13 +169,17 @@ class Webcams:
         self.opts: WebcamOptions = session.options.webcam
         self.base: CameraOptions = session.options.camera
         self.worker = Worker("polar_cloud-webcams", session.stop_event)
+        self.wake = threading.Event()   # a retry waiting goes at once
         self.found = False              # the webcam was read at least once
         self.problem = ""
         self.logged = ""
     @contained()
     def refresh(self) -> None:
         """At start and on every connection (session thread)."""
-        if not self.opts.name or self.worker.busy():
+        if not self.opts.name:
+            return
+        if self.worker.busy():
+            self.wake.set()
             return
         self.session.camera.hold(True)
         self._submit(0., 0)
@@ -203,15 +208,19 @@ class Webcams:
         return text
     @contained()
     def stop(self, timeout: float) -> None:
+        self.wake.set()
         self.worker.join(timeout)
     def _submit(self, delay: float, attempt: int) -> None:
+        self.wake.clear()
         if not self.worker.submit(self._lookup, delay, done=lambda result: (
                 self.session.inbox.put_local(self._apply, result, attempt))):
             self.session.camera.hold(False)
     def _lookup(self, delay: float) -> Union[list, str, None]:
         """Worker thread: the webcam list, or why not."""
-        if delay and self.session.stop_event.wait(delay):
-            return None
+        if delay:
+            self.wake.wait(delay)
+            if self.session.stop_event.is_set():
+                return None
         try:
             return fetch_list(self.opts.moonraker_url)
         except LookupError as e:
