@@ -11,9 +11,12 @@ set -euo pipefail
 export LC_ALL=C
 
 # System packages (read by KIAUH and Moonraker; keep system-dependencies.json
-# in step). None: pip installs every requirement as a wheel on x86_64/aarch64.
+# in step). pip installs every Python requirement as a wheel on
+# x86_64/aarch64; ffmpeg makes the timelapses of cloud prints, and is
+# optional: Moonraker installs it on update, install.sh only when asked
+# (--timelapse).
 # shellcheck disable=SC2034  # read by other tools, not here
-PKGLIST=""
+PKGLIST="ffmpeg"
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 PKG_DIR=$REPO_DIR/klippy_extras/polar_cloud
@@ -23,8 +26,9 @@ UM_MARK="# polar_cloud: added by install.sh"
 EXCLUDE_LINE=/klippy/extras/polar_cloud
 MIN_PY_MINOR=9      # Python 3.9
 # Test hooks, not for normal use: stand-ins for `id -u`, systemd's
-# /run/systemd/system and /etc/nginx.
+# /run/systemd/system, /etc/nginx and the ffmpeg command.
 RUN_UID=${POLAR_INSTALL_UID:-$(id -u)}
+FFMPEG=${POLAR_FFMPEG:-ffmpeg}
 SYSTEMD_DIR=${POLAR_SYSTEMD_DIR:-/run/systemd/system}
 NGINX_DIR=${POLAR_NGINX_DIR:-/etc/nginx}
 
@@ -61,6 +65,8 @@ Actions:
       --force-restart      restart even while printing/paused
       --nginx              serve the web/ page at /polar-cloud/ through nginx
                            (prints the snippet when nginx is not installed)
+      --timelapse          install ffmpeg (apt), which makes the timelapses
+                           of cloud prints; without it they are off
   -u, --uninstall          remove link, exclude entry, update_manager section
                            and nginx snippet; keeps pip packages and the
                            identity in <data>/polar_cloud
@@ -80,6 +86,7 @@ EOF
 KLIPPER_DIR="" VENV_DIR="" DATA_DIR="" CONFIG_DIR="" INSTANCE=""
 SERVICE="" MR_SERVICE="" MR_URL=""
 NO_RESTART=0 FORCE_RESTART=0 NGINX=0 UNINSTALL=0 PURGE=0 ALLOW_ROOT=0
+TIMELAPSE=0
 
 abspath() {  # absolute form of a path, without trailing slashes
     local p=$1
@@ -109,6 +116,7 @@ while [ $# -gt 0 ]; do
         --no-restart) NO_RESTART=1 ;;
         --force-restart) FORCE_RESTART=1 ;;
         --nginx) NGINX=1 ;;
+        --timelapse) TIMELAPSE=1 ;;
         -u|--uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
         --allow-root) ALLOW_ROOT=1 ;;
@@ -118,6 +126,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || die "--purge only goes with --uninstall"
+[ "$TIMELAPSE" = 0 ] || [ "$UNINSTALL" = 0 ] || die "--timelapse does not go with --uninstall"
 
 if [ "$RUN_UID" = 0 ]; then
     [ "$ALLOW_ROOT" = 1 ] || die "do not run as root: run as the user Klipper runs as (sudo is used only for restarts and nginx), or pass --allow-root"
@@ -486,6 +495,25 @@ link_module() {
     add_exclude
 }
 
+install_ffmpeg() {  # timelapses: offered, never forced
+    if command -v "$FFMPEG" >/dev/null 2>&1; then
+        say "ffmpeg found: timelapses of cloud prints are on (option timelapse)"
+        return 0
+    fi
+    if [ "$TIMELAPSE" = 0 ]; then
+        say "ffmpeg not installed: no timelapses of cloud prints (run again with --timelapse to install it, or: sudo apt install ffmpeg)"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 \
+        || { warn "--timelapse: no apt-get here: install ffmpeg yourself"; return 0; }
+    say "installing ffmpeg (--timelapse)"
+    if "${SUDO[@]}" apt-get install -y ffmpeg; then
+        say "ffmpeg installed: timelapses of cloud prints are on"
+    else
+        warn "could not install ffmpeg (try: sudo apt-get update, then run again); timelapses stay off"
+    fi
+}
+
 nginx_bin() {
     command -v nginx 2>/dev/null && return 0
     if [ -x /usr/sbin/nginx ]; then echo /usr/sbin/nginx; fi
@@ -659,6 +687,7 @@ do_install() {
     link_module
     add_update_manager
     install_nginx
+    install_ffmpeg
     restart_services ""
     cfgs=$(cfg_files)
     if [ -n "$cfgs" ]; then
