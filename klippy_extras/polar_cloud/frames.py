@@ -10,6 +10,9 @@
 # timelapses still waiting for an upload give way first when they take
 # more than half of it).
 #
+# capture() fetches a frame into the store with the imaging child, which
+# writes the file itself: klippy's process never holds the picture.
+#
 # Only worker threads call this.  Every change to the disk is made under
 # FILES with the stop event checked: FILES is module-wide and klippy does
 # not re-import the module on RESTART, so a thread of a stopped session

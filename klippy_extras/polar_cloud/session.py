@@ -332,8 +332,8 @@ class CloudSession:
                          " busy; it will end by itself")
         self.jobs.stop()
         self.camera.stop(timeout)
-        self.timelapse.stop(1.)
-        self.webcams.stop(1.)
+        self.timelapse.stop(.5)
+        self.webcams.stop(.5)
     def post_snapshot(self, snap: dict, changed: bool) -> None:
         with self.snapshot_lock:
             self.snapshot = snap

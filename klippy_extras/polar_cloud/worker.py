@@ -12,6 +12,7 @@ import collections
 import functools
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 log = logging.getLogger("polar_cloud")
@@ -46,6 +47,7 @@ class Worker:
         self.tasks: collections.deque = collections.deque()
         self.thread: Optional[threading.Thread] = None
         self.running = False
+        self.failed_at = 0.         # the last bug logged (one per 10 min)
     def submit(self, fn: Callable, *args,
                done: Optional[Callable] = None) -> bool:
         """Run fn(*args) after what is queued; done(result) afterwards
@@ -89,7 +91,10 @@ class Worker:
             try:
                 result = fn(*args)
             except Exception:
-                log.exception("polar_cloud: %s failed", self.name)
+                now = time.monotonic()
+                if not self.failed_at or now - self.failed_at > 600.:
+                    self.failed_at = now
+                    log.exception("polar_cloud: %s failed", self.name)
             if done is not None:
                 try:
                     done(result)
