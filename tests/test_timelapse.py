@@ -209,3 +209,38 @@ def test_restart_while_recording(k, sim):
     names = thread_names(k.pid)
     assert names.count("polar_cloud-fra") <= 1, names
     assert names.count("polar_cloud-tim") == 0, names
+
+
+def test_a_new_job_is_not_held_up_by_a_timelapse(k, sim):
+    """Job A's timelapse waits for an upload URL that does not come; job B
+    starts meanwhile; A's timelapse goes after the next hello."""
+    sim.set_fault("no_geturl_response", True)
+    try:
+        since = send_job(sim, k, "tl-4")
+        sim.wait_for("status", lambda d: d["status"] == 5
+                     and d["jobId"] == "tl-4", since=since, serial=k.serial,
+                     timeout=120)
+        sim.wait_for("getUrl", lambda d: d["type"] == "timelapse"
+                     and d["jobId"] == "tl-4", since=since, serial=k.serial)
+        other = send_job(sim, k, "tl-5")
+        sim.wait_for("status", lambda d: d["status"] == 3
+                     and d["jobId"] == "tl-5", since=other, serial=k.serial,
+                     timeout=60)
+        # A is still waiting for its URL: B did not wait for it
+        assert "timelapse of job tl-4 not uploaded" not in k.log_text()
+        assert not [u for u in sim.uploads if u["jobId"] == "tl-4"]
+    finally:
+        sim.set_fault("no_geturl_response", False)
+    sim.wait_upload(timeout=120, since=other, predicate=lambda u: (
+        u["type"] == "timelapse" and u["jobId"] == "tl-5"))
+    wait_until(lambda: "timelapse of job tl-4 not uploaded (no upload URL"
+               in k.log_text(), 60)
+    t = sim.now()
+    sim.drop(k.serial)
+    sim.wait_upload(timeout=90, since=t, predicate=lambda u: (
+        u["type"] == "timelapse" and u["jobId"] == "tl-4"))
+    for job_id in ("tl-4", "tl-5"):
+        [report] = [j for j in sim.received("job", serial=k.serial)
+                    if j["jobId"] == job_id]
+        assert report["state"] == "completed"
+    assert sim.violations == []
