@@ -110,7 +110,8 @@ def test_lookup_failures_are_logged_once(caplog):
         def __init__(self):
             self.stop_event = threading.Event()
             self.camera = camera.Camera(camera.CameraOptions(enabled=True),
-                                        True, self.stop_event, print)
+                                        True, self.stop_event,
+                                        lambda result: None)
             self.options = type("O", (), {
                 "webcam": webcams.WebcamOptions("c"),
                 "camera": camera.CameraOptions()})()
