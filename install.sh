@@ -13,9 +13,12 @@
 set -euo pipefail
 export LC_ALL=C
 
-# What pip needs to build Pillow where it finds no wheel (Debian packages;
-# Moonraker reads the same list from system-dependencies.json).
-PKGLIST="python3-dev libjpeg-dev zlib1g-dev build-essential"
+# Debian packages (Moonraker reads the same list from
+# system-dependencies.json): what pip needs to build Pillow where it finds
+# no wheel, installed when missing, and ffmpeg, which makes the timelapses
+# of cloud prints: Moonraker installs it on update, install.sh only when
+# asked (--timelapse).
+PKGLIST="python3-dev libjpeg-dev zlib1g-dev build-essential ffmpeg"
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 PKG_DIR=$REPO_DIR/klippy_extras/polar_cloud
@@ -25,6 +28,7 @@ UM_FILE=polar_cloud_update.conf   # install_helper.py's UM_FILE
 # Test hook, not for normal use: a stand-in for `id -u` (the helper reads
 # POLAR_SYSTEMD_DIR, install_nginx.sh POLAR_NGINX_DIR).
 RUN_UID=${POLAR_INSTALL_UID:-$(id -u)}
+FFMPEG=${POLAR_FFMPEG:-ffmpeg}      # test hook: a stand-in ffmpeg command
 
 say()  { printf 'polar_cloud: %s\n' "$*"; }
 warn() { printf 'polar_cloud: WARNING: %s\n' "$*" >&2; }
@@ -58,6 +62,8 @@ Running it again repairs, changing nothing that is already right.
       --force-restart      restart even while printing/paused
       --nginx              serve the /polar-cloud/ page through nginx
                            (prints the snippet when nginx is not installed)
+      --timelapse          install ffmpeg (apt), which makes the timelapses
+                           of cloud prints; without it they are off
   -u, --uninstall          remove the link, the include line, $UM_FILE
                            and the nginx snippet; keeps pip packages and the
                            printer's identity (<data>/polar_cloud)
@@ -75,6 +81,7 @@ EOF
 
 KLIPPER_DIR=$HOME/klipper VENV_DIR=$HOME/klippy-env PICK=() ALL=0
 NO_RESTART=0 FORCE_RESTART=0 NGINX=0 UNINSTALL=0 PURGE=0 ALLOW_ROOT=0
+TIMELAPSE=0
 while [ $# -gt 0 ]; do
     case $1 in --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;; esac
     case $1 in
@@ -91,6 +98,7 @@ while [ $# -gt 0 ]; do
         --no-restart) NO_RESTART=1 ;;
         --force-restart) FORCE_RESTART=1 ;;
         --nginx) NGINX=1 ;;
+        --timelapse) TIMELAPSE=1 ;;
         -u|--uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
         --allow-root) ALLOW_ROOT=1 ;;
@@ -100,6 +108,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || die "--purge only goes with --uninstall"
+[ "$TIMELAPSE" = 0 ] || [ "$UNINSTALL" = 0 ] || die "--timelapse does not go with --uninstall"
 SUDO=(sudo)
 if [ "$RUN_UID" = 0 ]; then
     [ "$ALLOW_ROOT" = 1 ] || die "do not run as root: run as the user Klipper runs as (sudo is used only for apt, restarts and nginx), or pass --allow-root"
@@ -168,6 +177,7 @@ install_system_packages() {  # those of PKGLIST that are missing, with apt
     local p missing=()
     command -v dpkg-query >/dev/null 2>&1 || { say "no dpkg here: if pip has to build Pillow, install its build dependencies ($PKGLIST) yourself"; return 0; }
     for p in $PKGLIST; do
+        [ "$p" != ffmpeg ] || continue      # offered, never forced
         # shellcheck disable=SC2016  # dpkg's format, not the shell's
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q ' installed$' || missing+=("$p")
     done
@@ -175,6 +185,20 @@ install_system_packages() {  # those of PKGLIST that are missing, with apt
     say "installing ${missing[*]} (for pip to build Pillow where it finds no wheel)"
     if ! { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq "${missing[@]}"; }; then
         warn "could not install ${missing[*]}: pip needs them only where it finds no wheel"
+    fi
+}
+
+install_ffmpeg() {  # timelapses: offered, never forced
+    if command -v "$FFMPEG" >/dev/null 2>&1; then
+        say "ffmpeg found: timelapses of cloud prints are on (option timelapse)"
+    elif [ "$TIMELAPSE" = 0 ]; then
+        say "ffmpeg not installed: no timelapses of cloud prints (run again with --timelapse to install it, or: sudo apt install ffmpeg)"
+    elif ! command -v apt-get >/dev/null 2>&1; then
+        warn "--timelapse: no apt-get here: install ffmpeg yourself"
+    elif "${SUDO[@]}" apt-get install -y ffmpeg; then
+        say "ffmpeg installed: timelapses of cloud prints are on"
+    else
+        warn "could not install ffmpeg (try: sudo apt-get update, then run again); timelapses stay off"
     fi
 }
 
@@ -226,6 +250,7 @@ do_install() {
     say "Klipper: $KLIPPER_DIR, venv: $VENV_DIR"
     [ ! -d "$KLIPPER_DIR/klippy/plugins" ] || say "Kalico detected: linking into klippy/extras, which Kalico loads too"
     install_system_packages
+    install_ffmpeg
     "$VENV_PY" "$HELPER" pip-install --hold-file "$KLIPPER_DIR/scripts/klippy-requirements.txt" \
         -r "$REPO_DIR/requirements.txt" || exit 1
     "$VENV_PY" "$HELPER" imports || exit 1

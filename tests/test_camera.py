@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, imaging, protocol
+from klippy_extras.polar_cloud import camera, children, imaging, protocol
 from tests.testbed.camera_server import (
     CameraServer,
     noisy_jpeg,
@@ -231,7 +231,12 @@ def test_options_values():
         enabled=False, snapshot_url="https://cam.local/snap.jpg",
         stream_url="http://localhost:8081/stream", flip_horizontal=True,
         flip_vertical=True, rotation=270, max_image_size=60000,
-        interval_idle=120., interval_printing=5.)
+        interval_idle=120., interval_printing=5.,
+        explicit=frozenset(camera.SOURCE_OPTIONS))
+    # Which of the camera's source options printer.cfg sets (a webcam from
+    # Moonraker never overrides those)
+    assert camera.read_camera_options(FakeConfig(
+        rotation="90")).explicit == {"rotation"}
     assert camera.read_camera_options(FakeConfig(webcam_enabled="true")).enabled is True
     assert camera.read_camera_options(FakeConfig(webcam_enabled="Auto")).enabled is None
     assert camera.read_camera_options(FakeConfig(stream_url="")).stream_url == ""
@@ -840,8 +845,8 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
     chrt.write_text("#!/bin/sh\necho \"chrt: failed to set pid 0's policy:"
                     " Operation not permitted\" >&2\nexit 1\n")
     chrt.chmod(0o755)
-    monkeypatch.setattr(camera, "_idle_prefix", lambda: [str(chrt)])
-    monkeypatch.setattr(camera, "_use_chrt", True)
+    monkeypatch.setattr(children, "_idle_prefix", lambda: [str(chrt)])
+    monkeypatch.setattr(children, "_use_chrt", True)
     run = Runner(options(cam_server, flip_vertical=True))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -850,7 +855,7 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
         assert result.uploaded, result
         run.cam.set_slot(make_slot(sim))
         assert run.run().uploaded
-    assert camera._use_chrt is False
+    assert children._use_chrt is False
     lines = [r.getMessage() for r in caplog.records if "chrt" in r.getMessage()]
     assert lines == ["polar_cloud: chrt: failed to set pid 0's policy:"
                      " Operation not permitted; image work runs at nice 19"]

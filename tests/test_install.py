@@ -854,6 +854,27 @@ def test_nginx_snippet_install_and_removal(tmp_path, klippy_env):
 # --- refusals ----------------------------------------------------------------
 
 
+def test_ffmpeg_is_offered_not_forced(layout):
+    """Timelapses need ffmpeg: without --timelapse a hint, with it apt."""
+    layout.fake_systemd()
+    write_exe(layout.bin / "apt-get", 'echo "apt-get $*" >> "$CALLS"\n')
+    proc = layout.ok("--no-restart", POLAR_FFMPEG="no-such-ffmpeg")
+    assert "ffmpeg not installed: no timelapses of cloud prints (run again" \
+        " with --timelapse" in proc.stdout
+    assert not [c for c in layout.calls_made() if "apt-get" in c]
+    proc = layout.ok("--no-restart", "--timelapse",
+                     POLAR_FFMPEG="no-such-ffmpeg")
+    assert "sudo apt-get install -y ffmpeg" in layout.calls_made()
+    assert "ffmpeg installed" in proc.stdout
+    # Already there: nothing to do
+    layout.calls.unlink()
+    proc = layout.ok("--no-restart", "--timelapse", POLAR_FFMPEG="sh")
+    assert "ffmpeg found" in proc.stdout
+    assert not [c for c in layout.calls_made() if "apt-get" in c]
+    assert "does not go with --uninstall" in layout.refused(
+        "--uninstall", "--timelapse").stderr
+
+
 def test_refuses_root(bare):
     proc = bare.refused(POLAR_INSTALL_UID="0")
     assert "--allow-root" in proc.stderr
@@ -949,6 +970,7 @@ def test_help(bare):
         "--no-restart",
         "--force-restart",
         "--nginx",
+        "--timelapse",
         "--uninstall",
         "--purge",
         "--allow-root",

@@ -240,6 +240,7 @@ class Auth:
             log.warning("polar_cloud: cannot wipe identity: %s", e)
         session.identity = None
         session.camera.forget_urls()
+        session.timelapse.forget()
         session.drop_connection(why)
         session.set_state(UNREGISTERED, "")
         session.console("Polar Cloud: printer %s %s" % (serial, why))
@@ -260,7 +261,7 @@ class Auth:
             ident.serial, self.store.sign(challenge), ident.mac,
             ident.mfg_sn, self.options.printer_make, session.version,
             session.local_ip, camera.camera_hints(
-                self.options.camera, session.local_ip,
+                session.camera.opts, session.local_ip,
                 session.camera.available() is True))
         session.wait_reply(AUTHENTICATING, REPLY_TIMEOUT, session.last_error)
         session.emit("hello", msg)

@@ -5,28 +5,33 @@
 # and the image work (Pillow) run in a short-lived child process at idle
 # CPU priority (imaging.py): klippy never reads the camera's megabytes nor
 # loads Pillow, both of which hold the GIL and make the reactor late; it
-# only uploads the finished JPEG.  Presigned upload URLs and their policy
-# fields are secrets: they never reach the log.
+# only uploads the finished JPEG (uploads.py).  The child processes are
+# run by children.py.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from . import imaging, netpolicy, protocol
-from .jobs import check_resolved, check_url
+from . import children, imaging, netpolicy, protocol
+from .uploads import (  # noqa: F401 (UploadSlot, parse_url_response: API)
+    UPLOAD_MARGIN,
+    URL_EXPIRED,
+    UploadError,
+    UploadSlot,
+    parse_url_response,
+    post_form,
+)
 
 log = logging.getLogger("polar_cloud")
 
@@ -46,11 +51,6 @@ CHUNK = 64 * 1024
 # Image work in a child process (imaging.py)
 IMAGING_SCRIPT = imaging.SCRIPT
 IMAGING_TIMEOUT = 60.      # the fetch (FETCH_DEADLINE) and the image work
-IMAGING_POLL = .5           # how often the wait looks at the stop event
-# Uploading
-UPLOAD_TIMEOUT = (10., 30.)
-UPLOAD_MARGIN = 5.
-URL_EXPIRED = "upload URL expired"
 # Scheduling
 REFRESH_BEFORE = 30.
 REQUEST_WAIT = 15.
@@ -60,11 +60,6 @@ BACKOFF_INTERVAL = 300.
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-CONTENT_TYPE_RE = re.compile(r"image/p?jpe?g")
-S3_CODE_RE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
-MAX_FIELDS = 32
-MAX_FIELD_VALUE = 8192
-MAX_EXPIRES = 7 * 24 * 3600.
 
 
 # Options
@@ -80,6 +75,13 @@ class CameraOptions:
     max_image_size: int = 150000
     interval_idle: float = 60.
     interval_printing: float = 10.
+    # The options printer.cfg sets: a webcam from Moonraker (webcams.py)
+    # never overrides them
+    explicit: frozenset = frozenset()
+
+
+SOURCE_OPTIONS = ("snapshot_url", "stream_url", "flip_horizontal",
+                  "flip_vertical", "rotation")
 
 
 def check_snapshot_url(url: str) -> str:
@@ -139,7 +141,9 @@ def read_camera_options(config) -> CameraOptions:
         interval_idle=config.getfloat("snapshot_interval", 60., minval=5.,
                                       maxval=3600.),
         interval_printing=config.getfloat("snapshot_interval_printing", 10.,
-                                          minval=5., maxval=3600.))
+                                          minval=5., maxval=3600.),
+        explicit=frozenset(o for o in SOURCE_OPTIONS
+                           if config.get(o, None) is not None))
 
 
 # hello hints
@@ -170,83 +174,6 @@ def camera_hints(opts: CameraOptions, local_ip: str,
             opts.flip_horizontal, opts.flip_vertical, opts.rotation))
 
 
-# getUrlResponse
-
-@dataclass
-class UploadSlot:
-    type: str
-    job_id: str
-    url: str
-    fields: dict
-    expires_at: float           # time.monotonic() based
-    max_size: int               # 0 when the cloud gave no limit
-    content_type: str
-    received_at: float = 0.
-
-
-def _expiry(value: Any, now: float) -> float:
-    if not protocol.finite_number(value) or value <= 0:
-        raise protocol.ProtocolError("getUrlResponse: bad expires")
-    if value > 1e12:            # epoch milliseconds
-        value = value / 1000. - time.time()
-    elif value > 1e9:           # epoch seconds
-        value = value - time.time()
-    if value <= 0:
-        raise protocol.ProtocolError("getUrlResponse: URL already expired")
-    return now + min(float(value), MAX_EXPIRES)
-
-
-def parse_url_response(data: Any, serial: Optional[str],
-                       allow_loopback_http: bool, now: float) -> UploadSlot:
-    event = "getUrlResponse"
-    if not isinstance(data, dict):
-        raise protocol.ProtocolError("%s: payload is not an object" % (event,))
-    if data.get("status") != "SUCCESS":
-        message = protocol.cloud_text(data.get("message"))
-        raise protocol.ProtocolError("%s: %s" % (
-            event, message or "status %.20r" % (data.get("status"),)))
-    protocol.check_serial(data, serial, event)
-    kind = data.get("type")
-    if kind not in KINDS:
-        raise protocol.ProtocolError("%s: unsupported type %.20r"
-                                     % (event, kind))
-    method = data.get("method", "post")
-    if not isinstance(method, str) or method.lower() != "post":
-        raise protocol.ProtocolError("%s: method is not post" % (event,))
-    url = data.get("url")
-    if not isinstance(url, str) or not url or len(url) > 2048:
-        raise protocol.ProtocolError("%s: no usable url" % (event,))
-    problem = check_url(url, allow_loopback_http)
-    if problem:
-        raise protocol.ProtocolError("%s: refused upload URL (%s)"
-                                     % (event, problem))
-    fields = data.get("fields")
-    if not isinstance(fields, dict) or len(fields) > MAX_FIELDS:
-        raise protocol.ProtocolError("%s: fields is not a form" % (event,))
-    for key, value in fields.items():
-        if not isinstance(key, str) or not isinstance(value, str) \
-                or not 0 < len(key) <= 128 or len(value) > MAX_FIELD_VALUE \
-                or key == "file":
-            raise protocol.ProtocolError("%s: bad form field" % (event,))
-    max_size = data.get("maxSize", 0)
-    if max_size is None:
-        max_size = 0
-    if isinstance(max_size, bool) or not isinstance(max_size, int) \
-            or max_size < 0 or (max_size and max_size < 1024):
-        raise protocol.ProtocolError("%s: bad maxSize" % (event,))
-    content_type = data.get("contentType") or "image/jpeg"
-    if not isinstance(content_type, str) \
-            or not CONTENT_TYPE_RE.fullmatch(content_type):
-        raise protocol.ProtocolError("%s: contentType is not a JPEG type"
-                                     % (event,))
-    job_id = data.get("jobId")
-    job_id = job_id if isinstance(job_id, str) \
-        and protocol.JOB_ID_RE.fullmatch(job_id) else ""
-    return UploadSlot(kind, job_id, url, dict(fields),
-                      _expiry(data.get("expires"), now), max_size,
-                      content_type, received_at=now)
-
-
 # Errors (worker thread)
 
 class CameraError(Exception):
@@ -258,20 +185,6 @@ class SnapshotError(Exception):
         super().__init__(text)
         self.status = status
         self.counts = counts        # a failure for the backoff
-
-
-# Starting the image work
-
-_use_chrt = True
-
-
-def _idle_prefix() -> list[str]:
-    """Run the child at idle priority from its first instruction.  Started
-    at normal priority and lowered a moment later, Python's start-up
-    competed with klippy for the CPU: +3 ms reactor p99 per start on two
-    cores, against +0.3 ms under chrt."""
-    chrt = shutil.which("chrt")
-    return [chrt, "--idle", "0"] if chrt else []
 
 
 FETCHED_RE = re.compile(r"^fetched (\d+)$", re.M)
@@ -302,7 +215,31 @@ def _input_file(data: bytes):
     return f
 
 
+def run_imaging(kids: children.Children,
+                request: bytes) -> tuple[int, bytes, str, int]:
+    """(exit code, stdout, last stderr line, bytes fetched) of imaging.py
+    (also for timelapse frames); the child is killed on a timeout or when
+    the session stops (children.ChildTimeout, ChildStopped)."""
+    if not sys.executable:
+        raise children.ChildError("no Python interpreter to run it")
+    with _input_file(request) as stdin:
+        code, out, err = kids.run([sys.executable, "-I", IMAGING_SCRIPT],
+                                  IMAGING_TIMEOUT, "image work", stdin=stdin)
+    fetched = FETCHED_RE.search(err)
+    return (code, out, _last_line(err),
+            int(fetched.group(1)) if fetched else 0)
+
+
 # The camera
+
+def _where(url: str) -> str:
+    """For log lines: never the path, query or credentials."""
+    parts = urllib.parse.urlsplit(url)
+    where = parts.hostname or "?"
+    if parts.port:
+        where += ":%d" % (parts.port,)
+    return where
+
 
 @dataclass
 class SnapshotResult:
@@ -315,6 +252,7 @@ class SnapshotResult:
     kind: str = "idle"
     job_id: str = ""
     manual: bool = False
+    settings: int = 0           # which options it was taken with
 
 
 @dataclass
@@ -322,6 +260,18 @@ class _Request:
     job_id: str
     at: float
     attempts: int
+
+
+def fetch_spec(opts: CameraOptions) -> imaging.Fetch:
+    """What the imaging child fetches, and through which proxy (a LAN
+    camera, the usual case, never goes through one)."""
+    try:
+        proxy = netpolicy.proxy_for(opts.snapshot_url)
+    except netpolicy.ProxyError as e:
+        raise CameraError(str(e)) from None
+    return imaging.Fetch(opts.snapshot_url, CONNECT_TIMEOUT, READ_TIMEOUT,
+                         FETCH_DEADLINE, MAX_FETCH, CHUNK,
+                         proxy=proxy.url if proxy is not None else "")
 
 
 class Camera:
@@ -337,12 +287,11 @@ class Camera:
         #                                 usual CAs
         self.stop_event = stop
         self.on_result = on_result
-        parts = urllib.parse.urlsplit(opts.snapshot_url)
-        # For log lines: never the path, query or credentials
-        self.where = parts.hostname or "?"
-        if parts.port:
-            self.where += ":%d" % (parts.port,)
+        self.where = _where(opts.snapshot_url)
         self.lock = threading.Lock()
+        self._held = False
+        self._settings = 0
+        self.children = children.Children(stop)
         # Shared with the worker (under lock)
         self._slots: dict[str, UploadSlot] = {}
         self._busy = False
@@ -358,7 +307,23 @@ class Camera:
     def probing(self) -> bool:
         """Is the first look at the camera still under way?"""
         with self.lock:
-            return self._available is None and self._busy
+            return self._held or (self._available is None and self._busy)
+    def hold(self, held: bool) -> None:
+        """While the camera's settings are being looked up (webcams.py):
+        no probe of the old URL, and probing() says to wait."""
+        with self.lock:
+            self._held = held
+    def set_options(self, opts: CameraOptions) -> None:
+        """New settings (Mainsail's webcam); a new snapshot URL is looked
+        at afresh."""
+        with self.lock:
+            if opts.snapshot_url != self.opts.snapshot_url:
+                self._settings += 1
+                self._available = None
+                self._failures = 0
+                self._last_attempt = None
+                self.where = _where(opts.snapshot_url)
+            self.opts = opts
     def available(self) -> Optional[bool]:
         with self.lock:
             return self._available
@@ -399,7 +364,7 @@ class Camera:
         if self.opts.enabled is False:
             return False
         with self.lock:
-            if self._busy:
+            if self._busy or self._held:
                 return False
             failures = self._failures
             available = self._available
@@ -439,7 +404,8 @@ class Camera:
             self._busy = True
         if not manual:
             self._last_attempt = now
-        result = SnapshotResult(kind=kind, job_id=job_id, manual=manual)
+        result = SnapshotResult(kind=kind, job_id=job_id, manual=manual,
+                                settings=self._settings)
         self._worker = threading.Thread(
             target=self._run, args=(result, slot, expired), daemon=True,
             name="polar_cloud-snapshot")
@@ -474,7 +440,7 @@ class Camera:
             if self.stop_event.is_set():
                 failed = None
             else:
-                self._camera_state(False, str(e))
+                self._camera_state(False, str(e), result.settings)
         except SnapshotError as e:
             result.error = str(e)
             result.http_status = e.status
@@ -517,21 +483,14 @@ class Camera:
         """The JPEG to upload: fetched from the camera, checked,
         transformed and shrunk to at most limit bytes, all by imaging.py
         in a child process."""
-        try:
-            # A LAN camera (the usual case) never goes through a proxy
-            proxy = netpolicy.proxy_for(self.opts.snapshot_url)
-        except netpolicy.ProxyError as e:
-            raise CameraError(str(e)) from None
-        spec = imaging.Fetch(self.opts.snapshot_url, CONNECT_TIMEOUT,
-                             READ_TIMEOUT, FETCH_DEADLINE, MAX_FETCH, CHUNK,
-                             proxy=proxy.url if proxy is not None else "")
+        spec = fetch_spec(self.opts)
         code, out, err, result.fetched = self._run_imaging(
             imaging.request(limit, self.opts, spec))
         if code == imaging.EXIT_BAD_JPEG:
             raise CameraError(err or "broken JPEG from the camera")
         if code in (imaging.EXIT_OK, imaging.EXIT_CANNOT_SHRINK,
                     imaging.EXIT_NO_PILLOW):
-            self._camera_state(True, "")
+            self._camera_state(True, "", result.settings)
         if code in (imaging.EXIT_CANNOT_SHRINK, imaging.EXIT_NO_PILLOW):
             raise SnapshotError(err or "cannot shrink the snapshot to %d"
                                 " bytes; skipped" % (limit,))
@@ -545,114 +504,36 @@ class Camera:
             raise SnapshotError("image processing failed (no usable JPEG)")
         return out
     def _run_imaging(self, request: bytes) -> tuple[int, bytes, str, int]:
-        """(exit code, stdout, last stderr line, bytes fetched) of
-        imaging.py; the child is killed on a timeout or when the session
-        stops."""
-        if not sys.executable:
-            raise SnapshotError("image processing failed (no Python"
-                                " interpreter to run it)")
-        global _use_chrt
-        idle = _idle_prefix() if _use_chrt else []
-        with _input_file(request) as stdin:
-            code, out, err = self._spawn_imaging(idle, stdin)
-            if idle and code == 1 and _last_line(err).startswith("chrt:"):
-                # SCHED_IDLE refused here (a container?): the child still
-                # lowers its own priority as soon as it runs
-                log.info("polar_cloud: %s; image work runs at nice 19",
-                         _last_line(err))
-                _use_chrt = False
-                stdin.seek(0)
-                code, out, err = self._spawn_imaging([], stdin)
-        fetched = FETCHED_RE.search(err)
-        return (code, out, _last_line(err),
-                int(fetched.group(1)) if fetched else 0)
-    def _spawn_imaging(self, prefix: list[str],
-                       stdin) -> tuple[int, bytes, str]:
         try:
-            proc = subprocess.Popen(
-                prefix + [sys.executable, IMAGING_SCRIPT], stdin=stdin,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as e:
+            return run_imaging(self.children, request)
+        except children.ChildStopped:
+            raise CameraError("stopped") from None
+        except children.ChildTimeout:
+            raise SnapshotError("image processing took longer than %d s;"
+                                " skipped" % (IMAGING_TIMEOUT,)) from None
+        except children.ChildError as e:
             raise SnapshotError("cannot start the image processing (%s)"
-                                % (e.strerror or e,)) from None
-        with proc:
-            try:
-                if not prefix:
-                    imaging.lower_priority(proc.pid)
-                out, err = self._wait_imaging(proc)
-            finally:
-                if proc.poll() is None:     # a timeout, a stop or a bug
-                    proc.kill()
-        return proc.returncode, out, err.decode("utf-8", "replace")
-    def _wait_imaging(self, proc: subprocess.Popen) -> tuple[bytes, bytes]:
-        deadline = time.monotonic() + IMAGING_TIMEOUT
-        while True:
-            if self.stop_event.is_set():
-                raise CameraError("stopped")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SnapshotError("image processing took longer than %d s;"
-                                    " skipped" % (IMAGING_TIMEOUT,))
-            try:
-                return proc.communicate(timeout=min(IMAGING_POLL, left))
-            except subprocess.TimeoutExpired:
-                pass
+                                % (e,)) from None
     def _upload(self, slot: UploadSlot, image: bytes) -> int:
-        import requests
-        if self.stop_event.is_set():
-            raise SnapshotError("stopped", counts=False)
-        if time.monotonic() >= slot.expires_at - UPLOAD_MARGIN:
-            self._drop_slot(slot)
-            raise SnapshotError(URL_EXPIRED, counts=False)
-        host = urllib.parse.urlsplit(slot.url).hostname or ""
         try:
-            proxy = netpolicy.proxy_for(slot.url)
-        except netpolicy.ProxyError as e:
-            raise SnapshotError("upload failed: %s" % (e,)) from None
-        # Through a proxy the proxy resolves the name (parse_url_response
-        # has refused private literal addresses)
-        problem = "" if proxy is not None \
-            else check_resolved(host, self.allow_loopback_http)
-        if problem:
-            self._drop_slot(slot)
-            raise SnapshotError("refused upload URL: %s" % (problem,))
-        try:
-            with netpolicy.requests_session(proxy, self.ca_file) as http:
-                # S3 POST policy: the issued fields first, in order, then
-                # the file (S3 ignores fields after it)
-                resp = http.post(
-                    slot.url, data=list(slot.fields.items()),
-                    files=[("file", ("image.jpg", image, slot.content_type))],
-                    timeout=UPLOAD_TIMEOUT, allow_redirects=False,
-                    stream=True)
-                with resp:
-                    status = resp.status_code
-                    head = b""
-                    if status not in (200, 201, 204):
-                        head = next(resp.iter_content(4096), b"")
-        except requests.exceptions.ProxyError as e:
-            raise SnapshotError("upload failed: %s" % (
-                netpolicy.proxy_failure(host, proxy, e),)) from None
-        except requests.RequestException as e:
-            raise SnapshotError("upload failed: %s"
-                                % (imaging.request_error(e),)) from None
-        if status in (200, 201, 204):
-            return status
-        match = S3_CODE_RE.search(head)
-        code = match.group(1).decode() if match else ""
-        if status in (400, 403):
-            # Refused (expired policy, clock skew, too large): get a new URL
-            self._drop_slot(slot)
-        raise SnapshotError("upload refused: HTTP %d%s"
-                            % (status, " " + code if code else ""),
-                            status=status)
+            return post_form(slot, "image.jpg", io.BytesIO(image), len(image),
+                             self.allow_loopback_http, self.stop_event,
+                             self.ca_file)
+        except UploadError as e:
+            if e.drop_slot:
+                self._drop_slot(slot)
+            raise SnapshotError(str(e), status=e.status,
+                                counts=e.counts) from None
     def _drop_slot(self, slot: UploadSlot) -> None:
         with self.lock:
             if self._slots.get(slot.type) is slot:
                 del self._slots[slot.type]
     # One log line per state change
-    def _camera_state(self, reachable: bool, error: str) -> None:
+    def _camera_state(self, reachable: bool, error: str,
+                      settings: int) -> None:
         with self.lock:
+            if settings != self._settings:
+                return      # taken with the settings before set_options
             old, self._available = self._available, reachable
         if old is reachable:
             return

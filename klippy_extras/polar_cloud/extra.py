@@ -228,6 +228,9 @@ class PolarCloud:
             lines.append("current job: %s" % (info["job_id"],))
         if info["last_error"]:
             lines.append("last error: %s" % (info["last_error"],))
+        for key in ("camera", "timelapse"):
+            if info.get(key):
+                lines.append("%s: %s" % (key, info[key]))
         return lines
     # G-code commands
     def _check_register(self, email: str, pin: str) -> str:

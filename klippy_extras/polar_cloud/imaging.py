@@ -16,10 +16,13 @@
 #      "rotation": 0, "fetch": {"url": ..., ...}}\n
 #
 # and reads the resulting JPEG (at most limit bytes) from stdout; stderr
-# says "fetched <bytes>".  On failure it exits with one of the EXIT_* codes
-# and writes one short line to stderr.  Pillow and requests are imported
-# only when there is work to do: klippy imports this file for its
-# constants, as extras.polar_cloud.imaging, without loading either.
+# says "fetched <bytes>".  With "out": <path> in the header (a timelapse
+# frame) the JPEG is written to that file instead, complete or not at all
+# (a temporary file renamed into place).  On failure it exits with one of
+# the EXIT_* codes and writes one short line to stderr.  Pillow and
+# requests are imported only when there is work to do: klippy imports
+# this file for its constants, as extras.polar_cloud.imaging, without
+# loading either.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -292,7 +295,8 @@ def fetch(spec: Fetch) -> bytes:
 
 # The script
 
-def request(limit: int, opts: Any, fetch: Optional[Fetch] = None) -> bytes:
+def request(limit: int, opts: Any, fetch: Optional[Fetch] = None,
+            out: str = "") -> bytes:
     """The header line for the script's stdin (the JPEG follows it unless
     the child is to fetch the frame itself)."""
     header = {
@@ -301,7 +305,25 @@ def request(limit: int, opts: Any, fetch: Optional[Fetch] = None) -> bytes:
         "rotation": int(opts.rotation)}
     if fetch is not None:
         header["fetch"] = dataclasses.asdict(fetch)
+    if out:
+        header["out"] = out
     return json.dumps(header).encode() + b"\n"
+
+
+def write_file(path: str, data: bytes) -> None:
+    """All of data at path, or nothing there."""
+    tmp = path + ".part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def parse_request(raw: bytes) -> tuple[int, Transform, bytes,
@@ -325,6 +347,16 @@ def parse_request(raw: bytes) -> tuple[int, Transform, bytes,
     return limit, opts, raw[len(head) + 1:], spec
 
 
+def output_path(raw: bytes) -> str:
+    """The header's "out" path, "" when the JPEG goes to stdout."""
+    head = raw[:MAX_HEADER].partition(b"\n")[0]
+    try:
+        out = json.loads(head).get("out", "")
+    except (ValueError, AttributeError):
+        return ""
+    return out if isinstance(out, str) and os.path.isabs(out) else ""
+
+
 def lower_priority(pid: int = 0) -> None:
     """Idle CPU priority: run only when nothing else wants the CPU."""
     try:
@@ -344,8 +376,9 @@ def _one_line(text: str) -> str:
 
 def main() -> int:
     lower_priority()
+    raw = sys.stdin.buffer.read()
     try:
-        limit, opts, data, spec = parse_request(sys.stdin.buffer.read())
+        limit, opts, data, spec = parse_request(raw)
         if spec is not None:
             data = fetch(spec)
             sys.stderr.write("fetched %d\n" % (len(data),))
@@ -356,6 +389,10 @@ def main() -> int:
     except ImagingError as e:
         sys.stderr.write(_one_line(str(e)) + "\n")
         return e.exit_code
+    path = output_path(raw)
+    if path:
+        write_file(path, out)
+        return EXIT_OK
     sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
     return EXIT_OK

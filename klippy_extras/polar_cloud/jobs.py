@@ -854,7 +854,9 @@ class JobManager:
         return self.estimate
     def status_sent(self, code: int) -> None:
         job = self.job
-        if job is not None and job.phase == "done":
+        # Status 5 (a timelapse being made) is not one of the final three
+        if job is not None and job.phase == "done" \
+                and code != protocol.POSTPROCESSING:
             job.final_reports += 1
             if job.final_reports >= FINAL_REPORTS:
                 self.job = None

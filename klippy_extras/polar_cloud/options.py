@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from .camera import CameraOptions, read_camera_options
 from .protocol import is_loopback_host
+from .timelapse import TimelapseOptions, read_timelapse_options
+from .webcams import WebcamOptions, read_webcam_options
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
@@ -115,6 +117,8 @@ class Options:
     # A CA bundle to verify server_url with instead of the system's (a
     # private CA); verification itself can never be switched off
     ca_file: str = ""
+    timelapse: TimelapseOptions = TimelapseOptions()
+    webcam: WebcamOptions = WebcamOptions()
 
 
 def read_options(config) -> Options:
@@ -165,4 +169,6 @@ def read_options(config) -> Options:
                    active_interval=10., verbose=verbose,
                    max_job_size=max_job_size, allow_raw_gcode=allow_raw_gcode,
                    allow_jog=allow_jog, cloud_macros=macros,
-                   camera=read_camera_options(config), ca_file=ca_file)
+                   camera=read_camera_options(config), ca_file=ca_file,
+                   timelapse=read_timelapse_options(config),
+                   webcam=read_webcam_options(config))

@@ -29,6 +29,14 @@ def _number(value: Any) -> float:
     return float(value) if finite_number(value) else 0.
 
 
+def _layer(value: Any) -> Optional[int]:
+    """SET_PRINT_STATS_INFO CURRENT_LAYER, if it is a sane layer number."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and 0 <= value < 10 ** 7:
+        return value
+    return None
+
+
 class PrinterSampler:
     """Builds a small, JSON-safe snapshot of the printer for the cloud."""
 
@@ -93,11 +101,15 @@ class PrinterSampler:
                 if category in ("shutdown", "error") else ""}
         if self.print_stats is not None:
             ps = self.print_stats.get_status(eventtime)
+            # SET_PRINT_STATS_INFO CURRENT_LAYER=...: None unless the file
+            # reports layers (timelapse frames follow them)
+            info = ps.get("info") or {}
             snap.update(print_state=ps["state"], filename=ps["filename"],
                         print_duration=_number(ps["print_duration"]),
                         total_duration=_number(ps["total_duration"]),
                         filament_used=_number(ps["filament_used"]),
-                        print_message=ps["message"])
+                        print_message=ps["message"],
+                        current_layer=_layer(info.get("current_layer")))
         if self.sdcard is not None:
             sd = self.sdcard.get_status(eventtime)
             snap.update(progress=_number(sd["progress"]),
@@ -112,7 +124,7 @@ class PrinterSampler:
                             _number(hs.get("target", 0.)))
         snap["heaters"] = heaters
         key = (category, snap.get("print_state"), snap.get("filename"),
-               snap.get("is_active"),
+               snap.get("is_active"), snap.get("current_layer"),
                tuple(round(t[1], 1) for t in heaters.values()))
         changed = key != self.last_key
         self.last_key = key

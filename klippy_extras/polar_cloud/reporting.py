@@ -5,7 +5,7 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from . import protocol
 from .jobs import JobManager
@@ -25,6 +25,8 @@ class Reporter:
         self.version_sent_at = 0.
         self.count = 0
         self.now_flag = False
+        # A last word on the status code (timelapse.py: 5 while rendering)
+        self.status_filter: Callable[[int, Any], int] = lambda code, job: code
     def status_now(self) -> None:
         """Send a status at the next chance, changed or not."""
         self.now_flag = True
@@ -47,7 +49,7 @@ class Reporter:
         if snap is None:
             return None
         job = self.jobs.view(snap)
-        code = protocol.status_code(snap, job)
+        code = self.status_filter(protocol.status_code(snap, job), job)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
             session.serial(), snap, code, job_id,

@@ -38,6 +38,8 @@ from .states import (
     UNREGISTERED,
     WAITING,
 )
+from .timelapse import Timelapse
+from .webcams import Webcams
 
 WELCOME_TIMEOUT = 15.
 STABLE_AFTER = 60.
@@ -113,6 +115,10 @@ class CloudSession:
         self.commands = RemoteCommands(self)
         self.snapshots = Snapshots(self, self.jobs)
         self.camera = self.snapshots.camera
+        self.timelapse = Timelapse(self)
+        self.webcams = Webcams(self)
+        self.reporter.status_filter = self.timelapse.status_code
+        self.snapshots.timelapse = self.timelapse
         self.auth = Auth(self, IdentityStore(options.state_path,
                                              options.manufacturer))
         self.public = self._public_view()
@@ -139,6 +145,8 @@ class CloudSession:
             link.close()
         self.jobs.stop()
         self.camera.stop(0.)
+        self.timelapse.stop(0.)
+        self.webcams.stop(0.)
     def post_snapshot(self, snap: dict, changed: bool) -> None:
         with self.snapshot_lock:
             self.latest_sample = snap
@@ -258,6 +266,8 @@ class CloudSession:
             self.set_state(DISABLED, "missing Python packages: %s (run"
                            " install.sh)" % (", ".join(self.missing),))
             return
+        self.webcams.refresh()
+        self.webcams.refresh()
         try:
             self.identity = self.store.load()
         except IdentityError as e:
@@ -287,6 +297,7 @@ class CloudSession:
             self.rlog("flood", "the cloud sent more events than can be"
                       " handled; %d dropped", dropped, level=logging.WARNING)
         self.jobs.watch(self.snapshot())
+        self.timelapse.tick(now, self.snapshot())
         state = self.state
         if self.hello_at and state == CONNECTING and (
                 now >= self.hello_at or not self.camera.probing()):
@@ -309,6 +320,7 @@ class CloudSession:
         self.reporter.work(now)
         self.jobs.flush()
         self.snapshots.work(now)
+        self.timelapse.online_work(now)
     def _check_link(self, now: float) -> None:
         link = self.link
         if link is None or not link.connected:
@@ -325,6 +337,7 @@ class CloudSession:
     def connect(self) -> None:
         if self.stop_event.is_set():
             return
+        self.webcams.refresh()
         self.drop_connection("reconnect")
         self.set_state(CONNECTING, self.last_error)
         self.challenge = ""
@@ -396,6 +409,7 @@ class CloudSession:
                 "serialNumber": serial,
                 "commandList": self.commands.command_list()})
         self.jobs.flush()
+        self.timelapse.hello_done()
     # Inbox entries: calls, link news and cloud events
     def _handle(self, kind: str, name, data) -> None:
         if kind == links.CALL:
@@ -486,6 +500,8 @@ class CloudSession:
             "status_code": last.get("status", -1),
             "retry_in": self.retry_in(),
             "retries": self.backoff.attempts if not online else 0,
+            "camera": self.webcams.describe(),
+            "timelapse": self.timelapse.describe(),
         }
     def publish(self) -> None:
         self.public = self._public_view()

@@ -23,6 +23,8 @@ class Snapshots:
             lambda result: session.post(self.done, result),
             ca_file=session.options.ca_file)
         self.last: Optional[camera.SnapshotResult] = None
+        # Where timelapse upload URLs go (timelapse.py, set by the session)
+        self.timelapse = None
         session.on("getUrlResponse", self.on_url_response)
     def kind(self) -> tuple[str, str]:
         job = self.jobs.view()
@@ -51,11 +53,14 @@ class Snapshots:
             self.session.console("Polar Cloud: a snapshot is already running"
                                  " (or the session is stopping)")
     def on_url_response(self, data: Any) -> None:
-        self.camera.set_slot(camera.parse_url_response(
+        slot = camera.parse_url_response(
             data, self.session.serial(), self.session.loopback_test_server(),
-            time.monotonic()))
+            time.monotonic())
+        owner = self.timelapse if slot.type == "timelapse" else self.camera
+        owner.set_slot(slot)
     def done(self, result: camera.SnapshotResult) -> None:
         self.last = result
+        self.session.publish()  # the camera may answer now, or no more
         if not result.manual:
             return
         if result.fetched:

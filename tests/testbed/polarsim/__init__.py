@@ -24,7 +24,12 @@ Faults (attributes, or ``set_fault(name, value)``; ``clear_faults()``):
 ``geturl_reply`` (queued), ``upload_fail``; plus ``drop()``/``drop_all()``
 (reset, close, disconnect) and ``freeze()`` (half-open link: no pings, no
 data, TCP stays open).  Settings: ``url_expires``, ``max_size``,
+``timelapse_max_size`` (maxSize of ``timelapse`` slots),
 ``capabilities``, ``hello_required``.
+
+Timelapse uploads (``getUrl`` type ``timelapse``) must be
+``timelapse.mp4``, ``video/mp4``, and an H.264 MP4 that ``ffprobe``
+reads; the upload record carries what it found under ``"video"``.
 
 CLI (demo)::
 

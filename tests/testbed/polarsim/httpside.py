@@ -14,8 +14,11 @@ import hashlib
 import hmac
 import json
 import secrets
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -74,6 +77,55 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
         except OSError:
             pass
     transport.abort()  # type: ignore[attr-defined]
+
+
+def probe_video(data: bytes) -> dict[str, Any]:
+    """What ffprobe reads in an uploaded timelapse: format, codec, size,
+    frames and duration; {"error": ...} when it reads no video."""
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is None:
+        return {"error": "ffprobe is not installed (apt install ffmpeg)"}
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        proc = subprocess.run(
+            [ffprobe, "-v", "error", "-count_frames", "-select_streams", "v:0",
+             "-show_entries",
+             "format=format_name,duration:stream=codec_name,width,height,"
+             "nb_read_frames,avg_frame_rate,pix_fmt",
+             "-of", "json", f.name],
+            capture_output=True, text=True, timeout=60, check=False)
+    try:
+        info = json.loads(proc.stdout or "{}")
+        stream = info["streams"][0]
+        fmt = info["format"]
+        return {
+            "format": fmt["format_name"],
+            "duration": float(fmt["duration"]),
+            "codec": stream["codec_name"],
+            "width": int(stream["width"]),
+            "height": int(stream["height"]),
+            "frames": int(stream["nb_read_frames"]),
+            "fps": stream.get("avg_frame_rate", ""),
+            "pix_fmt": stream.get("pix_fmt", ""),
+        }
+    except (ValueError, KeyError, IndexError, TypeError):
+        return {"error": "not a video ffprobe can read: %s"
+                % (proc.stderr.strip()[-200:] or "no stream",)}
+
+
+def video_problems(video: dict[str, Any]) -> list[str]:
+    if "error" in video:
+        return [video["error"]]
+    problems = []
+    if "mp4" not in video["format"].split(","):
+        problems.append(f"format {video['format']!r} is not MP4")
+    if video["codec"] != "h264":
+        problems.append(f"codec {video['codec']!r} is not H.264")
+    if video["frames"] < 2 or video["duration"] <= 0:
+        problems.append("no moving picture (%d frames, %.2f s)"
+                        % (video["frames"], video["duration"]))
+    return problems
 
 
 def s3_error(status: int, code: str, message: str) -> web.Response:
@@ -429,6 +481,19 @@ class HttpSide:
             and parsed.data.endswith(b"\xff\xd9")
         ):
             self.rec.violation("upload: file is not a complete JPEG (SOI..EOI)", who)
+        video = None
+        if form.type == "timelapse" and parsed.size:
+            if parsed.filename != "timelapse.mp4":
+                self.rec.violation(
+                    f"upload: timelapse named {parsed.filename!r}, not"
+                    " 'timelapse.mp4'",
+                    who,
+                )
+            video = await asyncio.get_running_loop().run_in_executor(
+                None, probe_video, parsed.data
+            )
+            for problem in video_problems(video):
+                self.rec.violation(f"upload: timelapse: {problem}", who)
         upload = {
             "t": t,
             "fields": got,
@@ -438,6 +503,7 @@ class HttpSide:
             "serial": form.serial,
             "type": form.type,
             "jobId": form.job_id,
+            "video": video,
         }
         with self.rec.cond:
             self.rec.uploads.append(upload)

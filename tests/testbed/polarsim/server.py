@@ -80,7 +80,13 @@ FAULT_NAMES = (
     "geturl_reply",  # queue one scripted reply (value, or callable(real_reply))
     "upload_fail",  # None | HTTP status for every upload
 )
-SETTING_NAMES = ("url_expires", "max_size", "capabilities", "hello_required")
+SETTING_NAMES = (
+    "url_expires",
+    "max_size",
+    "timelapse_max_size",
+    "capabilities",
+    "hello_required",
+)
 
 _SAME: Any = object()  # "use the target serial" marker for payload_serial
 
@@ -177,6 +183,7 @@ class PolarSim:
         ping_timeout: int = 20,
         url_expires: int = 600,
         max_size: int = 1_000_000,
+        timelapse_max_size: int = 20_000_000,
         capabilities: list[str] | None = None,
         on_event: Callable[[SimEvent], None] | None = None,
         on_violation: Callable[[str], None] | None = None,
@@ -202,6 +209,7 @@ class PolarSim:
         # settings
         self.url_expires = url_expires
         self.max_size = max_size
+        self.timelapse_max_size = timelapse_max_size
         self.capabilities: list[str] = list(capabilities or [])
         self.hello_required: tuple[str, ...] = checks.HELLO_REQUIRED
 
@@ -931,7 +939,11 @@ class PolarSim:
                 url_type,
                 job_id,
                 int(self.url_expires),
-                int(self.max_size),
+                int(
+                    self.timelapse_max_size
+                    if url_type == "timelapse"
+                    else self.max_size
+                ),
                 ctype,
             )
             reply = {
