@@ -196,8 +196,12 @@ def test_url_response_values_are_whole_tokens():
     now = time.monotonic()
     assert parse(loopback_url_response(jobId="77"), SERIAL, True,
                  now).job_id == "77"
+    # Job ids are echoed verbatim (any readable id): a slot belongs to the
+    # job whose id is exactly this text
     assert parse(loopback_url_response(jobId="77\n"), SERIAL, True,
-                 now).job_id == ""
+                 now).job_id == "77\n"
+    assert parse(loopback_url_response(jobId=77), SERIAL, True,
+                 now).job_id == "77"
     with pytest.raises(protocol.ProtocolError):
         parse(loopback_url_response(contentType="image/jpeg\n"), SERIAL,
               True, now)

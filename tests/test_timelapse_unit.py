@@ -367,6 +367,8 @@ class FakeSession:
         self.emits = []
         self.online = True
         self.rlogged = []
+    def post(self, fn, *args):
+        self.inbox.put_local(fn, *args)
     def emit(self, event, data, callback=None):
         self.emits.append((event, data))
         return True

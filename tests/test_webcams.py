@@ -118,7 +118,7 @@ def test_lookup_failures_are_logged_once(caplog):
             self.console_lines = []
         def console(self, text, error=False, log=True):
             self.console_lines.append(text)
-        def refresh_public(self):
+        def publish(self):
             pass
     s = Session()
     w = webcams.Webcams(s)

@@ -223,7 +223,7 @@ def run_imaging(kids: children.Children,
     if not sys.executable:
         raise children.ChildError("no Python interpreter to run it")
     with _input_file(request) as stdin:
-        code, out, err = kids.run([sys.executable, "-I", IMAGING_SCRIPT],
+        code, out, err = kids.run([sys.executable, IMAGING_SCRIPT],
                                   IMAGING_TIMEOUT, "image work", stdin=stdin)
     fetched = FETCHED_RE.search(err)
     return (code, out, _last_line(err),
