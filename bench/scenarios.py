@@ -50,9 +50,9 @@ SNAPSHOT_RATE = 2.      # per second, in the snapshot window
 SNAPSHOT_ROUNDS = 3
 OUTSIDE_SNAPSHOTS = """
 import json, sys, threading, time
-from klippy_extras.polar_cloud import camera
+from klippy_extras.polar_cloud import camera, options
 cfg = json.loads(sys.argv[1])
-opts = camera.CameraOptions(enabled=True, snapshot_url=cfg["snapshot_url"])
+opts = options.CameraOptions(enabled=True, snapshot_url=cfg["snapshot_url"])
 done = threading.Event()
 results = []
 cam = camera.Camera(opts, True, threading.Event(),

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from klippy_extras.polar_cloud import camera, children, imaging, protocol
+from klippy_extras.polar_cloud import options as cfg
 from tests.testbed.camera_server import (
     CameraServer,
     noisy_jpeg,
@@ -91,7 +92,7 @@ class Runner:
 
 def options(cam_server, **kw):
     kw.setdefault("enabled", True)
-    return camera.CameraOptions(snapshot_url=cam_server.snapshot_url, **kw)
+    return cfg.CameraOptions(snapshot_url=cam_server.snapshot_url, **kw)
 
 
 def url_response(sim, kind="idle", job_id=None, expires=600, max_size=1_000_000):
@@ -216,8 +217,8 @@ def test_url_response_refusal_is_one_line():
 
 
 def test_options_defaults():
-    opts = camera.read_camera_options(FakeConfig())
-    assert opts == camera.CameraOptions()
+    opts = cfg.read_camera_options(FakeConfig())
+    assert opts == cfg.CameraOptions()
     assert opts.enabled is None
     assert opts.snapshot_url == "http://127.0.0.1:8080/?action=snapshot"
     assert opts.stream_url == "/webcam/?action=stream"
@@ -226,24 +227,24 @@ def test_options_defaults():
 
 
 def test_options_values():
-    opts = camera.read_camera_options(FakeConfig(
+    opts = cfg.read_camera_options(FakeConfig(
         webcam_enabled="False", snapshot_url="https://cam.local/snap.jpg",
         stream_url="http://localhost:8081/stream", flip_horizontal="True",
         flip_vertical="true", rotation="270", max_image_size=60000,
         snapshot_interval=120, snapshot_interval_printing=5))
-    assert opts == camera.CameraOptions(
+    assert opts == cfg.CameraOptions(
         enabled=False, snapshot_url="https://cam.local/snap.jpg",
         stream_url="http://localhost:8081/stream", flip_horizontal=True,
         flip_vertical=True, rotation=270, max_image_size=60000,
         interval_idle=120., interval_printing=5.,
-        explicit=frozenset(camera.SOURCE_OPTIONS))
+        explicit=frozenset(cfg.SOURCE_OPTIONS))
     # Which of the camera's source options printer.cfg sets (a webcam from
     # Moonraker never overrides those)
-    assert camera.read_camera_options(FakeConfig(
+    assert cfg.read_camera_options(FakeConfig(
         rotation="90")).explicit == {"rotation"}
-    assert camera.read_camera_options(FakeConfig(webcam_enabled="true")).enabled is True
-    assert camera.read_camera_options(FakeConfig(webcam_enabled="Auto")).enabled is None
-    assert camera.read_camera_options(FakeConfig(stream_url="")).stream_url == ""
+    assert cfg.read_camera_options(FakeConfig(webcam_enabled="true")).enabled is True
+    assert cfg.read_camera_options(FakeConfig(webcam_enabled="Auto")).enabled is None
+    assert cfg.read_camera_options(FakeConfig(stream_url="")).stream_url == ""
 
 
 @pytest.mark.parametrize("option,value", [
@@ -261,7 +262,7 @@ def test_options_values():
 ])
 def test_options_errors_name_the_option(option, value):
     with pytest.raises(configparser.Error, match=option):
-        camera.read_camera_options(FakeConfig(**{option: value}))
+        cfg.read_camera_options(FakeConfig(**{option: value}))
 
 
 def test_options_with_klippy_config_wrapper():
@@ -270,11 +271,11 @@ def test_options_with_klippy_config_wrapper():
     parser.read_string("[polar_cloud]\nrotation: 90\nwebcam_enabled: True\n"
                        "max_image_size: 99999\n")
     config = configfile.ConfigWrapper(None, parser, {}, "polar_cloud")
-    opts = camera.read_camera_options(config)
+    opts = cfg.read_camera_options(config)
     assert (opts.rotation, opts.enabled, opts.max_image_size) == (90, True, 99999)
     parser.set("polar_cloud", "rotation", "91")
     with pytest.raises(configparser.Error, match="rotation"):
-        camera.read_camera_options(config)
+        cfg.read_camera_options(config)
 
 
 # hello hints
@@ -295,12 +296,12 @@ def test_lan_stream_url(stream, ip, expected):
 def test_camera_hints():
     off = protocol.CameraHints()
     ip = "10.0.0.2"
-    assert camera.camera_hints(camera.CameraOptions(enabled=False), ip, True) == off
-    assert camera.camera_hints(camera.CameraOptions(), ip, False) == off
-    hints = camera.camera_hints(camera.CameraOptions(), ip, True)
+    assert camera.camera_hints(cfg.CameraOptions(enabled=False), ip, True) == off
+    assert camera.camera_hints(cfg.CameraOptions(), ip, False) == off
+    hints = camera.camera_hints(cfg.CameraOptions(), ip, True)
     assert hints == protocol.CameraHints(
         "http://10.0.0.2/webcam/?action=stream", 0, 0, 0)
-    opts = camera.CameraOptions(enabled=True, flip_horizontal=True, rotation=90)
+    opts = cfg.CameraOptions(enabled=True, flip_horizontal=True, rotation=90)
     hints = camera.camera_hints(opts, "10.0.0.2", False)
     assert hints.cam_off == 0
     assert hints.transform_img == protocol.transform_bits(True, False, 90) == 5
@@ -391,7 +392,7 @@ def slot_at(now, kind="idle", job_id="", expires=600):
 
 def idle_camera(**kw):
     kw.setdefault("enabled", True)
-    return camera.Camera(camera.CameraOptions(**kw), False, threading.Event(),
+    return camera.Camera(cfg.CameraOptions(**kw), False, threading.Event(),
                          print)
 
 
@@ -708,7 +709,7 @@ def test_outage_logs_state_changes_and_backs_off(env, caplog):
 
 def test_auto_mode_without_camera(env, caplog):
     sim, cam_server = env
-    opts = camera.CameraOptions(snapshot_url="http://127.0.0.1:9/?action=snapshot")
+    opts = cfg.CameraOptions(snapshot_url="http://127.0.0.1:9/?action=snapshot")
     run = Runner(opts)
     t = time.monotonic()
     assert run.cam.due("idle", t)

@@ -14,9 +14,8 @@ import pytest
 
 from klippy_extras.polar_cloud import handoff, states
 from klippy_extras.polar_cloud import session as S
-from klippy_extras.polar_cloud.camera import CameraOptions
 from klippy_extras.polar_cloud.identity import Identity
-from klippy_extras.polar_cloud.options import Options
+from klippy_extras.polar_cloud.options import CameraOptions, Options
 
 EMAIL = "teacher@school.example.org"
 PIN = "Qw3rty9"

@@ -35,9 +35,8 @@ from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
-from klippy_extras.polar_cloud.camera import CameraOptions
 from klippy_extras.polar_cloud.identity import Identity
-from klippy_extras.polar_cloud.options import Options
+from klippy_extras.polar_cloud.options import CameraOptions, Options
 from klippy_extras.polar_cloud.ratelog import RateLimitedLog
 
 SERIAL = "KL000042"

@@ -20,6 +20,7 @@ from klippy_extras.polar_cloud import (
     camera,
     children,
     frames,
+    options,
     protocol,
     render,
     timelapse,
@@ -356,8 +357,8 @@ class FakeSession:
         cam = dict(enabled=True, snapshot_url="http://127.0.0.1:9/snap")
         self.options = type("O", (), {
             "state_path": state_path,
-            "timelapse": timelapse.TimelapseOptions(**opts),
-            "camera": camera.CameraOptions(**cam)})()
+            "timelapse": options.TimelapseOptions(**opts),
+            "camera": options.CameraOptions(**cam)})()
         self.stop_event = threading.Event()
         self.camera = camera.Camera(self.options.camera, True,
                                     self.stop_event, print)

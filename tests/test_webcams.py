@@ -15,7 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, webcams
+from klippy_extras.polar_cloud import camera, options, webcams
 from tests.conftest import EXTRA, polar_section, register
 from tests.testbed.camera_server import CameraServer
 from tests.testbed.klippy import POLL_INTERVAL
@@ -39,14 +39,14 @@ def cam(**kw):
 
 
 def test_the_webcam_fills_what_printer_cfg_leaves_open():
-    opts, problems = webcams.camera_options(camera.CameraOptions(), cam())
+    opts, problems = webcams.camera_options(options.CameraOptions(), cam())
     assert problems == []
     assert opts.snapshot_url == "http://127.0.0.1/webcam/?action=snapshot"
     assert opts.stream_url == "/webcam/?action=stream"
     assert (opts.flip_horizontal, opts.flip_vertical, opts.rotation) == (
         False, True, 270)
     # Options set in printer.cfg win
-    base = camera.CameraOptions(snapshot_url="http://10.0.0.5:8080/snap",
+    base = options.CameraOptions(snapshot_url="http://10.0.0.5:8080/snap",
                                 rotation=90, explicit=frozenset(
                                     {"snapshot_url", "rotation"}))
     opts, problems = webcams.camera_options(base, cam(
@@ -62,7 +62,7 @@ def test_the_webcam_fills_what_printer_cfg_leaves_open():
     ({"rotation": 45}, "rotation 45 is not"),
 ])
 def test_unusable_webcam_settings_are_named(changes, problem):
-    base = camera.CameraOptions()
+    base = options.CameraOptions()
     opts, problems = webcams.camera_options(base, cam(**changes))
     assert [p for p in problems if problem in p]
     assert opts.snapshot_url == base.snapshot_url or "snapshot" not in problem
@@ -92,15 +92,15 @@ class FakeConfig:
 
 
 def test_options():
-    assert webcams.read_webcam_options(FakeConfig()) == \
-        webcams.WebcamOptions("", "http://127.0.0.1:7125")
-    assert webcams.read_webcam_options(FakeConfig(
+    assert options.read_webcam_options(FakeConfig()) == \
+        options.WebcamOptions("", "http://127.0.0.1:7125")
+    assert options.read_webcam_options(FakeConfig(
         webcam=" Printer Cam ", moonraker_url="http://10.0.0.2:7125/")) == \
-        webcams.WebcamOptions("Printer Cam", "http://10.0.0.2:7125")
+        options.WebcamOptions("Printer Cam", "http://10.0.0.2:7125")
     for bad in ({"moonraker_url": "ftp://x"}, {"moonraker_url": "http://u:p@x"},
                 {"webcam": "a\nb"}, {"webcam": "x" * 65}):
         with pytest.raises(configparser.Error, match=next(iter(bad))):
-            webcams.read_webcam_options(FakeConfig(**bad))
+            options.read_webcam_options(FakeConfig(**bad))
 
 
 def test_lookup_failures_are_logged_once(caplog):
@@ -109,12 +109,12 @@ def test_lookup_failures_are_logged_once(caplog):
     class Session:
         def __init__(self):
             self.stop_event = threading.Event()
-            self.camera = camera.Camera(camera.CameraOptions(enabled=True),
+            self.camera = camera.Camera(options.CameraOptions(enabled=True),
                                         True, self.stop_event,
                                         lambda result: None)
             self.options = type("O", (), {
-                "webcam": webcams.WebcamOptions("c"),
-                "camera": camera.CameraOptions()})()
+                "webcam": options.WebcamOptions("c"),
+                "camera": options.CameraOptions()})()
             self.console_lines = []
         def console(self, text, error=False, log=True):
             self.console_lines.append(text)

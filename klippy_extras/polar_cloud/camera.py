@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import children, imaging, netpolicy, protocol
+from .options import MAX_FETCH, CameraOptions
 from .uploads import (  # noqa: F401 (UploadSlot, parse_url_response: API)
     UPLOAD_MARGIN,
     URL_EXPIRED,
@@ -35,18 +36,12 @@ from .uploads import (  # noqa: F401 (UploadSlot, parse_url_response: API)
 
 log = logging.getLogger("polar_cloud")
 
-DEFAULT_SNAPSHOT_URL = "http://127.0.0.1:8080/?action=snapshot"
-DEFAULT_STREAM_URL = "/webcam/?action=stream"
-ROTATIONS = {"0": 0, "90": 90, "180": 180, "270": 270}
-TRISTATE = {"auto": None, "true": True, "yes": True, "on": True, "1": True,
-            "false": False, "no": False, "off": False, "0": False}
 KINDS = ("idle", "printing")
 
 # Fetching from the camera
 CONNECT_TIMEOUT = 5.
 READ_TIMEOUT = 10.
 FETCH_DEADLINE = 20.
-MAX_FETCH = 10 * 1024 * 1024
 CHUNK = 64 * 1024
 # Image work in a child process (imaging.py)
 IMAGING_SCRIPT = imaging.SCRIPT
@@ -60,90 +55,6 @@ BACKOFF_INTERVAL = 300.
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-
-
-# Options
-
-@dataclass(frozen=True)
-class CameraOptions:
-    enabled: Optional[bool] = None      # None: on when the camera answers
-    snapshot_url: str = DEFAULT_SNAPSHOT_URL
-    stream_url: str = DEFAULT_STREAM_URL
-    flip_horizontal: bool = False
-    flip_vertical: bool = False
-    rotation: int = 0                   # clockwise, like the front-ends
-    max_image_size: int = 150000
-    interval_idle: float = 60.
-    interval_printing: float = 10.
-    # The options printer.cfg sets: a webcam from Moonraker (webcams.py)
-    # never overrides them
-    explicit: frozenset = frozenset()
-
-
-SOURCE_OPTIONS = ("snapshot_url", "stream_url", "flip_horizontal",
-                  "flip_vertical", "rotation")
-
-
-def check_snapshot_url(url: str) -> str:
-    """Return an error text for an unusable snapshot_url, '' when fine."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "is not a URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL"
-    if re.search(r"\s", url) or parts.fragment:
-        return "must not contain spaces or a fragment"
-    return ""
-
-
-def check_stream_url(url: str) -> str:
-    """camUrl goes to the cloud: a path on this host or an http(s) URL."""
-    if not url:
-        return ""
-    if re.search(r"\s", url):
-        return "must not contain spaces"
-    if url.startswith("/") and not url.startswith("//"):
-        return ""
-    if check_snapshot_url(url):
-        return "must be a path such as /webcam/?action=stream or an" \
-            " http(s):// URL"
-    if "@" in urllib.parse.urlsplit(url).netloc:
-        return "must not carry credentials (it is sent to Polar Cloud)"
-    return ""
-
-
-def read_camera_options(config) -> CameraOptions:
-    section = config.get_name()
-
-    def error(option: str, text: str):
-        return config.error("Option '%s' in section '%s' %s"
-                            % (option, section, text))
-    text = config.get("webcam_enabled", "auto").strip().lower()
-    if text not in TRISTATE:
-        raise error("webcam_enabled", "must be True, False or auto")
-    snapshot_url = config.get("snapshot_url", DEFAULT_SNAPSHOT_URL).strip()
-    problem = check_snapshot_url(snapshot_url)
-    if problem:
-        raise error("snapshot_url", problem)
-    stream_url = config.get("stream_url", DEFAULT_STREAM_URL).strip()
-    problem = check_stream_url(stream_url)
-    if problem:
-        raise error("stream_url", problem)
-    return CameraOptions(
-        enabled=TRISTATE[text], snapshot_url=snapshot_url,
-        stream_url=stream_url,
-        flip_horizontal=config.getboolean("flip_horizontal", False),
-        flip_vertical=config.getboolean("flip_vertical", False),
-        rotation=config.getchoice("rotation", ROTATIONS, "0"),
-        max_image_size=config.getint("max_image_size", 150000,
-                                     minval=10000, maxval=MAX_FETCH),
-        interval_idle=config.getfloat("snapshot_interval", 60., minval=5.,
-                                      maxval=3600.),
-        interval_printing=config.getfloat("snapshot_interval_printing", 10.,
-                                          minval=5., maxval=3600.),
-        explicit=frozenset(o for o in SOURCE_OPTIONS
-                           if config.get(o, None) is not None))
 
 
 # hello hints

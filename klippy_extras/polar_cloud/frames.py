@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Optional
 
-from . import camera, children, imaging, protocol
+from . import camera, children, imaging, options, protocol
 
 log = logging.getLogger("polar_cloud")
 
@@ -251,7 +251,7 @@ class FrameStore:
 
 
 def capture(store: FrameStore, kids: children.Children,
-            opts: camera.CameraOptions, job_id: str) -> str:
+            opts: options.CameraOptions, job_id: str) -> str:
     """Frame worker: one frame into the job's folder, fetched, turned and
     shrunk by the imaging child, which writes the file itself.  An error
     text, or "" when the frame was kept."""

@@ -58,7 +58,7 @@ SCRIPT = os.path.abspath(__file__)
 
 @dataclass(frozen=True)
 class Transform:
-    """What to do with the picture (camera.CameraOptions fits too)."""
+    """What to do with the picture (options.CameraOptions fits too)."""
     flip_horizontal: bool = False
     flip_vertical: bool = False
     rotation: int = 0           # clockwise, like the front-ends

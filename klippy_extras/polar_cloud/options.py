@@ -7,11 +7,9 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass
+from typing import Optional
 
-from .camera import CameraOptions, read_camera_options
 from .protocol import is_loopback_host
-from .timelapse import TimelapseOptions, read_timelapse_options
-from .webcams import WebcamOptions, read_webcam_options
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
@@ -97,6 +95,155 @@ def read_cloud_macros(config) -> tuple:
                                " (only your own [gcode_macro] sections can"
                                " be run from the cloud)" % (name,))
     return macros
+
+
+# The webcam (camera.py, imaging.py; webcams.py may fill in the source)
+
+DEFAULT_SNAPSHOT_URL = "http://127.0.0.1:8080/?action=snapshot"
+DEFAULT_STREAM_URL = "/webcam/?action=stream"
+ROTATIONS = {"0": 0, "90": 90, "180": 180, "270": 270}
+TRISTATE = {"auto": None, "true": True, "yes": True, "on": True, "1": True,
+            "false": False, "no": False, "off": False, "0": False}
+MAX_FETCH = 10 * 1024 * 1024        # the largest frame read from a camera
+
+
+@dataclass(frozen=True)
+class CameraOptions:
+    enabled: Optional[bool] = None      # None: on when the camera answers
+    snapshot_url: str = DEFAULT_SNAPSHOT_URL
+    stream_url: str = DEFAULT_STREAM_URL
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    rotation: int = 0                   # clockwise, like the front-ends
+    max_image_size: int = 150000
+    interval_idle: float = 60.
+    interval_printing: float = 10.
+    # The options printer.cfg sets: a webcam from Moonraker (webcams.py)
+    # never overrides them
+    explicit: frozenset = frozenset()
+
+
+SOURCE_OPTIONS = ("snapshot_url", "stream_url", "flip_horizontal",
+                  "flip_vertical", "rotation")
+
+
+def check_snapshot_url(url: str) -> str:
+    """Return an error text for an unusable snapshot_url, '' when fine."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    if re.search(r"\s", url) or parts.fragment:
+        return "must not contain spaces or a fragment"
+    return ""
+
+
+def check_stream_url(url: str) -> str:
+    """camUrl goes to the cloud: a path on this host or an http(s) URL."""
+    if not url:
+        return ""
+    if re.search(r"\s", url):
+        return "must not contain spaces"
+    if url.startswith("/") and not url.startswith("//"):
+        return ""
+    if check_snapshot_url(url):
+        return "must be a path such as /webcam/?action=stream or an" \
+            " http(s):// URL"
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        return "must not carry credentials (it is sent to Polar Cloud)"
+    return ""
+
+
+def read_camera_options(config) -> CameraOptions:
+    section = config.get_name()
+
+    def error(option: str, text: str):
+        return config.error("Option '%s' in section '%s' %s"
+                            % (option, section, text))
+    text = config.get("webcam_enabled", "auto").strip().lower()
+    if text not in TRISTATE:
+        raise error("webcam_enabled", "must be True, False or auto")
+    snapshot_url = config.get("snapshot_url", DEFAULT_SNAPSHOT_URL).strip()
+    problem = check_snapshot_url(snapshot_url)
+    if problem:
+        raise error("snapshot_url", problem)
+    stream_url = config.get("stream_url", DEFAULT_STREAM_URL).strip()
+    problem = check_stream_url(stream_url)
+    if problem:
+        raise error("stream_url", problem)
+    return CameraOptions(
+        enabled=TRISTATE[text], snapshot_url=snapshot_url,
+        stream_url=stream_url,
+        flip_horizontal=config.getboolean("flip_horizontal", False),
+        flip_vertical=config.getboolean("flip_vertical", False),
+        rotation=config.getchoice("rotation", ROTATIONS, "0"),
+        max_image_size=config.getint("max_image_size", 150000,
+                                     minval=10000, maxval=MAX_FETCH),
+        interval_idle=config.getfloat("snapshot_interval", 60., minval=5.,
+                                      maxval=3600.),
+        interval_printing=config.getfloat("snapshot_interval_printing", 10.,
+                                          minval=5., maxval=3600.),
+        explicit=frozenset(o for o in SOURCE_OPTIONS
+                           if config.get(o, None) is not None))
+
+
+# Timelapses (timelapse.py)
+
+@dataclass(frozen=True)
+class TimelapseOptions:
+    enabled: Optional[bool] = None      # None: auto
+    max_bytes: int = 100 * 1024 * 1024
+
+
+def read_timelapse_options(config) -> TimelapseOptions:
+    text = config.get("timelapse", "auto").strip().lower()
+    if text not in TRISTATE:
+        raise config.error("Option 'timelapse' in section '%s' must be True,"
+                           " False or auto" % (config.get_name(),))
+    max_mb = config.getint("timelapse_max_mb", 100, minval=10,
+                           maxval=100 * 1024)
+    return TimelapseOptions(TRISTATE[text], max_mb * 1024 * 1024)
+
+
+# Mainsail's webcam, from Moonraker (webcams.py)
+
+DEFAULT_MOONRAKER = "http://127.0.0.1:7125"
+NAME_RE = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+
+
+@dataclass(frozen=True)
+class WebcamOptions:
+    name: str = ""                  # empty: the [polar_cloud] options only
+    moonraker_url: str = DEFAULT_MOONRAKER
+
+
+def check_moonraker_url(url: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return "must not carry credentials, a query or a fragment"
+    return ""
+
+
+def read_webcam_options(config) -> WebcamOptions:
+    section = config.get_name()
+    name = config.get("webcam", "").strip()
+    if name and not NAME_RE.fullmatch(name):
+        raise config.error("Option 'webcam' in section '%s' must be the name"
+                           " of a webcam in Mainsail (at most 64 characters)"
+                           % (section,))
+    url = config.get("moonraker_url", DEFAULT_MOONRAKER).strip().rstrip("/")
+    problem = check_moonraker_url(url)
+    if problem:
+        raise config.error("Option 'moonraker_url' in section '%s' %s"
+                           % (section, problem))
+    return WebcamOptions(name, url)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Optional
 
 from . import camera, children, protocol, render, uploads
 from .frames import FrameStore, Stopped, capture
+from .options import TimelapseOptions
 from .worker import Worker, contained
 
 log = logging.getLogger("polar_cloud")
@@ -36,22 +37,6 @@ URL_WAIT = 30.              # for getUrlResponse, before trying again later
 RETRY_FOR = 24 * 3600.      # after the print; then the frames are deleted
 UPLOAD_NAME = "timelapse.mp4"
 NO_FFMPEG = "ffmpeg is not installed"
-
-
-@dataclass(frozen=True)
-class TimelapseOptions:
-    enabled: Optional[bool] = None      # None: auto
-    max_bytes: int = 100 * 1024 * 1024
-
-
-def read_timelapse_options(config) -> TimelapseOptions:
-    text = config.get("timelapse", "auto").strip().lower()
-    if text not in camera.TRISTATE:
-        raise config.error("Option 'timelapse' in section '%s' must be True,"
-                           " False or auto" % (config.get_name(),))
-    max_mb = config.getint("timelapse_max_mb", 100, minval=10,
-                           maxval=100 * 1024)
-    return TimelapseOptions(camera.TRISTATE[text], max_mb * 1024 * 1024)
 
 
 @dataclass

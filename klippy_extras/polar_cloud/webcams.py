@@ -17,14 +17,13 @@ import logging
 import re
 import threading
 import time
-import urllib.parse
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from . import protocol
-from .camera import (
+from .options import (
     ROTATIONS,
     CameraOptions,
+    WebcamOptions,
     check_snapshot_url,
     check_stream_url,
 )
@@ -32,7 +31,6 @@ from .worker import Worker, contained
 
 log = logging.getLogger("polar_cloud")
 
-DEFAULT_MOONRAKER = "http://127.0.0.1:7125"
 LIST_PATH = "/server/webcams/list"
 TIMEOUT = (3., 5.)
 MAX_BYTES = 512 * 1024
@@ -40,40 +38,6 @@ MAX_BYTES = 512 * 1024
 RETRIES = (10., 30., 60., 120.)
 # Where Moonraker puts a snapshot URL that is only a path (nginx)
 LOCAL_HOST = "http://127.0.0.1"
-NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
-
-
-@dataclass(frozen=True)
-class WebcamOptions:
-    name: str = ""                  # empty: the [polar_cloud] options only
-    moonraker_url: str = DEFAULT_MOONRAKER
-
-
-def check_moonraker_url(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "is not a URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL"
-    if parts.username or parts.password or parts.query or parts.fragment:
-        return "must not carry credentials, a query or a fragment"
-    return ""
-
-
-def read_webcam_options(config) -> WebcamOptions:
-    section = config.get_name()
-    name = config.get("webcam", "").strip()
-    if name and not NAME_RE.match(name):
-        raise config.error("Option 'webcam' in section '%s' must be the name"
-                           " of a webcam in Mainsail (at most 64 characters)"
-                           % (section,))
-    url = config.get("moonraker_url", DEFAULT_MOONRAKER).strip().rstrip("/")
-    problem = check_moonraker_url(url)
-    if problem:
-        raise config.error("Option 'moonraker_url' in section '%s' %s"
-                           % (section, problem))
-    return WebcamOptions(name, url)
 
 
 # Pure helpers
