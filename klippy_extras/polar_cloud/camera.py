@@ -36,13 +36,13 @@ from .uploads import (  # noqa: F401 (UploadSlot, parse_url_response: API)
 
 log = logging.getLogger("polar_cloud")
 
-KINDS = ("idle", "printing")
+SNAPSHOT_KINDS = ("idle", "printing")
 
 # Fetching from the camera
-CONNECT_TIMEOUT = 5.
-READ_TIMEOUT = 10.
+FETCH_CONNECT_TIMEOUT = 5.
+FETCH_READ_TIMEOUT = 10.
 FETCH_DEADLINE = 20.
-CHUNK = 64 * 1024
+FETCH_CHUNK = 64 * 1024
 # Image work in a child process (imaging.py)
 IMAGING_SCRIPT = imaging.SCRIPT
 IMAGING_TIMEOUT = 60.      # the fetch (FETCH_DEADLINE) and the image work
@@ -53,8 +53,6 @@ REQUEST_WAIT_CAP = 600.
 BACKOFF_AFTER = 3
 BACKOFF_INTERVAL = 300.
 
-JPEG_SOI = b"\xff\xd8\xff"
-JPEG_EOI = b"\xff\xd9"
 
 
 # hello hints
@@ -180,8 +178,8 @@ def fetch_spec(opts: CameraOptions) -> imaging.Fetch:
         proxy = netpolicy.proxy_for(opts.snapshot_url)
     except netpolicy.ProxyError as e:
         raise CameraError(str(e)) from None
-    return imaging.Fetch(opts.snapshot_url, CONNECT_TIMEOUT, READ_TIMEOUT,
-                         FETCH_DEADLINE, MAX_FETCH, CHUNK,
+    return imaging.Fetch(opts.snapshot_url, FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT,
+                         FETCH_DEADLINE, MAX_FETCH, FETCH_CHUNK,
                          proxy=proxy.url if proxy is not None else "")
 
 
@@ -239,7 +237,7 @@ class Camera:
         with self.lock:
             return self._available
     def needs_url(self, kind: str, job_id: str, now: float) -> bool:
-        if self.opts.enabled is False or kind not in KINDS or not job_id:
+        if self.opts.enabled is False or kind not in SNAPSHOT_KINDS or not job_id:
             return False
         with self.lock:
             available = self._available
@@ -294,7 +292,7 @@ class Camera:
             and (job_id is None or self._matches(slot, job_id))
     def start(self, kind: str, job_id: str, now: float,
               manual: bool = False) -> bool:
-        if kind not in KINDS:
+        if kind not in SNAPSHOT_KINDS:
             raise ValueError("unknown snapshot kind %r" % (kind,))
         if (self.opts.enabled is False and not manual) \
                 or self.stop_event.is_set():
@@ -410,8 +408,8 @@ class Camera:
                 else "exit code %d" % (code,)
             raise SnapshotError("image processing failed (%s%s)"
                                 % (detail, ": " + err if err else ""))
-        if len(out) > limit or not out.startswith(JPEG_SOI) \
-                or not out.endswith(JPEG_EOI):
+        if len(out) > limit or not out.startswith(imaging.JPEG_SOI) \
+                or not out.endswith(imaging.JPEG_EOI):
             raise SnapshotError("image processing failed (no usable JPEG)")
         return out
     def _run_imaging(self, request: bytes) -> tuple[int, bytes, str, int]:

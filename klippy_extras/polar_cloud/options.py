@@ -9,6 +9,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Optional
 
+from . import imaging
 from .protocol import is_loopback_host
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
@@ -101,7 +102,7 @@ def read_cloud_macros(config) -> tuple:
 
 DEFAULT_SNAPSHOT_URL = "http://127.0.0.1:8080/?action=snapshot"
 DEFAULT_STREAM_URL = "/webcam/?action=stream"
-ROTATIONS = {"0": 0, "90": 90, "180": 180, "270": 270}
+ROTATIONS = {str(r): r for r in imaging.ROTATIONS}
 TRISTATE = {"auto": None, "true": True, "yes": True, "on": True, "1": True,
             "false": False, "no": False, "off": False, "0": False}
 MAX_FETCH = 10 * 1024 * 1024        # the largest frame read from a camera

@@ -16,7 +16,7 @@ from typing import Optional
 
 from . import children
 
-MIN_FRAMES = 2
+MIN_VIDEO_FRAMES = 2
 FRAMES_PER_SECOND = 15.     # how fast frames go by, within the limits:
 MIN_SECONDS = 3.            # a short print still gives a watchable clip,
 MAX_SECONDS = 10.           # a long one a short clip
@@ -65,7 +65,7 @@ def plan(frames: int, source: Optional[tuple[int, int]], budget: int,
          smaller: int = 0) -> Plan:
     """How to render frames into at most budget bytes; smaller > 0 after
     a video came out too big (lower bitrate, next size down)."""
-    if frames < MIN_FRAMES:
+    if frames < MIN_VIDEO_FRAMES:
         raise RenderError("%d frame%s, too few for a timelapse"
                           % (frames, "" if frames == 1 else "s"))
     seconds = seconds_for(frames)
