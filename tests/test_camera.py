@@ -608,7 +608,7 @@ def test_slow_camera_still_works(env):
 
 def test_stalled_camera_times_out_one_worker_at_a_time(env, monkeypatch):
     sim, cam_server = env
-    monkeypatch.setattr(camera, "READ_TIMEOUT", .5)
+    monkeypatch.setattr(camera, "FETCH_READ_TIMEOUT", .5)
     cam_server.mode = "stall"
     run = Runner(options(cam_server))
     run.cam.set_slot(make_slot(sim))
@@ -868,7 +868,7 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
 
 def test_stop_joins_the_worker(env, monkeypatch):
     sim, cam_server = env
-    monkeypatch.setattr(camera, "READ_TIMEOUT", .5)
+    monkeypatch.setattr(camera, "FETCH_READ_TIMEOUT", .5)
     cam_server.mode = "slow"
     cam_server.slow_pause = .05
     run = Runner(options(cam_server))
