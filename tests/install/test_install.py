@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://example.invalid/someone/polar_cloud-fork.git"
 
 # Klipper's scripts/klippy-requirements.txt, as upstream writes it.

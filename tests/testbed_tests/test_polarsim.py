@@ -29,7 +29,7 @@ MAC = "B8:27:EB:12:34:56"
 MFG_SN = "KL-B827EB123456"
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2 + b"\xff\xd9"
 BAD_PEM = "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def public_pem(key: rsa.RSAPrivateKey, fmt: str = "spki") -> str:

@@ -17,8 +17,7 @@ import pytest
 from tests.conftest import EMAIL, PIN, REPO
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.polarsim import PolarSim
-from tests.testbed.probes import (
+from tests.testbed.helpers import (
     StateHistory,
     check_schedule,
     health_problems,
@@ -27,6 +26,7 @@ from tests.testbed.probes import (
     send_marker,
     start_provisioned,
 )
+from tests.testbed.polarsim import PolarSim
 
 # Small Engine.IO ping settings, so a dead link shows within ~8 s
 PING = 4

@@ -30,7 +30,7 @@ from tests.testbed.camera_server import (
 from tests.testbed.polarsim import PolarSim
 
 SERIAL = "KL000001"
-NO_PILLOW = str(Path(__file__).parent / "testbed" / "no_pillow")
+NO_PILLOW = str(Path(__file__).parents[1] / "testbed" / "no_pillow")
 
 
 # Fixtures and helpers

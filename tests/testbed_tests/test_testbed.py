@@ -15,7 +15,7 @@ from tests.testbed.fixtures import make_klippy  # noqa: F401  (fixture)
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.klippy import Klippy, KlippyError, get_flavour, link_extra
 
-EXTRA_SRC = Path(__file__).parent / "testbed" / "extras" / "probe_extra"
+EXTRA_SRC = Path(__file__).parents[1] / "testbed" / "extras" / "probe_extra"
 FLAVOURS = ["klipper", "kalico"]
 
 # printer_cfg.py: steps per mm = full_steps * microsteps / rotation_distance

@@ -13,7 +13,7 @@ import pytest
 
 from klippy_extras.polar_cloud import jobs
 from tests.testbed.fileserver import FileServer
-from tests.testbed.probes import poll_until
+from tests.testbed.helpers import poll_until
 from tests.testbed.tlsproxy import make_certs
 
 NAME = "polar.example.com"      # the name the test certificates are for

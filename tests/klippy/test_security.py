@@ -27,9 +27,7 @@ import pytest
 from tests.conftest import EMAIL, PIN, register
 from tests.testbed.camera_server import CameraServer
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.klippy import KlippyError
-from tests.testbed.polarsim import PolarSim
-from tests.testbed.probes import (
+from tests.testbed.helpers import (
     EXTRA,
     StateHistory,
     health_problems,
@@ -39,6 +37,8 @@ from tests.testbed.probes import (
     send_marker,
     start_provisioned,
 )
+from tests.testbed.klippy import KlippyError
+from tests.testbed.polarsim import PolarSim
 from tests.testbed.tlsproxy import TlsProxy, make_certs
 
 TEN_MB = 10 * 1024 * 1024

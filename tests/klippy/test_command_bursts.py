@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.probes import (
+from tests.testbed.helpers import (
     StateHistory,
     health_problems,
     log_size,

@@ -86,7 +86,7 @@ def test_signing_is_done_outside_this_process(tmp_path):
         "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
                          capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.stdout.strip() == "[]"
 
 

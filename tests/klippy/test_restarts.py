@@ -21,9 +21,7 @@ import pytest
 
 from tests.conftest import EMAIL, PIN
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.klippy import KlippyError
-from tests.testbed.polarsim import PolarSim
-from tests.testbed.probes import (
+from tests.testbed.helpers import (
     EXTRA,
     StateHistory,
     fd_kinds,
@@ -39,6 +37,8 @@ from tests.testbed.probes import (
     start_provisioned,
     thread_names,
 )
+from tests.testbed.klippy import KlippyError
+from tests.testbed.polarsim import PolarSim
 
 RESTARTS = {"ci": (10, 5), "full": (50, 20)}
 
