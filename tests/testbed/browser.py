@@ -31,8 +31,8 @@ from typing import Any
 
 import websocket
 
-from tests.testbed.klippy import POLL_INTERVAL
-from tests.testbed.procs import Service, launch, stop_process
+from tests.testbed.procs import launch, stop_process
+from tests.testbed.servers import BackgroundServer, wait_ready
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 FLAGS = [
@@ -258,7 +258,7 @@ class Page:
         self._ws.shutdown()
 
 
-class Chromium(Service):
+class Chromium(BackgroundServer):
     """A headless chromium process with a fresh profile in workdir."""
 
     def __init__(self, workdir: Path, binary: str | None = None) -> None:
@@ -281,15 +281,16 @@ class Chromium(Service):
             self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log)
         active = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not (active.exists() and active.read_text().count("\n") >= 1):
-            if self._proc.poll() is not None:
-                raise BrowserError("chromium exited (%s): %s" % (
-                    self._proc.returncode, self.log_path.read_text()[-2000:]))
-            if time.monotonic() > deadline:
-                raise BrowserError("chromium did not open DevTools within %.0fs"
-                                   % (timeout,))
-            time.sleep(POLL_INTERVAL)
+        proc = self._proc
+
+        def exited() -> str | None:
+            if proc.poll() is None:
+                return None
+            return "code %s: %s" % (proc.returncode,
+                                    self.log_path.read_text()[-2000:])
+        wait_ready(lambda: active.exists()
+                   and active.read_text().count("\n") >= 1, timeout,
+                   "chromium (DevTools)", exited)
         self.port = int(active.read_text().splitlines()[0])
         return self
 

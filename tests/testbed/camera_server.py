@@ -31,6 +31,9 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tests.testbed.servers import BackgroundServer
 
 MODES = ("ok", "slow", "stall", "endless", "mjpeg", "truncated", "html", "reset")
 BOUNDARY = "polarcamframe"
@@ -66,6 +69,45 @@ def noisy_jpeg(
 
     noise = random.Random(seed).randbytes(size[0] * size[1] * 3)
     return to_jpeg(Image.frombytes("RGB", size, noise), quality)
+
+
+# Reading pictures back: the quadrant picture's colours survive JPEG, so a
+# flip or a rotation shows in which quadrant has which colour
+
+def decode(data: bytes):
+    """A JPEG as a Pillow image, loaded completely."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()          # raises on a truncated file
+    return img
+
+
+def color_at(img, fx, fy):
+    return img.convert("RGB").getpixel((int(img.width * fx), int(img.height * fy)))
+
+
+def near(rgb, want, tol=60):
+    return all(abs(a - b) <= tol for a, b in zip(rgb, want))
+
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def quadrants(img):
+    """Colours at the centres of the top-left, top-right, bottom-left and
+    bottom-right quadrants, snapped to the test colours."""
+    out = []
+    for fx, fy in ((.25, .25), (.75, .25), (.25, .75), (.75, .75)):
+        rgb = color_at(img, fx, fy)
+        match = [c for c in (RED, GREEN, BLUE, WHITE) if near(rgb, c)]
+        assert len(match) == 1, rgb
+        out.append(match[0])
+    return tuple(out)
+
+
+# A Python without Pillow (PYTHONPATH), for the camera's imaging child
+NO_PILLOW = str(Path(__file__).parent / "no_pillow")
 
 
 def live_jpeg(size: tuple[int, int] = (1280, 720)) -> bytes:
@@ -165,7 +207,7 @@ class _Server(ThreadingHTTPServer):
         pass  # clients that hang up on purpose are the point of most modes
 
 
-class CameraServer:
+class CameraServer(BackgroundServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.port = port
@@ -220,12 +262,6 @@ class CameraServer:
     @property
     def stream_url(self) -> str:
         return self.url + "/?action=stream"
-
-    def __enter__(self) -> CameraServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

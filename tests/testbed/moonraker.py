@@ -31,15 +31,9 @@ from typing import Any, Callable
 
 import websocket
 
-from tests.testbed.klippy import POLL_INTERVAL, REPO, Klippy
-from tests.testbed.procs import (
-    Service,
-    free_port,
-    launch,
-    log_tail,
-    read_log,
-    stop_process,
-)
+from tests.testbed.klippy import REPO, Klippy
+from tests.testbed.procs import free_port, launch, log_tail, read_log, stop_process
+from tests.testbed.servers import BackgroundServer, wait_ready
 
 VENV = REPO / ".venv-moonraker"
 ENV_SCRIPT = REPO / "scripts" / "moonraker_env.sh"
@@ -93,7 +87,7 @@ def _no_proxy_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class Moonraker(Service):
+class Moonraker(BackgroundServer):
     """One Moonraker process serving the data directory of klippy `k`."""
 
     def __init__(self, k: Klippy, extra_conf: str = "") -> None:
@@ -132,23 +126,26 @@ class Moonraker(Service):
 
     def wait_klippy_ready(self, timeout: float = 60) -> dict:
         """Poll /server/info until Moonraker is connected to a ready klippy."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError("moonraker exited (code %s)\n%s"
-                                   % (self._proc.returncode, self.log_tail()))
+        last: list[Any] = [None]
+
+        def ready() -> dict | None:
             try:
-                last = self.get("/server/info")
+                last[0] = self.get("/server/info")
             except (OSError, MoonrakerError) as e:
-                last = e
-            else:
-                if last.get("klippy_state") == "ready":
-                    return last
-            if time.monotonic() >= deadline:
-                raise TimeoutError("moonraker not ready within %.0fs (last: %r)\n%s"
-                                   % (timeout, last, self.log_tail()))
-            time.sleep(POLL_INTERVAL)
+                last[0] = e
+                return None
+            return last[0] if last[0].get("klippy_state") == "ready" else None
+
+        def exited() -> str | None:
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                return None
+            return "code %s" % (proc.returncode,)
+        try:
+            return wait_ready(ready, timeout, "moonraker", exited)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)("%s (last: %r)\n%s" % (e, last[0], self.log_tail())) \
+                from None
 
     def stop(self) -> None:
         for ws in self._sockets:
