@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from tests.testbed.helpers import (
-    StateHistory,
     health_problems,
     log_size,
     polar_lines,
+    polar_status,
     proc_stats,
     send_marker,
-    start_provisioned,
 )
 
 LOCAL_NAMES = ["register", "unregister", "snapshot", "snapshot_done",
@@ -19,16 +18,9 @@ LOCAL_NAMES = ["register", "unregister", "snapshot", "snapshot_done",
                "_undecodable", "disconnect", "oversized"]
 
 
-def polar_state(k) -> dict:
-    return k.query("polar_cloud")["polar_cloud"]
-
-
 @pytest.fixture(scope="module")
-def k(make_klippy, sim):
-    k = start_provisioned(make_klippy, sim)
-    k.hist = StateHistory.attach(k)
-    k.hist.wait_for(lambda st: st["state"] == "online")
-    return k
+def k(online_klippy):
+    return online_klippy()
 
 
 def test_cloud_events_never_reach_the_sessions_own_work(k, sim):
@@ -42,8 +34,8 @@ def test_cloud_events_never_reach_the_sessions_own_work(k, sim):
             sim.push(name, data, serial=k.serial)
     send_marker(sim, k.serial, "after-local-names")
     # Still the same printer, online on the same link, key untouched
-    assert polar_state(k)["state"] == "online"
-    assert polar_state(k)["serial_number"] == k.serial
+    assert polar_status(k)["state"] == "online"
+    assert polar_status(k)["serial_number"] == k.serial
     assert (k.state_path / "key.pem").read_bytes() == key
     assert sim.received("register") == [] and sim.received("unregister") == []
     assert sim.connects(k.serial) == connects
@@ -76,5 +68,5 @@ def test_oversized_message_is_dropped_before_decoding(k, sim):
     assert any("dropped a" in line and "'temperature'" in line
                for line in lines), lines
     assert sim.connects(k.serial) == connects
-    assert polar_state(k)["state"] == "online"
+    assert polar_status(k)["state"] == "online"
     assert health_problems(k, start) == []

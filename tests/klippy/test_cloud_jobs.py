@@ -2,14 +2,21 @@
 pause, resume, cancel, complete, exactly once, never lost."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
 import pytest
 
-from tests.conftest import polar_status, register, wait_objects, wait_polar
 from tests.testbed.gcode_files import demo_print, overflowing_numbers_print
+from tests.testbed.helpers import (
+    final_reports,
+    polar_status,
+    tree_digest,
+    wait_final,
+    wait_objects,
+    wait_polar,
+    wait_status,
+)
 
 MACROS = """
 [gcode_macro POLAR_TEST_MACRO]
@@ -19,27 +26,13 @@ gcode:
 
 
 @pytest.fixture(scope="module")
-def k(polar_klippy, sim):
-    k = polar_klippy("klipper", extra_cfg=MACROS, max_job_size=1,
-                     cloud_macros="POLAR_TEST_MACRO")
-    k.serial = register(k, sim)
-    return k
+def k(registered_klippy):
+    return registered_klippy("klipper", extra_cfg=MACROS, max_job_size=1,
+                             cloud_macros="POLAR_TEST_MACRO")
 
 
 def gcode_files(k):
     return sorted(os.listdir(k.gcodes_dir))
-
-
-def tree_digest(path):
-    digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(full.encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def send_job(sim, k, job_id, text=None, mode="ok", name="Benchy", **kw):
@@ -50,21 +43,6 @@ def send_job(sim, k, job_id, text=None, mode="ok", name="Benchy", **kw):
     since = sim.now()
     sim.push_print(k.serial, job_id, job_name=name, gcode_url=url)
     return since
-
-
-def final_jobs(sim, k, job_id):
-    return [j for j in sim.received("job", serial=k.serial)
-            if j["jobId"] == job_id]
-
-
-def wait_final(sim, k, job_id, since, timeout=90.):
-    return sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
-                        serial=k.serial, timeout=timeout)
-
-
-def wait_status(sim, k, since, predicate, timeout=60.):
-    return sim.wait_for("status", predicate, since=since, serial=k.serial,
-                        timeout=timeout)
 
 
 def test_custom_command_list_sent_after_hello(k, sim):
@@ -101,7 +79,7 @@ def test_cloud_job_full_lifecycle(k, sim):
     assert complete["jobId"] == "job-1"
     wait_status(sim, k, since, lambda d: d["status"] == 0
                 and d["jobId"] == "0", timeout=90)
-    assert len(final_jobs(sim, k, "job-1")) == 1
+    assert len(final_reports(sim, k, "job-1")) == 1
     assert sim.violations == []
 
 
@@ -122,7 +100,7 @@ def test_numbers_beyond_float_range_do_not_stop_reporting(k, sim):
     # Klipper counted infinite filament, the cloud was told finite numbers
     assert k.query("print_stats")["print_stats"]["filament_used"] \
         == math.inf
-    assert len(final_jobs(sim, k, "job-inf")) == 1
+    assert len(final_reports(sim, k, "job-inf")) == 1
     assert final["state"] == "completed"
     for msg in sim.received("status", serial=k.serial, since=since) \
             + [final]:
@@ -150,7 +128,7 @@ def test_duplicate_print_starts_once_and_busy_printer_refuses(k, sim):
     wait_status(sim, k, t, lambda d: d["status"] in (6, 0))
     assert k.query("print_stats")["print_stats"]["state"] == "cancelled"
     assert sim.file_requests("job-2.gcode") == 1
-    assert len(final_jobs(sim, k, "job-2")) == 1
+    assert len(final_reports(sim, k, "job-2")) == 1
     # The same job id again (as after a reconnect) starts nothing
     sim.push_print(k.serial, "job-2", job_name="Benchy",
                    gcode_url=sim.file_url("job-2.gcode"))
@@ -214,7 +192,7 @@ def test_hostile_jobs_create_nothing(k, sim, payload):
         # Any readable id is answered, verbatim (the download fails)
         final = wait_final(sim, k, job_id, since)
         assert final["state"] == "canceled"
-        assert len(final_jobs(sim, k, job_id)) == 1
+        assert len(final_reports(sim, k, job_id)) == 1
     else:
         # No id that can be answered to: dropped; prove it was handled by
         # sending a marker job after it (events are handled in order)
@@ -287,13 +265,13 @@ def test_job_report_survives_a_connection_drop_at_completion(k, sim):
         wait_objects(k, {"print_stats": ["state"]},
                      lambda s: s["print_stats"]["state"] == "complete",
                      timeout=90)
-        assert final_jobs(sim, k, "drop-1") == []
+        assert final_reports(sim, k, "drop-1") == []
     finally:
         sim.set_fault("refuse_connections", False)
     final = wait_final(sim, k, "drop-1", since, timeout=240)
     assert final["state"] == "completed"
     wait_status(sim, k, sim.now(), lambda d: d["status"] == 0, timeout=120)
-    assert len(final_jobs(sim, k, "drop-1")) == 1
+    assert len(final_reports(sim, k, "drop-1")) == 1
 
 
 def test_restart_mid_job_keeps_the_job_identity(k, sim):
@@ -304,7 +282,7 @@ def test_restart_mid_job_keeps_the_job_identity(k, sim):
     final = wait_final(sim, k, "restart-1", since)
     assert final["state"] == "canceled"
     wait_status(sim, k, since, lambda d: d["status"] == 0)
-    assert len(final_jobs(sim, k, "restart-1")) == 1
+    assert len(final_reports(sim, k, "restart-1")) == 1
     assert sim.violations == [], sim.violations
 
 

@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.helpers import (
-    StateHistory,
-    health_problems,
-    log_size,
-    send_marker,
-    start_provisioned,
-)
+from tests.testbed.helpers import health_problems, log_size, send_marker
 
 MACROS = """
 [gcode_macro POLAR_NOTE]
@@ -24,12 +18,9 @@ BURST = 300
 
 
 @pytest.fixture(scope="module", params=["klipper", "kalico"])
-def k(request, make_klippy, sim):
-    k = start_provisioned(make_klippy, sim, flavour=request.param,
-                          extra_cfg=MACROS, cloud_macros="POLAR_NOTE")
-    k.hist = StateHistory.attach(k)
-    k.hist.wait_for(lambda st: st["state"] == "online")
-    return k
+def k(request, online_klippy):
+    return online_klippy(flavour=request.param, extra_cfg=MACROS,
+                         cloud_macros="POLAR_NOTE")
 
 
 def heater_bed(k) -> dict:

@@ -8,14 +8,8 @@ import re
 
 import pytest
 
-from tests.conftest import (
-    EXTRA,
-    REPO,
-    polar_section,
-    polar_status,
-    wait_polar,
-)
-from tests.testbed.klippy import KlippyError
+from tests.testbed.helpers import EXTRA, polar_cfg, polar_status, wait_polar
+from tests.testbed.klippy import REPO, KlippyError
 
 
 @pytest.mark.parametrize("options,message", [
@@ -40,7 +34,7 @@ from tests.testbed.klippy import KlippyError
 ])
 def test_bad_option_is_a_clear_config_error(make_klippy, sim, options,
                                             message):
-    k = make_klippy("klipper", extra_cfg=polar_section(sim, **options),
+    k = make_klippy("klipper", extra_cfg=polar_cfg(sim.url, **options),
                     extras={"polar_cloud": EXTRA}, start=False)
     with pytest.raises(KlippyError, match=message):
         k.start()
@@ -52,8 +46,8 @@ def test_cloud_macros_may_be_defined_anywhere_in_printer_cfg(make_klippy,
     # Before and after [polar_cloud], in any case
     before = "[gcode_macro Purge_Line]\ngcode:\n  G4 P1\n"
     after = "[gcode_macro load_filament]\ngcode:\n  G4 P1\n"
-    k = make_klippy("klipper", extra_cfg=before + polar_section(
-        sim, cloud_macros="LOAD_FILAMENT, purge_line") + after,
+    k = make_klippy("klipper", extra_cfg=before + polar_cfg(
+        sim.url, cloud_macros="LOAD_FILAMENT, purge_line") + after,
         extras={"polar_cloud": EXTRA})
     assert k.info()["state"] == "ready"
     k.stop()
@@ -65,7 +59,7 @@ def test_state_path_inside_a_served_folder_is_refused(make_klippy, sim,
     k = make_klippy("klipper", extras={"polar_cloud": EXTRA}, start=False)
     root = {"config": k.config_dir, "gcodes": k.gcodes_dir,
             "logs": k.logs_dir}[folder]
-    k.extra_cfg = polar_section(sim, state_path=root / "secret")
+    k.extra_cfg = polar_cfg(sim.url, state_path=root / "secret")
     with pytest.raises(KlippyError, match="'state_path' .* not be inside"
                        " the printer's %s folder" % (folder,)):
         k.start()
@@ -74,7 +68,7 @@ def test_state_path_inside_a_served_folder_is_refused(make_klippy, sim,
 
 def test_missing_packages_leave_klippy_ready_and_explained(make_klippy, sim):
     env = {"PYTHONPATH": str(REPO / "tests" / "testbed" / "no_socketio")}
-    k = make_klippy("klipper", extra_cfg=polar_section(sim), env=env,
+    k = make_klippy("klipper", extra_cfg=polar_cfg(sim.url), env=env,
                     extras={"polar_cloud": EXTRA})
     assert k.info()["state"] == "ready"
     out = k.subscribe_output()
@@ -95,7 +89,7 @@ def test_missing_packages_leave_klippy_ready_and_explained(make_klippy, sim):
       "key.pem": "-----BEGIN RSA PRIVATE KEY-----\ngarbage\n"}, "corrupt"),
 ])
 def test_corrupt_identity_is_a_clear_error(make_klippy, sim, files, message):
-    k = make_klippy("klipper", extra_cfg=polar_section(sim),
+    k = make_klippy("klipper", extra_cfg=polar_cfg(sim.url),
                     extras={"polar_cloud": EXTRA}, start=False)
     state = k.workdir / "polar_cloud"
     state.mkdir(mode=0o700)

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import register, wait_polar
 from tests.testbed.gcode_files import demo_print
+from tests.testbed.helpers import wait_polar, wait_status
 
 pytestmark = pytest.mark.kalico
 
 
 @pytest.fixture(scope="module")
-def k(polar_klippy, sim):
-    k = polar_klippy("kalico")
-    k.serial = register(k, sim)
-    return k
-
-
-def status(sim, k, since, predicate, timeout=60.):
-    return sim.wait_for("status", predicate, since=since, serial=k.serial,
-                        timeout=timeout)
+def k(registered_klippy):
+    return registered_klippy("kalico")
 
 
 def test_local_print_status_on_kalico(k, sim):
@@ -27,14 +20,14 @@ def test_local_print_status_on_kalico(k, sim):
                                             feedrate=3000))
     since = sim.now()
     k.gcode("SDCARD_PRINT_FILE FILENAME=local.gcode")
-    assert status(sim, k, since, lambda d: d["status"] == 1)["jobId"] == "123"
+    assert wait_status(sim, k, since, lambda d: d["status"] == 1)["jobId"] == "123"
     t = sim.now()
     k.gcode("PAUSE")
-    status(sim, k, t, lambda d: d["status"] == 4)
+    wait_status(sim, k, t, lambda d: d["status"] == 4)
     t = sim.now()
     k.gcode("RESUME")
-    status(sim, k, t, lambda d: d["status"] == 1)
-    status(sim, k, t, lambda d: d["status"] == 0, timeout=120)
+    wait_status(sim, k, t, lambda d: d["status"] == 1)
+    wait_status(sim, k, t, lambda d: d["status"] == 0, timeout=120)
     assert sim.violations == []
 
 
@@ -43,7 +36,7 @@ def test_cloud_job_on_kalico(k, sim):
         moves=100, hotend=0, bed=0, feedrate=3000).encode())
     since = sim.now()
     sim.push_print(k.serial, "kal-1", job_name="Kalico part", gcode_url=url)
-    status(sim, k, since, lambda d: d["status"] == 3)
+    wait_status(sim, k, since, lambda d: d["status"] == 3)
     final = sim.wait_for("job", lambda d: d["jobId"] == "kal-1", since=since,
                          serial=k.serial, timeout=120)
     assert final["state"] == "completed"

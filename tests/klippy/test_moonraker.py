@@ -14,8 +14,8 @@ import urllib.parse
 
 import pytest
 
-from tests.conftest import EMAIL, PIN
 from tests.testbed.fixtures import ARTIFACTS
+from tests.testbed.helpers import EMAIL, PIN
 from tests.testbed.moonraker import Moonraker, MoonrakerError
 
 STATES = {"unregistered", "connecting", "registering", "authenticating",

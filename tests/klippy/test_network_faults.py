@@ -14,45 +14,28 @@ import re
 
 import pytest
 
-from tests.conftest import EMAIL, PIN, REPO
-from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (
     StateHistory,
     check_schedule,
+    final_reports,
+    fresh_session,
     health_problems,
     log_size,
     polar_lines,
     send_marker,
     start_provisioned,
 )
-from tests.testbed.polarsim import PolarSim
+from tests.testbed.klippy import REPO
 
 # Small Engine.IO ping settings, so a dead link shows within ~8 s
 PING = 4
+SIM_OPTIONS = {"ping_interval": PING, "ping_timeout": PING}
 
 
 @pytest.fixture(scope="module")
-def sim():
-    s = PolarSim(ping_interval=PING, ping_timeout=PING).start()
-    s.add_account(EMAIL, PIN)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(sim):
-    p = FaultProxy(("127.0.0.1", sim.port)).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
-def k(make_klippy, sim, proxy):
-    k = start_provisioned(make_klippy, sim, server_url=proxy.url)
-    k.hist = StateHistory.attach(k)
-    k.hist.wait_for(lambda st: st["state"] == "online")
-    return k
+def k(online_klippy, proxy):
+    return online_klippy(server_url=proxy.url)
 
 
 @pytest.fixture(autouse=True)
@@ -63,15 +46,6 @@ def clean_link(request, sim, proxy):
     yield
     sim.clear_faults()
     proxy.clear()
-
-
-def fresh_session(k, sim):
-    """RESTART: a new session, so the backoff starts again at 2 s."""
-    k.restart()
-    # From the re-subscription on, everything is the new session
-    k.hist.wait_for(lambda st: st["state"] == "online",
-                    since=k.hist.mark() - 1)
-    sim.wait_until(lambda: sim.live_sessions(k.serial) == 1, timeout=30)
 
 
 def assert_klippy_healthy(k):
@@ -99,13 +73,34 @@ def start_cloud_print(k, sim, job_id, moves=600, feedrate=600):
     return since
 
 
-def final_reports(sim, k, job_id):
-    return [j for j in sim.received("job", serial=k.serial)
-            if j["jobId"] == job_id]
-
-
 def print_duration(k):
     return k.query("print_stats")["print_stats"]["print_duration"]
+
+
+def cloud_down_until(k, sim, retries, timeout, back_timeout):
+    """The cloud drops the link and refuses connections (HTTP 503) until
+    the printer has scheduled `retries` retries, then comes back.  Once
+    the printer is online again: the published backoff schedule, one
+    attempt at the cloud per scheduled retry, one connection after.
+    Returns (backoff entries, when the cloud came back, log offset)."""
+    mark, log_at, t0 = k.hist.mark(), log_size(k), sim.now()
+    sim.set_fault("refuse_connections", "503")
+    sim.drop(k.serial, "reset")
+    down = k.hist.wait_index(lambda st: st["state"] == "backoff"
+                             and st["retries"] >= retries, since=mark,
+                             timeout=timeout)
+    t_back = sim.now()
+    sim.set_fault("refuse_connections", False)
+    k.hist.wait_for(lambda st: st["state"] == "online", since=down,
+                    timeout=back_timeout)
+    entries = k.hist.backoffs(since=mark)
+    assert [r for r, _ in entries] == list(range(1, len(entries) + 1))
+    assert check_schedule(entries) == [], entries
+    # Each scheduled retry was one attempt at the cloud, no more
+    assert len(sim.connection_attempts(since=t0, outcome="refused_503")) \
+        == len(entries) - 1
+    assert len(sim.connection_attempts(since=t_back, outcome="open")) == 1
+    return entries, t_back, log_at
 
 
 def test_cloud_down_mid_print_backs_off_and_recovers(k, sim):
@@ -113,23 +108,9 @@ def test_cloud_down_mid_print_backs_off_and_recovers(k, sim):
     fresh_session(k, sim)
     job_since = start_cloud_print(k, sim, "outage-1")
     before = print_duration(k)
-    mark, log_at, t0 = k.hist.mark(), log_size(k), sim.now()
-    sim.set_fault("refuse_connections", "503")
-    sim.drop(k.serial, "reset")
     # Four scheduled retries (nominal 2, 4, 8, 16 s) while the cloud is down
-    down = k.hist.wait_index(lambda st: st["state"] == "backoff"
-                             and st["retries"] >= 4, since=mark, timeout=120)
-    t_back = sim.now()
-    sim.set_fault("refuse_connections", False)
-    k.hist.wait_for(lambda st: st["state"] == "online", since=down,
-                    timeout=120)
-    entries = k.hist.backoffs(since=mark)
-    assert [r for r, _ in entries] == list(range(1, len(entries) + 1))
-    assert len(entries) >= 4 and check_schedule(entries) == [], entries
-    # Each scheduled retry was one attempt at the cloud, no more
-    refused = sim.connection_attempts(since=t0, outcome="refused_503")
-    assert len(refused) == len(entries) - 1
-    assert len(sim.connection_attempts(since=t_back, outcome="open")) == 1
+    entries, t_back, log_at = cloud_down_until(k, sim, 4, 120, 120)
+    assert len(entries) >= 4
     # Re-authenticated, and the job re-reported as printing
     st = sim.wait_for("status", lambda d: d["status"] == 3, since=t_back,
                       serial=k.serial, timeout=30)
@@ -156,23 +137,9 @@ def test_long_outage_backs_off_to_the_cap(k, sim):
     """R2 in full: the cloud stays down until two retries were scheduled at
     the 120 s cap (about six minutes); quiet logs all along."""
     fresh_session(k, sim)
-    mark, log_at, t0 = k.hist.mark(), log_size(k), sim.now()
-    sim.set_fault("refuse_connections", "503")
-    sim.drop(k.serial, "reset")
-    down = k.hist.wait_index(lambda st: st["state"] == "backoff"
-                             and st["retries"] >= 8, since=mark, timeout=600)
-    t_back = sim.now()
-    sim.set_fault("refuse_connections", False)
-    k.hist.wait_for(lambda st: st["state"] == "online", since=down,
-                    timeout=240)
-    entries = k.hist.backoffs(since=mark)
-    assert [r for r, _ in entries] == list(range(1, len(entries) + 1))
-    assert check_schedule(entries) == [], entries
+    entries, _t_back, log_at = cloud_down_until(k, sim, 8, 600, 240)
     at_cap = [d for r, d in entries if r >= 7]
     assert len(at_cap) >= 2 and all(59 <= d <= 180 for d in at_cap), entries
-    assert len(sim.connection_attempts(since=t0, outcome="refused_503")) \
-        == len(entries) - 1
-    assert len(sim.connection_attempts(since=t_back, outcome="open")) == 1
     assert_quiet_outage(polar_lines(k, log_at))
     print("outage schedule (retries, retry_in s): %s" % (entries,))
     assert_klippy_healthy(k)

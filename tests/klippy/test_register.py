@@ -1,6 +1,7 @@
-"""The extra connects, registers and reports live status, in a real
-klippy (upstream Klipper from PyPI) on the simulated MCU, against the
-strict local Polar Cloud."""
+"""Registering a printer from klippy's console, and what a registered
+printer then does: status through a local print, the heartbeat, restarts,
+a shutdown, a rejected key, unregistering.  One real klippy (upstream
+Klipper) against the local Polar Cloud; the cases run in order."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +12,15 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from tests.conftest import EMAIL, PIN, polar_status, register, wait_objects, wait_polar
 from tests.testbed.gcode_files import demo_print
+from tests.testbed.helpers import (
+    EMAIL,
+    PIN,
+    polar_status,
+    register,
+    wait_objects,
+    wait_polar,
+)
 from tests.testbed.klippy import KlippyError
 
 

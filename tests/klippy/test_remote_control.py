@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import register, wait_objects
+from tests.testbed.helpers import wait_objects
 
 
 @pytest.fixture(scope="module")
-def k(polar_klippy, sim):
-    k = polar_klippy("klipper", allow_raw_gcode="True", allow_jog="True")
-    k.serial = register(k, sim)
-    return k
+def k(registered_klippy):
+    return registered_klippy("klipper", allow_raw_gcode="True",
+                             allow_jog="True")
 
 
 def bed_target(k, value):

@@ -19,44 +19,32 @@ import time
 
 import pytest
 
-from tests.conftest import EMAIL, PIN
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (
-    EXTRA,
+    EMAIL,
+    PIN,
     StateHistory,
     fd_kinds,
     fd_targets,
+    final_reports,
     health_problems,
     log_size,
-    polar_cfg,
     polar_lines,
     poll_until,
     proc_stats,
     send_marker,
     settle,
-    start_provisioned,
     thread_names,
+    wait_online_again,
 )
 from tests.testbed.klippy import KlippyError
-from tests.testbed.polarsim import PolarSim
 
 RESTARTS = {"ci": (10, 5), "full": (50, 20)}
 
 
 @pytest.fixture(scope="module")
-def sim():
-    s = PolarSim().start()
-    s.add_account(EMAIL, PIN)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def k(make_klippy, sim):
-    k = start_provisioned(make_klippy, sim)
-    k.hist = StateHistory.attach(k)
-    k.hist.wait_for(lambda st: st["state"] == "online")
-    return k
+def k(online_klippy):
+    return online_klippy()
 
 
 @pytest.fixture(autouse=True)
@@ -64,17 +52,6 @@ def clean(sim):
     sim.clear_faults()
     yield
     sim.clear_faults()
-
-
-def online_again(k, sim):
-    k.hist.wait_for(lambda st: st["state"] == "online",
-                    since=k.hist.mark() - 1)
-    sim.wait_until(lambda: sim.live_sessions(k.serial) == 1, timeout=30)
-
-
-def final_reports(sim, k, job_id):
-    return [j for j in sim.received("job", serial=k.serial)
-            if j["jobId"] == job_id]
 
 
 def print_stall(k) -> int:
@@ -86,7 +63,7 @@ def print_stall(k) -> int:
 
 def restart_loop(k, sim, restarts, firmware_restarts, reconnecting):
     serial = k.serial
-    online_again(k, sim)
+    wait_online_again(k, sim)
     base = settle(k.pid, proc_stats(k.pid), timeout=5., fds=False)
     base_fds = fd_kinds(k.pid)
     if reconnecting:
@@ -108,7 +85,7 @@ def restart_loop(k, sim, restarts, firmware_restarts, reconnecting):
             assert sim.connects(serial) == hellos + 1
         counts.append(proc_stats(k.pid))
     sim.set_fault("refuse_connections", False)
-    online_again(k, sim)
+    wait_online_again(k, sim)
     end = settle(k.pid, base, tolerance=1, timeout=30., fds=False)
     return base, end, counts, base_fds, fd_kinds(k.pid)
 
@@ -156,7 +133,7 @@ def test_restart_while_the_connect_hangs(k, sim):
     (the cloud accepts TCP but never answers the WebSocket handshake; the
     connect gives up after 20 s).  klippy restarts at once, the old thread
     ends by itself, and exactly one session comes back."""
-    online_again(k, sim)
+    wait_online_again(k, sim)
     base = settle(k.pid, proc_stats(k.pid), timeout=5., fds=False)
     sim.set_fault("black_hole", "http")
     t0 = sim.now()
@@ -166,7 +143,7 @@ def test_restart_while_the_connect_hangs(k, sim):
     k.restart()
     sim.set_fault("black_hole", False)
     sim.drop_all("reset")
-    online_again(k, sim)
+    wait_online_again(k, sim)
     end = settle(k.pid, base, tolerance=1, timeout=60., fds=False)
     assert abs(end.threads - base.threads) <= 1, (base, end,
                                                   thread_names(k.pid))
@@ -178,7 +155,7 @@ def test_restart_while_the_connect_hangs(k, sim):
 # ------------------------------------------- restart mid-way (R21)
 
 def test_restart_during_a_download(k, sim):
-    online_again(k, sim)
+    wait_online_again(k, sim)
     text = demo_print(moves=20000, hotend=0, bed=0).encode()
     url = sim.add_file("dl-restart.gcode", text, "slow", rate=32 * 1024)
     since = sim.now()
@@ -192,7 +169,7 @@ def test_restart_during_a_download(k, sim):
     sim.wait_until(lambda: sim.file_requests("dl-restart.gcode") == 1)
     sim.wait_until(partial, timeout=30)
     k.restart()
-    online_again(k, sim)
+    wait_online_again(k, sim)
     # The old instance deleted its temp file; the new one started nothing
     assert partial() == []
     assert not [f for f in os.listdir(k.gcodes_dir) if "dl-restart" in f]
@@ -243,7 +220,7 @@ def test_a_dripping_download_ends_at_once(k, sim, end_by):
     """A file server that sends one byte a second: a cloud cancel, or a
     RESTART, ends the download at once.  No thread, socket or .part file
     stays in klippy, and the cloud hears one 'canceled'."""
-    online_again(k, sim)
+    wait_online_again(k, sim)
     sockets = fd_kinds(k.pid).get("socket", 0)
     job_id = "drip-" + end_by
     since = start_dripping_job(k, sim, job_id)
@@ -259,7 +236,7 @@ def test_a_dripping_download_ends_at_once(k, sim, end_by):
     final = sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
                          serial=k.serial, timeout=60)
     assert final["state"] == "canceled"
-    online_again(k, sim)
+    wait_online_again(k, sim)
     send_marker(sim, k.serial, "marker-" + job_id)
     assert len(final_reports(sim, k, job_id)) == 1
     assert sim.file_requests(job_id + ".gcode") == 1
@@ -270,9 +247,8 @@ def test_a_dripping_download_ends_at_once(k, sim, end_by):
     print("%s ended a 1 byte/s download in %.2f s" % (end_by, took))
 
 
-def test_restart_during_registration_keeps_one_key(make_klippy, sim):
-    k = make_klippy("klipper", extra_cfg=polar_cfg(sim.url),
-                    extras={"polar_cloud": EXTRA})
+def test_restart_during_registration_keeps_one_key(polar_klippy, sim):
+    k = polar_klippy("klipper")
     state = k.workdir / "polar_cloud"
     hist = StateHistory.attach(k)
     sim.set_fault("no_register_response", True)
@@ -305,7 +281,7 @@ def test_restart_during_registration_keeps_one_key(make_klippy, sim):
 # ---------------------------------------------- shutdown mid-print (R22)
 
 def test_mcu_shutdown_mid_print(k, sim):
-    online_again(k, sim)
+    wait_online_again(k, sim)
     text = demo_print(moves=2000, hotend=0, bed=0, feedrate=1200)
     url = sim.add_file("sd-1.gcode", text.encode())
     since = sim.now()
@@ -349,7 +325,7 @@ def test_mcu_shutdown_mid_print(k, sim):
         hellos = sim.connects(k.serial)
         t = sim.now()
         k.restart(firmware=True)
-    online_again(k, sim)
+    wait_online_again(k, sim)
     sim.wait_for("status", lambda d: d["status"] == 0, since=t,
                  serial=k.serial, timeout=30)
     assert sim.connects(k.serial) == hellos + 1
@@ -360,7 +336,7 @@ def test_mcu_shutdown_mid_print(k, sim):
 # ------------------------------------------- commands during a print (R25)
 
 def test_commands_answer_during_a_print(k, sim):
-    online_again(k, sim)
+    wait_online_again(k, sim)
     log_at = log_size(k)
     k.write_gcode("r25.gcode", demo_print(moves=120, hotend=0, bed=0,
                                           feedrate=1500))
@@ -392,7 +368,7 @@ def test_commands_answer_during_a_print(k, sim):
 # ----------------------------------------------- lost completion (R31)
 
 def test_report_survives_a_restart_right_after_completion(k, sim):
-    online_again(k, sim)
+    wait_online_again(k, sim)
     text = demo_print(moves=60, hotend=0, bed=0, feedrate=3000)
     url = sim.add_file("r31-restart.gcode", text.encode())
     since = sim.now()
@@ -405,13 +381,13 @@ def test_report_survives_a_restart_right_after_completion(k, sim):
                  timeout=120)
     k.restart()
     sub.close()
-    online_again(k, sim)
+    wait_online_again(k, sim)
     final = sim.wait_for("job", lambda d: d["jobId"] == "r31-restart",
                          since=since, serial=k.serial, timeout=60)
     assert final["state"] == "completed"
     # Settled: a further restart and a later job bring no repeat
     k.restart()
-    online_again(k, sim)
+    wait_online_again(k, sim)
     send_marker(sim, k.serial, "r31-restart-marker")
     assert len(final_reports(sim, k, "r31-restart")) == 1
     assert sim.violations == []
@@ -422,8 +398,8 @@ def test_report_survives_a_drop_right_after_it_was_received(k, sim):
     cloud's Socket.IO ack can reach the printer.  The printer cannot know
     the report arrived and sends it again after the reconnect: at least
     once, never lost, never altered.  (Lost in flight before the cloud got
-    it, it arrives exactly once: tests/test_faults.py.)"""
-    online_again(k, sim)
+    it, it arrives exactly once: tests/klippy/test_network_faults.py.)"""
+    wait_online_again(k, sim)
     text = demo_print(moves=60, hotend=0, bed=0, feedrate=3000)
     url = sim.add_file("r31-drop.gcode", text.encode())
     since = sim.now()
@@ -473,14 +449,12 @@ def polar_children() -> list[str]:
     return found
 
 
-def test_stopping_klippy_leaves_nothing_behind(make_klippy, sim):
+def test_stopping_klippy_leaves_nothing_behind(online_klippy, sim):
     """R23: Moonraker's [power] (or systemctl) stops klippy, here right
     after a RESTART, while the new session starts (reads and checks its
     key, connects, signs): the cloud sees the printer go, and no process
     of ours outlives klippy."""
-    k = start_provisioned(make_klippy, sim)
-    hist = StateHistory.attach(k)
-    hist.wait_for(lambda st: st["state"] == "online")
+    k = online_klippy()
     assert polar_children() == []
     k.restart()
     pid = k.pid

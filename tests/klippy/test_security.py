@@ -16,7 +16,6 @@ docs/testing.md.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -24,52 +23,33 @@ import subprocess
 
 import pytest
 
-from tests.conftest import EMAIL, PIN, register
-from tests.testbed.camera_server import CameraServer
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (
+    EMAIL,
     EXTRA,
+    PIN,
     StateHistory,
+    final_reports,
     health_problems,
     log_size,
     polar_cfg,
     polar_lines,
+    register,
     send_marker,
     start_provisioned,
+    tree_digest,
+    wait_online_again,
 )
 from tests.testbed.klippy import KlippyError
-from tests.testbed.polarsim import PolarSim
 from tests.testbed.tlsproxy import TlsProxy, make_certs
 
 TEN_MB = 10 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def sim():
-    s = PolarSim().start()
-    s.add_account(EMAIL, PIN)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def k(make_klippy, sim):
+def k(online_klippy):
     """A printer that is registered and online (no camera)."""
-    k = start_provisioned(make_klippy, sim)
-    k.hist = StateHistory.attach(k)
-    k.hist.wait_for(lambda st: st["state"] == "online")
-    return k
-
-
-def wait_online(k, sim):
-    k.hist.wait_for(lambda st: st["state"] == "online", since=k.hist.mark()
-                    - 1)
-    sim.wait_until(lambda: sim.live_sessions(k.serial) == 1, timeout=30)
-
-
-def final_reports(sim, k, job_id):
-    return [j for j in sim.received("job", serial=k.serial)
-            if j["jobId"] == job_id]
+    return online_klippy()
 
 
 # ------------------------------------------------------------ protocol abuse
@@ -202,12 +182,11 @@ def status_text(k):
         out.close()
 
 
-def test_rejected_hello_waits_for_the_user(make_klippy, sim):
+def test_rejected_hello_waits_for_the_user(online_klippy, sim):
     """R7: hello FAILED -> auth_failed with the cloud's words, no retries
     (the one automatic retry is 30 minutes later)."""
-    k = start_provisioned(make_klippy, sim)
-    hist = StateHistory.attach(k)
-    hist.wait_for(lambda st: st["state"] == "online", since=0)
+    k = online_klippy()
+    hist = k.hist
     sim.set_fault("hello_reply", {"status": "FAILED",
                                   "message": "key mismatch"})
     try:
@@ -225,13 +204,12 @@ def test_rejected_hello_waits_for_the_user(make_klippy, sim):
         k.stop()
 
 
-def test_deleted_and_refused_registrations_wait_for_the_user(make_klippy,
+def test_deleted_and_refused_registrations_wait_for_the_user(online_klippy,
                                                               sim):
     """R7: DELETED forgets the identity; EMAIL_PIN_ERROR and FORBIDDEN end a
     registration; after each, nothing connects until the user acts."""
-    k = start_provisioned(make_klippy, sim)
-    hist = StateHistory.attach(k)
-    hist.wait_for(lambda st: st["state"] == "online", since=0)
+    k = online_klippy()
+    hist = k.hist
     sim.set_fault("hello_reply", "DELETED")
     try:
         mark = hist.mark()
@@ -353,20 +331,12 @@ def test_tls_verification_cannot_be_switched_off(tk, sim, tls):
 
 # -------------------------------------------------------- secrets (R9)
 
-@pytest.fixture(scope="module")
-def cam():
-    server = CameraServer().start()
-    yield server
-    server.stop()
-
-
-def test_secrets_stay_in_state_path(make_klippy, sim, cam):
+def test_secrets_stay_in_state_path(polar_klippy, sim, camera_server):
     """R9 after registration, hellos, snapshot uploads, an M112 and a
     FIRMWARE_RESTART: no secret outside state_path."""
-    k = make_klippy("klipper", extra_cfg=polar_cfg(
-        sim.url, webcam_enabled="True", snapshot_url=cam.snapshot_url,
-        snapshot_interval=5), extras={"polar_cloud": EXTRA})
-    k.state_path = k.workdir / "polar_cloud"
+    k = polar_klippy("klipper", webcam_enabled="True",
+                     snapshot_url=camera_server.snapshot_url,
+                     snapshot_interval=5)
     out = k.subscribe_output()
     serial = register(k, sim)
     sim.wait_upload(timeout=60, predicate=lambda up: True)
@@ -449,18 +419,6 @@ def test_redirects_to_forbidden_places_are_refused(k, sim, job_id, target,
 
 
 # ------------------------------------------------- names and paths (R14)
-
-def tree_digest(path):
-    digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(full.encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
-
 
 def test_hostile_job_name_only_creates_the_job_file(k, sim):
     config = tree_digest(k.config_dir)
@@ -550,7 +508,7 @@ def test_disk_full_before_and_during_a_download(small_disk, sim):
 def test_command_allow_list(k, sim):
     # A new session: earlier floods used up this period's audit lines
     k.restart()
-    wait_online(k, sim)
+    wait_online_again(k, sim)
     log_at = log_size(k)
     sim.command(k.serial, "M112")
     sim.jog_printer(k.serial, {"command": "home", "axes": ["x"]})

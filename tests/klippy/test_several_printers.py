@@ -10,11 +10,11 @@ import uuid
 
 import pytest
 
-from tests.conftest import polar_status, register, wait_polar
+from tests.testbed.helpers import polar_status, register, wait_polar
 
 # The simulator (tests/testbed/polarsim) recognises a printer by its MAC as
-# the cloud does: before each instance had its own, the second registration
-# took the first one's printer (test_polarsim's
+# the cloud does: two instances sending one MAC would be one printer, the
+# second registration taking the first one's (test_polarsim's
 # test_two_printers_sending_one_mac_are_one_printer).
 
 

@@ -15,9 +15,14 @@ import zipfile
 import pytest
 
 from klippy_extras.polar_cloud.jobs import shown_id
-from tests.conftest import polar_status, register
 from tests.testbed import slicers
 from tests.testbed.gcode_files import demo_print
+from tests.testbed.helpers import (
+    final_reports,
+    polar_status,
+    wait_final,
+    wait_status,
+)
 
 # The start G-code's macros, as a Klipper user's printer.cfg has them; each
 # says on the console that it ran
@@ -53,10 +58,8 @@ def sliced(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def k(polar_klippy, sim):
-    k = polar_klippy("klipper", extra_cfg=MACROS)
-    k.serial = register(k, sim)
-    return k
+def k(registered_klippy):
+    return registered_klippy("klipper", extra_cfg=MACROS)
 
 
 def send(sim, k, job_id, content, name="cube", url_suffix="", **kw):
@@ -66,21 +69,6 @@ def send(sim, k, job_id, content, name="cube", url_suffix="", **kw):
     return since
 
 
-def finals(sim, k, job_id):
-    return [j for j in sim.received("job", serial=k.serial)
-            if j["jobId"] == job_id]
-
-
-def wait_final(sim, k, job_id, since, timeout=90.):
-    return sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
-                        serial=k.serial, timeout=timeout)
-
-
-def wait_status(sim, k, since, predicate, timeout=90.):
-    return sim.wait_for("status", predicate, since=since, serial=k.serial,
-                        timeout=timeout)
-
-
 def cancel_running(sim, k, job_id, since):
     """Cancel the running cloud print; it ends in one canceled report."""
     t = sim.now()
@@ -88,7 +76,7 @@ def cancel_running(sim, k, job_id, since):
     final = wait_final(sim, k, job_id, since)
     assert final["state"] == "canceled"
     wait_status(sim, k, t, lambda d: d["status"] == 0)
-    assert len(finals(sim, k, job_id)) == 1
+    assert len(final_reports(sim, k, job_id)) == 1
     assert k.query("print_stats")["print_stats"]["state"] == "cancelled"
 
 
@@ -201,7 +189,7 @@ def test_wrong_download_is_refused_with_a_reason(k, sim, sliced, kind):
     assert final["state"] == "canceled"
     assert reason in line, line
     assert gcode_files(k) == before
-    assert len(finals(sim, k, job_id)) == 1
+    assert len(final_reports(sim, k, job_id)) == 1
 
 
 def test_odd_job_id_prints_and_is_echoed_verbatim(k, sim):
@@ -274,7 +262,7 @@ def test_unprintable_print_is_answered_once(k, sim, job_id, fields, reason):
         out.close()
     assert final["state"] == "canceled" and final["jobId"] == answer_id
     assert reason in line, line
-    assert len(finals(sim, k, answer_id)) == 1
+    assert len(final_reports(sim, k, answer_id)) == 1
     assert [sim.file_requests(name) for name in served] == [0] * len(served)
     assert k.query("print_stats")["print_stats"]["state"] != "printing"
     assert sim.violations == []

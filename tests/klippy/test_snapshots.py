@@ -8,25 +8,17 @@ import io
 import pytest
 from PIL import Image
 
-from tests.conftest import polar_status, register
-from tests.testbed.camera_server import CameraServer, noisy_jpeg
+from tests.testbed.camera_server import noisy_jpeg
+from tests.testbed.helpers import polar_status
 
 
 @pytest.fixture(scope="module")
-def camera():
-    cam = CameraServer().start()
-    yield cam
-    cam.stop()
-
-
-@pytest.fixture(scope="module")
-def k(polar_klippy, sim, camera):
-    k = polar_klippy("klipper", webcam_enabled="auto",
-                     snapshot_url=camera.snapshot_url, stream_url="/webcam/",
-                     flip_horizontal="True", rotation="90",
-                     snapshot_interval="5", max_image_size="60000")
-    k.serial = register(k, sim)
-    return k
+def k(registered_klippy, camera_server):
+    return registered_klippy(
+        "klipper", webcam_enabled="auto",
+        snapshot_url=camera_server.snapshot_url, stream_url="/webcam/",
+        flip_horizontal="True", rotation="90", snapshot_interval="5",
+        max_image_size="60000")
 
 
 def test_hello_carries_the_camera_hints(k, sim):
@@ -36,8 +28,8 @@ def test_hello_carries_the_camera_hints(k, sim):
     assert hello["transformImg"] == 1 | 4
 
 
-def test_snapshots_are_uploaded_through_upload_urls(k, sim, camera):
-    camera.picture = noisy_jpeg((1920, 1080))
+def test_snapshots_are_uploaded_through_upload_urls(k, sim, camera_server):
+    camera_server.picture = noisy_jpeg((1920, 1080))
     upload = sim.wait_upload(timeout=60)
     req = sim.wait_for("getUrl", serial=k.serial)
     assert req["type"] == "idle" and req["method"] == "post"
@@ -49,7 +41,7 @@ def test_snapshots_are_uploaded_through_upload_urls(k, sim, camera):
     assert sim.violations == []
 
 
-def test_klippy_never_loads_pillow(k, sim, camera):
+def test_klippy_never_loads_pillow(k, sim, camera_server):
     # Pillow runs in a child process: after snapshots (the one above and a
     # rotated, shrunk manual one) none of it is mapped into klippy
     out = k.subscribe_output()
@@ -66,7 +58,7 @@ def test_klippy_never_loads_pillow(k, sim, camera):
     assert [m for m in marks if m in maps] == []
 
 
-def test_polar_snapshot_reports_in_the_console(k, sim, camera):
+def test_polar_snapshot_reports_in_the_console(k, sim, camera_server):
     out = k.subscribe_output()
     k.gcode("POLAR_SNAPSHOT")
     line = out.wait_for(r"Polar Cloud: (snapshot|no snapshot).*")
@@ -74,8 +66,8 @@ def test_polar_snapshot_reports_in_the_console(k, sim, camera):
     assert "bytes after processing" in line
 
 
-def test_camera_outage_is_quiet_and_harmless(k, sim, camera):
-    camera.mode = "reset"
+def test_camera_outage_is_quiet_and_harmless(k, sim, camera_server):
+    camera_server.mode = "reset"
     out = k.subscribe_output()
     k.gcode("POLAR_SNAPSHOT")
     line = out.wait_for(r"Polar Cloud: (snapshot|no snapshot).*")
@@ -88,6 +80,6 @@ def test_camera_outage_is_quiet_and_harmless(k, sim, camera):
     assert polar_status(k)["state"] == "online"
     assert k.info()["state"] == "ready"
     k.gcode("M140 S0")
-    camera.mode = "ok"
+    camera_server.mode = "ok"
     log = k.log_text()
     assert log.count("unreachable") <= 1

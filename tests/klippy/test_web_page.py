@@ -16,9 +16,9 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import EMAIL, PIN, polar_status
 from tests.testbed.browser import BrowserError, Chromium, Page, find_chromium
 from tests.testbed.fixtures import ARTIFACTS
+from tests.testbed.helpers import EMAIL, PIN, polar_status
 from tests.testbed.moonraker import Moonraker
 from tests.testbed.nginx import Nginx, find_nginx
 

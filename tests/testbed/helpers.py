@@ -1,18 +1,23 @@
-"""Probes for the fault-injection suite: process resources, the history of
-printer.polar_cloud, klippy.log accounting and direct provisioning.
+"""What the tests that run a real klippy share (fixtures live in
+tests/conftest.py, everything else here): the printer's config section,
+registration and provisioning, waits on printer.polar_cloud and on the
+cloud's records, process resources, klippy.log accounting.
 
+    serial = register(k, sim)              # POLAR_REGISTER, then online
+    serial = provision(k.state_path, sim)  # identity without POLAR_REGISTER
+    wait_polar(k, lambda st: st["state"] == "online")
     hist = StateHistory.attach(k)          # every polar_cloud update
     hist.wait_for(lambda st: st["state"] == "online")
     hist.backoffs(since=i)                 # [(retries, retry_in), ...]
     base = proc_stats(k.pid)               # threads, fds, RSS
     settle(k.pid, base)                    # poll /proc until back (deadline)
     poll_until(lambda: ..., timeout)       # poll /proc for anything
-    serial = provision(k.state_path, sim)  # identity without POLAR_REGISTER
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -22,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tests.testbed.klippy import Klippy, KlippyTimeout, ObjectSubscription
+from tests.testbed.klippy import REPO, Klippy, KlippyTimeout, ObjectSubscription
 
+EXTRA = REPO / "klippy_extras" / "polar_cloud"
+EMAIL = "maker@school.example.org"
+PIN = "Zq7x91"          # distinctive, so a leak is findable by grep
 SETTLE_POLL = 0.2
 
 # Lines the polar_cloud extra writes to klippy.log: its own logger, its
@@ -273,8 +281,6 @@ def provision(state_path: Path, sim, mac: Optional[str] = None) -> str:
     return serial
 
 
-EXTRA = Path(__file__).resolve().parents[2] / "klippy_extras" / "polar_cloud"
-
 
 def polar_cfg(server_url: str, **options) -> str:
     """A [polar_cloud] section (webcam off unless asked for)."""
@@ -298,6 +304,91 @@ def start_provisioned(make_klippy, sim, server_url: Optional[str] = None,
     if start:
         k.start()
     return k
+
+
+def polar_status(k: Klippy) -> dict:
+    return k.query("polar_cloud")["polar_cloud"]
+
+
+def wait_polar(k: Klippy, predicate, timeout: float = 60.) -> dict:
+    sub = k.subscribe_objects({"polar_cloud": None})
+    try:
+        return sub.wait_for(lambda st: predicate(st.get("polar_cloud", {})),
+                            timeout=timeout)["polar_cloud"]
+    finally:
+        sub.close()
+
+
+def wait_objects(k: Klippy, objects: dict, predicate,
+                 timeout: float = 60.) -> dict:
+    """Wait until the subscribed printer objects satisfy predicate."""
+    sub = k.subscribe_objects(objects)
+    try:
+        return sub.wait_for(predicate, timeout=timeout)
+    finally:
+        sub.close()
+
+
+def register(k: Klippy, sim, email: str = EMAIL, pin: str = PIN) -> str:
+    """Register through the console; return the serial once online."""
+    out = k.subscribe_output()
+    try:
+        k.gcode("POLAR_REGISTER EMAIL=%s PIN=%s" % (email, pin))
+        line = out.wait_for(r"registered, serial number (\w+)|registration"
+                            r" failed", timeout=90)
+    finally:
+        out.close()
+    match = re.search(r"serial number (\w+)", line)
+    assert match, line
+    serial = match.group(1)
+    wait_polar(k, lambda st: st.get("state") == "online")
+    return serial
+
+
+def wait_online_again(k: Klippy, sim) -> None:
+    """After a restart or a drop (k.hist from StateHistory.attach): online,
+    with exactly one live session at the cloud."""
+    k.hist.wait_for(lambda st: st["state"] == "online",
+                    since=k.hist.mark() - 1)
+    sim.wait_until(lambda: sim.live_sessions(k.serial) == 1, timeout=30)
+
+
+def fresh_session(k: Klippy, sim) -> None:
+    """RESTART: a new session, so the backoff starts again at 2 s."""
+    k.restart()
+    # From the re-subscription on, everything is the new session
+    wait_online_again(k, sim)
+
+
+def final_reports(sim, k: Klippy, job_id: str) -> list[dict]:
+    """The final `job` reports the cloud received for job_id."""
+    return [j for j in sim.received("job", serial=k.serial)
+            if j["jobId"] == job_id]
+
+
+def wait_final(sim, k: Klippy, job_id: str, since: float,
+               timeout: float = 90.) -> dict:
+    return sim.wait_for("job", lambda d: d["jobId"] == job_id, since=since,
+                        serial=k.serial, timeout=timeout)
+
+
+def wait_status(sim, k: Klippy, since: float, predicate,
+                timeout: float = 90.) -> dict:
+    return sim.wait_for("status", predicate, since=since, serial=k.serial,
+                        timeout=timeout)
+
+
+def tree_digest(path) -> str:
+    """One hash over every file name and content below path."""
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(full.encode())
+            with open(full, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def polar_tracebacks(text: str) -> list[str]:
