@@ -1,53 +1,37 @@
-"""Webcam snapshots: options, hello hints, getUrlResponse, scheduling, and
-real fetch/transform/shrink/upload runs against a loopback camera and the
-simulator's strict S3 POST-policy endpoint."""
+"""Webcam snapshots (camera.py): options, hello hints, getUrlResponse,
+scheduling, and real fetch/transform/shrink/upload runs against a loopback
+camera and the simulator's strict S3 POST-policy endpoint (no klippy).
+The image work itself: test_imaging.py."""
 import configparser
 import dataclasses
 import io
 import logging
 import os
 import queue
-import random
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, imaging, protocol
+from klippy_extras.polar_cloud import camera, protocol
 from tests.testbed.camera_server import (
-    CameraServer,
+    BLUE,
+    GREEN,
+    NO_PILLOW,
+    RED,
+    WHITE,
+    decode,
     noisy_jpeg,
-    quadrant_image,
     quadrant_jpeg,
-    to_jpeg,
+    quadrants,
 )
-from tests.testbed.polarsim import PolarSim
+from tests.unit.fakes import FakeConfig
 
 SERIAL = "KL000001"
-NO_PILLOW = str(Path(__file__).parents[1] / "testbed" / "no_pillow")
 
 
 # Fixtures and helpers
-
-@pytest.fixture(scope="module")
-def sim():
-    sim = PolarSim().start()
-    yield sim
-    sim.stop()
-
-
-@pytest.fixture(scope="module")
-def cam_server():
-    server = CameraServer().start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(scope="module")
 def noisy():
@@ -55,12 +39,12 @@ def noisy():
 
 
 @pytest.fixture
-def env(sim, cam_server, caplog):
+def env(sim, camera_server, caplog):
     sim.reset_records()
     sim.http.upload_fail = None
-    cam_server.reset()
+    camera_server.reset()
     caplog.set_level(logging.INFO, logger="polar_cloud")
-    yield sim, cam_server
+    yield sim, camera_server
     # Never a presigned URL or a policy field in the log
     with sim.rec.lock:
         secrets = [v for form in sim.http.forms.values()
@@ -89,9 +73,9 @@ class Runner:
         return result
 
 
-def options(cam_server, **kw):
+def options(camera_server, **kw):
     kw.setdefault("enabled", True)
-    return camera.CameraOptions(snapshot_url=cam_server.snapshot_url, **kw)
+    return camera.CameraOptions(snapshot_url=camera_server.snapshot_url, **kw)
 
 
 def url_response(sim, kind="idle", job_id=None, expires=600, max_size=1_000_000):
@@ -107,81 +91,12 @@ def make_slot(sim, now=None, **kw):
     return camera.parse_url_response(url_response(sim, **kw), SERIAL, True, now)
 
 
-def decode(data):
-    img = Image.open(io.BytesIO(data))
-    img.load()          # raises on a truncated file
-    return img
-
-
-def color_at(img, fx, fy):
-    return img.convert("RGB").getpixel((int(img.width * fx), int(img.height * fy)))
-
-
-def near(rgb, want, tol=60):
-    return all(abs(a - b) <= tol for a, b in zip(rgb, want))
-
-
-RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
-
-
-def quadrants(img):
-    """Colours at the centres of the top-left, top-right, bottom-left and
-    bottom-right quadrants, snapped to the test colours."""
-    out = []
-    for fx, fy in ((.25, .25), (.75, .25), (.25, .75), (.75, .75)):
-        rgb = color_at(img, fx, fy)
-        match = [c for c in (RED, GREEN, BLUE, WHITE) if near(rgb, c)]
-        assert len(match) == 1, rgb
-        out.append(match[0])
-    return tuple(out)
-
-
 def camera_lines(caplog):
     return [r for r in caplog.records
             if r.name == "polar_cloud" and "camera" in r.getMessage()]
 
 
 # Options
-
-class FakeConfig:
-    error = configparser.Error
-
-    def __init__(self, **values):
-        self.values = {k: str(v) for k, v in values.items()}
-
-    def get_name(self):
-        return "polar_cloud"
-
-    def _value(self, option, default, parse, minval=None, maxval=None):
-        if option not in self.values:
-            return default
-        value = parse(self.values[option])
-        if (minval is not None and value < minval) \
-                or (maxval is not None and value > maxval):
-            raise self.error("Option '%s' in section 'polar_cloud' is out of"
-                             " range" % (option,))
-        return value
-
-    def get(self, option, default=None):
-        return self._value(option, default, str)
-
-    def getboolean(self, option, default=None):
-        return self._value(option, default,
-                           lambda v: {"true": True, "false": False}[v.lower()])
-
-    def getint(self, option, default=None, minval=None, maxval=None):
-        return self._value(option, default, int, minval, maxval)
-
-    def getfloat(self, option, default=None, minval=None, maxval=None):
-        return self._value(option, default, float, minval, maxval)
-
-    def getchoice(self, option, choices, default=None):
-        choice = self.get(option, default)
-        if choice not in choices:
-            raise self.error("Choice '%s' for option '%s' in section 'polar_cloud'"
-                             " is not a valid choice" % (choice, option))
-        return choices[choice]
-
 
 def loopback_url_response(**kw):
     reply = {"status": "SUCCESS", "serialNumber": SERIAL, "type": "idle",
@@ -256,7 +171,7 @@ def test_options_errors_name_the_option(option, value):
 
 
 def test_options_with_klippy_config_wrapper():
-    configfile = pytest.importorskip("klippy.configfile")
+    from klippy import configfile
     parser = configparser.RawConfigParser()
     parser.read_string("[polar_cloud]\nrotation: 90\nwebcam_enabled: True\n"
                        "max_image_size: 99999\n")
@@ -469,13 +384,13 @@ def check_upload(sim, slot, result):
 
 
 def test_small_snapshot_uploaded_as_is(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     result = run.run()
     data = check_upload(sim, slot, result)
-    assert data == cam_server.picture                    # no needless re-encode
+    assert data == camera_server.picture                    # no needless re-encode
     assert result.fetched == result.final == len(data)
     assert quadrants(decode(data)) == (RED, GREEN, BLUE, WHITE)
     assert run.cam.available() is True
@@ -491,8 +406,8 @@ def test_small_snapshot_uploaded_as_is(env):
     (True, True, 0, (WHITE, BLUE, GREEN, RED)),
 ])
 def test_transforms(env, flip_h, flip_v, rotation, expected):
-    sim, cam_server = env
-    run = Runner(options(cam_server, flip_horizontal=flip_h, flip_vertical=flip_v,
+    sim, camera_server = env
+    run = Runner(options(camera_server, flip_horizontal=flip_h, flip_vertical=flip_v,
                          rotation=rotation))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -502,10 +417,10 @@ def test_transforms(env, flip_h, flip_v, rotation, expected):
 
 
 def test_large_noisy_frame_is_shrunk_to_fit(env, noisy):
-    sim, cam_server = env
-    cam_server.picture = noisy
+    sim, camera_server = env
+    camera_server.picture = noisy
     assert len(noisy) > 1_000_000
-    run = Runner(options(cam_server))
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     result = run.run()
@@ -518,9 +433,9 @@ def test_large_noisy_frame_is_shrunk_to_fit(env, noisy):
 
 
 def test_cloud_max_size_wins_when_smaller(env, noisy):
-    sim, cam_server = env
-    cam_server.picture = noisy
-    run = Runner(options(cam_server, rotation=90))
+    sim, camera_server = env
+    camera_server.picture = noisy
+    run = Runner(options(camera_server, rotation=90))
     slot = make_slot(sim, max_size=30000)
     run.cam.set_slot(slot)
     data = check_upload(sim, slot, run.run())
@@ -530,15 +445,15 @@ def test_cloud_max_size_wins_when_smaller(env, noisy):
 
 
 def test_cannot_fit_is_skipped_not_truncated(env, noisy):
-    sim, cam_server = env
-    cam_server.picture = quadrant_jpeg((640, 480))
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    camera_server.picture = quadrant_jpeg((640, 480))
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim, max_size=1024))     # too small for a picture
     result = run.run()
     assert not result.ok and not result.uploaded
     assert "cannot shrink" in result.error
-    assert result.fetched == len(cam_server.picture)
-    cam_server.picture = noisy
+    assert result.fetched == len(camera_server.picture)
+    camera_server.picture = noisy
     result = run.run()
     assert "cannot shrink" in result.error and not result.uploaded
     assert sim.upload_attempts == []
@@ -556,18 +471,18 @@ def test_cannot_fit_is_skipped_not_truncated(env, noisy):
     ("mjpeg", None, "video stream"),
 ])
 def test_bad_camera_answers(env, mode, picture, error):
-    sim, cam_server = env
+    sim, camera_server = env
     good = quadrant_jpeg((640, 480))
     if picture == "half":
-        cam_server.picture = good[:len(good) // 2]
+        camera_server.picture = good[:len(good) // 2]
     elif picture == "tail":
-        cam_server.picture = good[:-200]
+        camera_server.picture = good[:-200]
     elif picture == "png":
         buf = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buf, "PNG")
-        cam_server.picture = buf.getvalue()
-    cam_server.mode = mode
-    run = Runner(options(cam_server))
+        camera_server.picture = buf.getvalue()
+    camera_server.mode = mode
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
     assert not result.ok and not result.uploaded
@@ -577,9 +492,9 @@ def test_bad_camera_answers(env, mode, picture, error):
 
 
 def test_endless_snapshot_is_capped(env):
-    sim, cam_server = env
-    cam_server.mode = "endless"
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    camera_server.mode = "endless"
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
     assert "larger than 10 MB" in result.error
@@ -587,20 +502,20 @@ def test_endless_snapshot_is_capped(env):
 
 
 def test_slow_camera_still_works(env):
-    sim, cam_server = env
-    cam_server.mode = "slow"
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    camera_server.mode = "slow"
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     data = check_upload(sim, slot, run.run())
-    assert data == cam_server.picture
+    assert data == camera_server.picture
 
 
 def test_stalled_camera_times_out_one_worker_at_a_time(env, monkeypatch):
-    sim, cam_server = env
+    sim, camera_server = env
     monkeypatch.setattr(camera, "READ_TIMEOUT", .5)
-    cam_server.mode = "stall"
-    run = Runner(options(cam_server))
+    camera_server.mode = "stall"
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     t = time.monotonic()
     assert run.cam.start("idle", "0", t)
@@ -612,8 +527,8 @@ def test_stalled_camera_times_out_one_worker_at_a_time(env, monkeypatch):
 
 
 def test_expired_slot_is_never_used(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(dataclasses.replace(slot, expires_at=time.monotonic() - 1))
     result = run.run()
@@ -630,8 +545,8 @@ def test_expired_slot_is_never_used(env):
 
 
 def test_printing_slot_only_for_its_job(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    run = Runner(options(camera_server))
     run.cam.url_requested("printing", "j1", time.monotonic())
     slot = make_slot(sim, kind="printing", job_id="j1")
     run.cam.set_slot(slot)
@@ -643,8 +558,8 @@ def test_printing_slot_only_for_its_job(env):
 
 
 def test_upload_refused(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     sim.http.upload_fail = 500
@@ -663,8 +578,8 @@ def test_upload_refused(env):
 
 
 def test_upload_endpoint_down(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server))
+    sim, camera_server = env
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(dataclasses.replace(slot, url="http://127.0.0.1:9/upload"))
     result = run.run()
@@ -672,12 +587,12 @@ def test_upload_endpoint_down(env):
 
 
 def test_outage_logs_state_changes_and_backs_off(env, caplog):
-    sim, cam_server = env
-    run = Runner(options(cam_server, interval_idle=60.))
+    sim, camera_server = env
+    run = Runner(options(camera_server, interval_idle=60.))
     run.cam.set_slot(make_slot(sim))
     t = time.monotonic()
     assert run.run(now=t).uploaded
-    cam_server.mode = "reset"
+    camera_server.mode = "reset"
     for i in range(1, 4):
         assert run.cam.due("idle", t + 60 * i)
         assert run.run(now=t + 60 * i).error == "camera: connection failed"
@@ -686,7 +601,7 @@ def test_outage_logs_state_changes_and_backs_off(env, caplog):
     assert not run.cam.due("idle", last + 60)           # backing off
     assert not run.cam.due("idle", last + 299)
     assert run.cam.due("idle", last + 300)
-    cam_server.mode = "ok"
+    camera_server.mode = "ok"
     assert run.run(now=last + 300).uploaded
     assert run.cam.due("idle", last + 361)              # back to normal
     lines = [r.getMessage() for r in camera_lines(caplog)]
@@ -698,7 +613,7 @@ def test_outage_logs_state_changes_and_backs_off(env, caplog):
 
 
 def test_auto_mode_without_camera(env, caplog):
-    sim, cam_server = env
+    sim, camera_server = env
     opts = camera.CameraOptions(snapshot_url="http://127.0.0.1:9/?action=snapshot")
     run = Runner(opts)
     t = time.monotonic()
@@ -714,8 +629,8 @@ def test_auto_mode_without_camera(env, caplog):
 
 
 def test_auto_mode_finds_camera(env):
-    sim, cam_server = env
-    run = Runner(options(cam_server, enabled=None))
+    sim, camera_server = env
+    run = Runner(options(camera_server, enabled=None))
     t = time.monotonic()
     result = run.run(now=t)                             # the probe
     assert result.error == "no upload URL yet" and result.fetched > 0
@@ -729,9 +644,9 @@ def test_auto_mode_finds_camera(env):
 
 
 def test_manual_snapshot_without_url(env, noisy):
-    sim, cam_server = env
-    cam_server.picture = noisy
-    run = Runner(options(cam_server, enabled=False, max_image_size=50000))
+    sim, camera_server = env
+    camera_server.picture = noisy
+    run = Runner(options(camera_server, enabled=False, max_image_size=50000))
     result = run.run(manual=True)
     assert result.ok and not result.uploaded and result.manual
     assert result.fetched == len(noisy) and 0 < result.final <= 50000
@@ -740,21 +655,21 @@ def test_manual_snapshot_without_url(env, noisy):
 
 def test_without_pillow(env, monkeypatch):
     # Pillow missing for klippy's Python: the child process says so
-    sim, cam_server = env
+    sim, camera_server = env
     monkeypatch.setenv("PYTHONPATH", NO_PILLOW)
-    run = Runner(options(cam_server))
+    run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     data = check_upload(sim, slot, run.run())           # fits, no transform
-    assert data == cam_server.picture
+    assert data == camera_server.picture
     sim.reset_records()
-    run = Runner(options(cam_server, flip_vertical=True))
+    run = Runner(options(camera_server, flip_vertical=True))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
     assert result.error == ("Pillow is not installed (needed to shrink or rotate"
                             " the snapshot)") and not result.uploaded
-    cam_server.picture = quadrant_jpeg()[:-2]
-    run = Runner(options(cam_server))
+    camera_server.picture = quadrant_jpeg()[:-2]
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     assert "incomplete JPEG" in run.run().error
     assert sim.upload_attempts == []
@@ -781,11 +696,11 @@ def gone(pid_file):
 
 
 def test_imaging_timeout_kills_the_child(env, monkeypatch, tmp_path):
-    sim, cam_server = env
+    sim, camera_server = env
     script, pid_file = fake_imaging(tmp_path, "time.sleep(60)")
     monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
     monkeypatch.setattr(camera, "IMAGING_TIMEOUT", 1.)
-    run = Runner(options(cam_server))
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
     assert result.error == "image processing took longer than 1 s; skipped"
@@ -794,11 +709,11 @@ def test_imaging_timeout_kills_the_child(env, monkeypatch, tmp_path):
 
 
 def test_imaging_child_failure(env, monkeypatch, tmp_path):
-    sim, cam_server = env
+    sim, camera_server = env
     script, _ = fake_imaging(tmp_path, "sys.stderr.write('Traceback\\n"
                              "MemoryError: out\\n'); sys.exit(1)")
     monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
-    run = Runner(options(cam_server))
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     result = run.run()
     assert result.error == "image processing failed (exit code 1: MemoryError: out)"
@@ -812,10 +727,10 @@ def test_imaging_child_failure(env, monkeypatch, tmp_path):
 
 
 def test_stop_kills_the_imaging_child(env, monkeypatch, tmp_path):
-    sim, cam_server = env
+    sim, camera_server = env
     script, pid_file = fake_imaging(tmp_path, "time.sleep(60)")
     monkeypatch.setattr(camera, "IMAGING_SCRIPT", script)
-    run = Runner(options(cam_server))
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     assert run.cam.start("idle", "0", time.monotonic())
     deadline = time.monotonic() + 20
@@ -835,14 +750,14 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
         env, monkeypatch, tmp_path, caplog):
     """Where chrt cannot set SCHED_IDLE (a container), the snapshot still
     goes, once logged, with the child lowering its own priority."""
-    sim, cam_server = env
+    sim, camera_server = env
     chrt = tmp_path / "chrt"
     chrt.write_text("#!/bin/sh\necho \"chrt: failed to set pid 0's policy:"
                     " Operation not permitted\" >&2\nexit 1\n")
     chrt.chmod(0o755)
     monkeypatch.setattr(camera, "_idle_prefix", lambda: [str(chrt)])
     monkeypatch.setattr(camera, "_use_chrt", True)
-    run = Runner(options(cam_server, flip_vertical=True))
+    run = Runner(options(camera_server, flip_vertical=True))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
@@ -857,11 +772,11 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
 
 
 def test_stop_joins_the_worker(env, monkeypatch):
-    sim, cam_server = env
+    sim, camera_server = env
     monkeypatch.setattr(camera, "READ_TIMEOUT", .5)
-    cam_server.mode = "slow"
-    cam_server.slow_pause = .05
-    run = Runner(options(cam_server))
+    camera_server.mode = "slow"
+    camera_server.slow_pause = .05
+    run = Runner(options(camera_server))
     run.cam.set_slot(make_slot(sim))
     assert run.cam.start("idle", "0", time.monotonic())
     run.stop_event.set()
@@ -870,109 +785,3 @@ def test_stop_joins_the_worker(env, monkeypatch):
     assert result.error == "camera: stopped" and sim.upload_attempts == []
     assert run.cam.available() is None      # stopping says nothing about it
     assert not run.cam.start("idle", "0", time.monotonic())
-
-
-# The invariant behind every upload: complete, decodable, within the limit
-
-@settings(max_examples=25, deadline=None)
-@given(width=st.integers(16, 800), height=st.integers(16, 600),
-       noise=st.integers(0, 255), quality=st.sampled_from([50, 75, 95]),
-       limit=st.integers(1024, 200000),
-       rotation=st.sampled_from([0, 90, 180, 270]),
-       flip=st.booleans(), seed=st.integers(0, 1000))
-def test_process_jpeg_fits_or_refuses(width, height, noise, quality, limit,
-                                      rotation, flip, seed):
-    rnd = random.Random(seed)
-    base = quadrant_image((width, height))
-    grain = Image.frombytes("RGB", (width, height),
-                            rnd.randbytes(width * height * 3))
-    data = to_jpeg(Image.blend(base, grain, noise / 255.), quality)
-    opts = imaging.Transform(rotation=rotation, flip_horizontal=flip)
-    try:
-        out = imaging.process_jpeg(data, limit, opts, Image)
-    except imaging.CannotShrink as e:
-        assert "cannot shrink" in str(e)
-        return
-    assert len(out) <= limit
-    assert out.startswith(b"\xff\xd8\xff") and out.endswith(b"\xff\xd9")
-    img = decode(out)
-    turned = rotation in (90, 270)
-    w, h = (height, width) if turned else (width, height)
-    if (img.width, img.height) != (w, h):               # scaled: same shape
-        assert abs(img.width / img.height - w / h) < .05 + 2. / min(img.size)
-
-
-# imaging.py run as a script, as camera.py runs it
-
-def run_imaging(data, limit=150000, env=None, cwd=None, **transform):
-    header = imaging.request(limit, imaging.Transform(**transform))
-    return subprocess.run([sys.executable, imaging.SCRIPT], input=header + data,
-                          capture_output=True, timeout=60, env=env, cwd=cwd)
-
-
-def test_imaging_script(tmp_path):
-    picture = quadrant_jpeg((640, 480))
-    # Run by path from elsewhere: no package, no relative imports
-    done = run_imaging(picture, cwd=tmp_path)
-    assert (done.returncode, done.stderr) == (0, b"")
-    assert done.stdout == picture                       # fits: as it is
-    done = run_imaging(picture, flip_horizontal=True, rotation=90)
-    assert (done.returncode, done.stderr) == (0, b"")
-    img = decode(done.stdout)
-    assert img.size == (480, 640)
-    assert quadrants(img) == (WHITE, GREEN, BLUE, RED)
-    noisy = noisy_jpeg((800, 600))
-    done = run_imaging(noisy, limit=40000, flip_vertical=True)
-    assert done.returncode == 0 and len(done.stdout) <= 40000
-    assert decode(done.stdout).width < 800              # shrunk
-    done = run_imaging(picture, limit=1024)
-    assert done.returncode == imaging.EXIT_CANNOT_SHRINK and done.stdout == b""
-    assert done.stderr == b"cannot shrink the snapshot to 1024 bytes; skipped\n"
-
-
-@pytest.mark.parametrize("data,code,error", [
-    (quadrant_jpeg((640, 480))[:3000], imaging.EXIT_BAD_JPEG,
-     b"broken JPEG from the camera ("),
-    ("png", imaging.EXIT_BAD_JPEG, b"not a JPEG image\n"),
-    (b"", imaging.EXIT_BAD_JPEG, b"broken JPEG from the camera ("),
-])
-def test_imaging_script_refuses_bad_pictures(data, code, error):
-    if data == "png":
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(buf, "PNG")
-        data = buf.getvalue()
-    done = run_imaging(data, limit=1000000)
-    assert done.returncode == code and done.stdout == b""
-    assert done.stderr.startswith(error) and done.stderr.count(b"\n") == 1
-
-
-def test_imaging_script_bad_header_and_no_pillow():
-    done = subprocess.run([sys.executable, imaging.SCRIPT],
-                          input=b'{"limit": 0}\n\xff\xd8', capture_output=True)
-    assert done.returncode == imaging.EXIT_BAD_REQUEST
-    assert done.stderr.startswith(b"bad request header")
-    # Without Pillow: a frame that fits goes out as it is, else a reason
-    env = dict(os.environ, PYTHONPATH=NO_PILLOW)
-    picture = quadrant_jpeg()
-    done = run_imaging(picture, env=env)
-    assert done.returncode == imaging.EXIT_OK and done.stdout == picture
-    done = run_imaging(picture, env=env, rotation=90)
-    assert done.returncode == imaging.EXIT_NO_PILLOW
-    assert done.stderr == (b"Pillow is not installed (needed to shrink or"
-                           b" rotate the snapshot)\n")
-    done = run_imaging(picture[:-2], env=env)
-    assert done.returncode == imaging.EXIT_BAD_JPEG
-    assert done.stderr == b"incomplete JPEG from the camera\n"
-
-
-def test_imaging_child_priority():
-    code = ("import os, sys\n"
-            "sys.path.insert(0, %r)\n"
-            "import imaging\n"
-            "imaging.lower_priority()\n"
-            "print(os.sched_getscheduler(0) == os.SCHED_IDLE,"
-            " os.getpriority(os.PRIO_PROCESS, 0))\n"
-            % (os.path.dirname(imaging.SCRIPT),))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, check=True)
-    assert done.stdout.split() == ["True", "19"]

@@ -1,16 +1,16 @@
-"""Pure job helpers: file names, URL policy, content sniffing, estimates;
-the job manager's answers to cloud prints (a fake session)."""
+"""Cloud print jobs (jobs.py) without klippy: file names, URL policy,
+content sniffing, estimates; the job manager's answers to cloud prints (a
+fake session).  The download worker: test_jobs_download.py."""
 import os
 import random
 import re
-import threading
-import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from klippy_extras.polar_cloud import jobs, protocol
+from tests.unit.fakes import FakePort
 
 
 @pytest.mark.parametrize("name,job_id,expected", [
@@ -256,39 +256,8 @@ def test_implausible_slicer_estimate_is_ignored(text, tmp_path):
 
 # The job manager's answer to a cloud print (a fake session, no network)
 
-class FakeSession:
-    def __init__(self, state_dir):
-        self.options = types.SimpleNamespace(state_path=str(state_dir),
-                                             max_job_size=1 << 20)
-        self.abandoned = False
-        self.stop_event = threading.Event()
-        self.inbox = types.SimpleNamespace(put_local=lambda *a: None)
-        self.console_lines: list[str] = []
-        self.logged: list[str] = []
-        self.sent: list[tuple[str, dict]] = []
-    def serial(self):
-        return "KL1"
-    def rlog(self, key, fmt, *args, **kw):
-        self.logged.append(fmt % args)
-    def console(self, text, error=False, log=True):
-        self.console_lines.append(text)
-    def on(self, event, handler, online=True):
-        pass
-    def post(self, fn, *args):
-        pass
-    def run_gcode(self, key, script, reply):
-        pass
-    def loopback_test_server(self):
-        return False
-    def status_now(self):
-        pass
-    def is_online(self):
-        return True
-    def last_rx(self):
-        return 0.
-    def emit(self, event, data, callback=None):
-        self.sent.append((event, data))
-        return True
+def fake_port(state_dir) -> FakePort:
+    return FakePort(state_dir, serial="KL1")
 
 
 class FakeDownload:
@@ -304,7 +273,7 @@ class FakeDownload:
 def manager(tmp_path, monkeypatch):
     FakeDownload.made = []
     monkeypatch.setattr(jobs, "Download", FakeDownload)
-    return jobs.JobManager(FakeSession(tmp_path))
+    return jobs.JobManager(fake_port(tmp_path))
 
 
 def ready_snap(tmp_path):
@@ -357,7 +326,7 @@ def test_odd_job_id_survives_a_restart_with_its_file(manager, tmp_path):
     filename = manager.job.filename
     manager.job.phase = "printing"
     manager.save()
-    again = jobs.JobManager(FakeSession(tmp_path))
+    again = jobs.JobManager(fake_port(tmp_path))
     again.load()
     # the file's job is known from the job state, not from its name
     assert again.job.job_id == job_id and again.job.filename == filename

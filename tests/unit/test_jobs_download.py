@@ -1,7 +1,7 @@
-"""The Download worker against hostile file servers: cancel and the total
-timeout end it whatever the server does, it connects only to the address
-it checked (and still verifies the certificate for the name), and no
-signed URL reaches the log."""
+"""The Download worker (jobs.py) against hostile file servers: cancel and
+the total timeout end it whatever the server does, it connects only to
+the address it checked (and still verifies the certificate for the name),
+no signed URL reaches the log, and its own failure ends the job (R24)."""
 from __future__ import annotations
 
 import logging
@@ -195,3 +195,22 @@ def test_no_signed_url_query_in_the_log(tmp_path, caplog):
             and "/x.gcode" in r.getMessage()]
     assert "5ec2e7" not in caplog.text
     assert "AKIAEXAMPLE" not in caplog.text
+
+
+def boom(*args, **kw):
+    raise RuntimeError("injected")
+
+
+def test_download_worker_exception_cancels_the_job(tmp_path, monkeypatch):
+    """R24 for the download worker: the thread's own failure ends the job
+    with a report, and no partial file stays."""
+    results = []
+    dl = jobs.Download("http://127.0.0.1:1/x.gcode", str(tmp_path),
+                           "x_polar-j1.gcode", 1 << 20, True,
+                           threading.Event(),
+                           lambda err, size: results.append((err, size)))
+    monkeypatch.setattr(dl, "_download", boom)
+    dl.start()
+    dl.join(10.)
+    assert results == [("download failed: RuntimeError", 0)]
+    assert list(tmp_path.iterdir()) == []

@@ -1,17 +1,16 @@
-"""The cloud session's own defences without klippy, driven directly with a
-fake bridge and a fake Socket.IO client.  R-numbers refer to the acceptance
-list in docs/testing.md.
+"""CloudSession (session.py) without klippy: a fake bridge and a fake
+Socket.IO client (tests/unit/fakes.py), events put in its inbox and one
+supervisor step at a time.  R-numbers refer to the acceptance list in
+docs/testing.md.
 
 - Every inbound handler is fuzzed with hypothesis (R6): nothing escapes,
   nothing but ProtocolErrors, and only allow-listed G-code comes out.
 - Exceptions injected into each handler and into the supervisor's work
   (R24): the message is dropped, logged once with a traceback, and the
   session carries on (or reconnects, for a supervisor failure).
-- A flood fills the inbox: job events still get through (R6/R10).
 - A slow link fills the outbound queue: status waits, job reports go (R5).
 - Logs stay quiet through a long outage, with one summary per period (R2).
-- A fleet of 1,000 printers using the session's Backoff comes back from a
-  5-minute outage without a stampede (R28), in simulated time.
+- An unset clock is named, and retries keep their schedule (R18).
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import tempfile
 import threading
 import time
 import types
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,12 +33,16 @@ from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
-from klippy_extras.polar_cloud.camera import CameraOptions
-from klippy_extras.polar_cloud.identity import Identity
-from klippy_extras.polar_cloud.options import Options
-from klippy_extras.polar_cloud.ratelog import RateLimitedLog
+from tests.unit.fakes import (
+    SERIAL,
+    FakeDownload,
+    FakeSio,
+    deliver,
+    identity,
+    make_session,
+    snapshot,
+)
 
-SERIAL = "KL000042"
 # Every event the cloud may send (docs/protocol.md)
 CLOUD_EVENTS = frozenset({
     "welcome", "registerResponse", "helloResponse", "unregisterResponse",
@@ -56,167 +58,6 @@ ALLOWED_GCODE = re.compile(
     r"|PAUSE|RESUME|CANCEL_PRINT|LOAD_FILAMENT"
     r'|SDCARD_PRINT_FILE FILENAME="[A-Za-z0-9_.-]+_polar'
     r'(-[A-Za-z0-9_-]+|\.[0-9a-f]{16})\.gcode")$')
-
-
-# ------------------------------------------------------------------ fakes
-
-class FakeBridge:
-    def __init__(self) -> None:
-        self.console_lines: list[str] = []
-        self.scripts: list[str] = []
-
-    def console(self, text: str, error: bool = False, log: bool = True):
-        self.console_lines.append(text)
-
-    def call(self, fn, *args) -> None:
-        pass
-
-    def run_gcode(self, script: str, reply) -> None:
-        self.scripts.append(script)
-
-
-class FakeQueue:
-    def __init__(self) -> None:
-        self.size = 0
-
-    def qsize(self) -> int:
-        return self.size
-
-
-class FakeEio:
-    def __init__(self, sio=None) -> None:
-        self.last_rx = 0.
-        self.queue = FakeQueue()
-        self.ws = None
-        self.sio = sio
-
-    def disconnect(self, abort: bool = False) -> None:
-        if self.sio is not None:
-            self.sio.connected = False
-
-
-class FakeSio:
-    """A connected python-socketio client that records what is emitted."""
-
-    def __init__(self, fail_connect: bool = False) -> None:
-        self.connected = False
-        self.fail_connect = fail_connect
-        self.emits: list[tuple[str, Any]] = []
-        self.eio = FakeEio(self)
-
-    def connect(self, url, **kw) -> None:
-        if self.fail_connect:
-            raise ConnectionError("refused")
-        self.connected = True
-
-    def emit(self, event: str, data, callback=None) -> None:
-        self.emits.append((event, data))
-
-    def disconnect(self) -> None:
-        self.connected = False
-
-
-class FakeStore:
-    """The identity store, minus crypto and files."""
-
-    def __init__(self) -> None:
-        self.wiped = 0
-
-    def sign(self, challenge: str) -> str:
-        return "c2lnbmF0dXJl"
-
-    def public_pem(self) -> str:
-        return "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n"
-
-    def machine(self) -> dict:
-        return {"mac": "02:00:00:00:00:01", "mfg_sn": "KL-020000000001"}
-
-    def save(self, serial: str, server: str) -> Identity:
-        return identity(serial)
-
-    def wipe(self) -> None:
-        self.wiped += 1
-
-    def load_key(self):
-        return object()
-
-    def save_machine(self) -> None:
-        pass
-
-
-class FakeDownload:
-    started = 0
-
-    def __init__(self, *args, **kw) -> None:
-        pass
-
-    def start(self) -> None:
-        FakeDownload.started += 1
-
-    def cancel(self) -> None:
-        pass
-
-    def join(self, timeout: float) -> None:
-        pass
-
-
-def identity(serial: str = SERIAL) -> Identity:
-    return Identity(serial, "02:00:00:00:00:01", "KL-020000000001",
-                    "http://127.0.0.1:1", "fp")
-
-
-def options(state_path: str, **kw) -> Options:
-    base = dict(
-        server_url="http://127.0.0.1:1", state_path=state_path,
-        manufacturer="kl", printer_make="Cartesian",
-        machine_type="Cartesian", status_interval=60., active_interval=10.,
-        verbose=False, max_job_size=1 << 20, allow_raw_gcode=False,
-        allow_jog=False, cloud_macros=("LOAD_FILAMENT",),
-        camera=CameraOptions(enabled=False))
-    base.update(kw)
-    return Options(**base)
-
-
-def snapshot(**kw) -> dict:
-    snap = {
-        "klippy_state": "ready", "print_state": "standby", "filename": "",
-        "print_duration": 0., "total_duration": 0., "filament_used": 0.,
-        "progress": 0., "is_active": False, "file_position": 0,
-        "file_size": 0, "file_path": "", "wall_time": 1.7e9, "mono": 0.,
-        "state_message": "", "heaters": {"tool0": (20., 0.),
-                                         "bed": (20., 0.)},
-        "static": {"sdcard_dir": tempfile.gettempdir(), "heaters": {
-            "tool0": {"name": "extruder", "gcode_name": "extruder",
-                      "min": 0., "max": 300.},
-            "bed": {"name": "heater_bed", "gcode_name": "heater_bed",
-                    "min": 0., "max": 120.}}}}
-    snap.update(kw)
-    return snap
-
-
-def make_session(tmp_path, monkeypatch=None, **opts) -> S.CloudSession:
-    """An online session: no threads, no network, no files but state_path."""
-    sios: list[FakeSio] = []
-
-    def factory(inbox, verify, timeout):
-        sio = FakeSio()
-        sios.append(sio)
-        return sio
-    s = S.CloudSession(options(str(tmp_path), **opts), FakeBridge(), "0.0",
-                       client_factory=factory,
-                       backoff=Backoff(rand=lambda: .5))
-    s.sios = sios
-    s.store = FakeStore()
-    go_online(s)
-    s.post_snapshot(snapshot(), True)
-    return s
-
-
-def go_online(s: S.CloudSession) -> None:
-    s.identity = identity()
-    s.link = links.Link(FakeSio())
-    s.link.sio.connected = True
-    s.state = states.ONLINE
 
 
 # --------------------------------------------------------------- fuzzing
@@ -273,6 +114,7 @@ def test_every_inbound_handler_survives_any_payload(
     monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
     s = make_session(fuzz_dir)
     s.state = state
+    s.deadline = time.monotonic() + 60.     # the reply is not late yet
     if state == states.REGISTERING:
         s.auth.pending_register = ("", "")
     if printing:
@@ -280,7 +122,7 @@ def test_every_inbound_handler_survives_any_payload(
                                  filename="x.gcode", is_active=True), True)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
-        s._dispatch(event, data)
+        deliver(s, event, data)
     # Hostile input is a ProtocolError or a refusal, never a crash
     crashes = [r for r in caplog.records if r.exc_info
                or r.levelno >= logging.ERROR]
@@ -302,10 +144,10 @@ def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
     s = make_session(tmp_path)
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for i in range(1000):
-            s._dispatch("temperature", {"bed": "abc"})
-            s._dispatch("bogus%d" % (i,), {})
-            s._dispatch("command", {"command": "M112"})
-            s._dispatch("print", [])
+            deliver(s, "temperature", {"bed": "abc"})
+            deliver(s, "bogus%d" % (i,), {})
+            deliver(s, "command", {"command": "M112"})
+            deliver(s, "print", [])
     lines = [r.getMessage() for r in caplog.records]
     # one for all 1,000 unknown names, one per malformed kind
     assert len(lines) == 4, lines
@@ -357,7 +199,7 @@ def test_injected_handler_exception_is_logged_once_and_contained(
     sio = s.link.sio
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
         for _ in range(3):
-            s._dispatch(event, payload)
+            deliver(s, event, payload)
     failures = [r for r in caplog.records if r.exc_info]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
     assert "could not handle '%s'" % (event,) in failures[0].getMessage()
@@ -433,54 +275,7 @@ def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
         tracebacks[0].getMessage()
 
 
-def test_download_worker_exception_cancels_the_job(tmp_path, monkeypatch):
-    """R24 for the download worker: the thread's own failure ends the job
-    with a report, and no partial file stays."""
-    results = []
-    dl = jobs_mod.Download("http://127.0.0.1:1/x.gcode", str(tmp_path),
-                           "x_polar-j1.gcode", 1 << 20, True,
-                           threading.Event(),
-                           lambda err, size: results.append((err, size)))
-    monkeypatch.setattr(dl, "_download", boom)
-    dl.start()
-    dl.join(10.)
-    assert results == [("download failed: RuntimeError", 0)]
-    assert list(tmp_path.iterdir()) == []
-
-
-# ------------------------------------------------------ floods and queues
-
-def test_flooded_inbox_keeps_job_events(tmp_path):
-    inbox = links.Inbox(limit=256)
-    inbox.put_network("print", {"jobId": "first"})
-    for i in range(1000):
-        inbox.put_network("temperature", {"bed": i})
-        if i == 500:
-            inbox.put_network("cancel", {})
-    inbox.put_network("print", {"jobId": "last"})
-    got = []
-    while True:
-        item = inbox.get(0.)
-        if item is None:
-            break
-        got.append(item[1:])
-    names = [n for n, _ in got]
-    assert len(got) == 256 and inbox.dropped == 1003 - 256
-    assert [d for n, d in got if n == "print"] == [{"jobId": "first"},
-                                                    {"jobId": "last"}]
-    assert names.count("cancel") == 1
-    # Order is kept, and the newest refreshable events won over the oldest
-    assert [d["bed"] for n, d in got if n == "temperature"] == list(
-        range(1000 - 253, 1000))
-
-
-def test_inbox_full_of_critical_events_drops_new_ones():
-    inbox = links.Inbox(limit=4)
-    for i in range(6):
-        inbox.put_network("print", {"jobId": str(i)})
-    assert inbox.dropped == 2
-    assert [inbox.get(0.)[2]["jobId"] for _ in range(4)] == list("0123")
-
+# ------------------------------------------------------------ slow link
 
 def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
     """R5: python-engineio's send queue is unbounded; the session is not."""
@@ -499,6 +294,13 @@ def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
 
 # ------------------------------------------------------------- log volume
 
+def cloud_hangs_up(s: S.CloudSession) -> None:
+    """The cloud closes the link: python-socketio says so in the inbox."""
+    s.link.sio.connected = False
+    s.inbox.put_link("disconnect")
+    s.step(0.)
+
+
 def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     """A 30-minute outage, in simulated time: a line per state change and
     reason, one summary line per 10 minutes, one line when it is over."""
@@ -512,18 +314,18 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
     s.backoff = Backoff(rand=random.Random(3).random)
     attempts = 0
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
-        s._fail("connection lost")
+        cloud_hangs_up(s)
         while clock[0] < 1000. + 1800.:
             clock[0] = s.retry_at
-            s._tick(clock[0])
+            s.step(0.)
             attempts += 1
         # The cloud is back
         s.client_factory = lambda inbox, verify, timeout: FakeSio()
         clock[0] = s.retry_at
-        s._tick(clock[0])
-        s.on_welcome({"challenge": "c"})
-        s._tick(clock[0] + 4.)
-        s.auth.on_hello_response({"status": "SUCCESS"})
+        s.step(0.)
+        deliver(s, "welcome", {"challenge": "c"})
+        clock[0] += 4.
+        deliver(s, "helloResponse", {"status": "SUCCESS"})
     lines = [r.getMessage() for r in caplog.records]
     assert attempts >= 15
     assert s.state == states.ONLINE and s.outage.since == 0.
@@ -554,85 +356,17 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
     s = make_session(tmp_path)
     s.client_factory = lambda inbox, verify, timeout: FakeSio(
         fail_connect=True)
-    s._fail("connection lost")
+    cloud_hangs_up(s)
     delays = []
     for _ in range(5):
         delays.append(s.retry_at - clock[0])
         clock[0] = s.retry_at
-        s._tick(clock[0])
+        s.step(0.)
         assert s.state == states.BACKOFF
         assert s.public["last_error"] == (
             "the system clock is not set (2001-01-01); waiting for NTP")
     assert delays == [2. * 2 ** i for i in range(5)]
     wall[0] = 1795000000.
     clock[0] = s.retry_at
-    s._tick(clock[0])
+    s.step(0.)
     assert s.public["last_error"].startswith("cannot connect to ")
-
-
-# ---------------------------------------------------------- fleet storm
-
-def fleet_reconnects(n: int, outage: float, make_delay) -> list[float]:
-    """Each client drops at t=0 and retries on its own schedule until the
-    first attempt at or after `outage` succeeds; return those times."""
-    times = []
-    for i in range(n):
-        next_delay = make_delay(i)
-        t = next_delay()
-        while t < outage:
-            t += next_delay()
-        times.append(t)
-    return times
-
-
-def max_per_second(times: list[float]) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - 1.:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
-def test_fleet_comes_back_without_a_stampede():
-    """R28: 1,000 printers lose the cloud at t=0, it returns at t=300 s."""
-    n, outage = 1000, 300.
-    times = fleet_reconnects(n, outage, lambda i: Backoff(
-        rand=random.Random(i).random).next_delay)
-    assert all(t >= outage for t in times)
-    assert max_per_second(times) <= 0.03 * n
-    # Spread over at least half of the jitter window at the cap (60-180 s)
-    assert max(times) - min(times) >= 0.5 * 120.
-    # For contrast: python-socketio's own reconnection (additive +/-0.5 s
-    # jitter, delay capped at 5 s) would bring them back in a spike
-    def socketio_default(i):
-        rng, attempt = random.Random(i), [0]
-
-        def delay():
-            d = min(1. * 2 ** attempt[0], 5.)
-            attempt[0] += 1
-            return d + 0.5 * (2 * rng.random() - 1)
-        return delay
-    spike = fleet_reconnects(n, outage, socketio_default)
-    assert max_per_second(spike) > 0.03 * n
-
-
-def test_rate_limited_log_keeps_a_bounded_table(caplog):
-    rlog = RateLimitedLog(period=600., max_keys=64)
-    with caplog.at_level(logging.INFO, logger="polar_cloud"):
-        for i in range(5000):
-            rlog("key%d" % (i,), "message %d", i)
-    assert len(rlog.last) <= 64
-    assert rlog("key4999", "again") is False
-
-
-def test_cloud_names_never_become_calls_or_link_news():
-    inbox = links.Inbox(limit=8)
-    calls = []
-    inbox.put_network("disconnect", None)
-    inbox.put_local(calls.append, "local")
-    inbox.put_link("disconnect")
-    kinds = [inbox.get(0.)[:2] for _ in range(3)]
-    assert kinds == [(links.CALL, calls.append), (links.CLOUD, "disconnect"),
-                     (links.LINK, "disconnect")]
