@@ -13,7 +13,7 @@ import pytest
 
 from tests.testbed.fixtures import make_klippy  # noqa: F401  (fixture)
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.klippy import Klippy, KlippyError, get_flavour, link_extra
+from tests.testbed.klippy import Klippy, KlippyError, link_extra
 
 EXTRA_SRC = Path(__file__).parents[1] / "testbed" / "extras" / "probe_extra"
 FLAVOURS = ["klipper", "kalico"]
@@ -26,8 +26,6 @@ E_STEPS_PER_MM = 200 * 4 / 33.5
 @pytest.fixture(scope="module", params=FLAVOURS)
 def klippy(request: pytest.FixtureRequest, make_klippy):  # noqa: F811
     flavour = request.param
-    if not get_flavour(flavour).python.exists():
-        pytest.skip("%s venv missing (run scripts/testenv.sh)" % (flavour,))
     k = make_klippy(flavour, extra_cfg="[probe_extra]\n",
                     extras={"probe_extra": EXTRA_SRC})
     yield k
@@ -189,8 +187,6 @@ def test_heater_fault_shuts_down(klippy: Klippy) -> None:
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_clock_wrap_lost_mcu_and_estop(make_klippy, flavour: str) -> None:  # noqa: F811
     """Print across the MCU's 32-bit clock wrap, lose the MCU, power-cycle it."""
-    if not get_flavour(flavour).python.exists():
-        pytest.skip("%s venv missing (run scripts/testenv.sh)" % (flavour,))
     # the 20 MHz clock wraps 2**32 / 20e6 = 214.7 s after it starts
     k = make_klippy(flavour, simmcu_args=["--clock-start", "209"])
     try:
