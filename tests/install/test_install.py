@@ -23,10 +23,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from tests.testbed.servers import HttpServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "https://example.invalid/someone/polar_cloud-fork.git"
@@ -249,47 +250,41 @@ def bare(tmp_path):
     return Layout(tmp_path / "home", None)
 
 
-class FakeMoonraker:
+class FakeMoonrakerHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        assert self.path.startswith("/printer/objects/query")
+        body = json.dumps(
+            {
+                "result": {
+                    "eventtime": 1.0,
+                    "status": {"print_stats": {"state": self.server.owner.state}},
+                }
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class FakeMoonraker(HttpServer):
     """Answers /printer/objects/query?print_stats with a settable state."""
 
-    def __init__(self):
-        self.state = "standby"
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                assert self.path.startswith("/printer/objects/query")
-                body = json.dumps(
-                    {
-                        "result": {
-                            "eventtime": 1.0,
-                            "status": {"print_stats": {"state": outer.state}},
-                        }
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    handler_class = FakeMoonrakerHandler
+    state = "standby"
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.stop()
 
 
 @pytest.fixture
 def moonraker():
-    server = FakeMoonraker()
-    yield server
-    server.close()
+    with FakeMoonraker() as server:
+        yield server
 
 
 # --- helpers -----------------------------------------------------------------
@@ -612,7 +607,7 @@ def add_instance(layout, name: str, port: int) -> Path:
 
 
 def test_all_instances(layout):
-    busy, idle = FakeMoonraker(), FakeMoonraker()
+    busy, idle = FakeMoonraker().start(), FakeMoonraker().start()
     try:
         busy.state = "printing"
         port = lambda m: int(m.url.rsplit(":", 1)[1])  # noqa: E731

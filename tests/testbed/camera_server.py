@@ -30,10 +30,10 @@ import socket
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.testbed.servers import BackgroundServer
+from tests.testbed.servers import HttpServer, QuietHTTPServer
 
 MODES = ("ok", "slow", "stall", "endless", "mjpeg", "truncated", "html", "reset")
 BOUNDARY = "polarcamframe"
@@ -120,14 +120,14 @@ def live_jpeg(size: tuple[int, int] = (1280, 720)) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: QuietHTTPServer
     protocol_version = "HTTP/1.0"
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802
-        cam = self.server.cam
+        cam = self.server.owner
         with cam.cond:
             cam.hits += 1
             cam.cond.notify_all()
@@ -199,18 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._head(500, "text/plain", 0)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    cam: CameraServer
+class CameraServer(HttpServer):
+    handler_class = _Handler
+    thread_name = "camera-server"
 
-    def handle_error(self, request, client_address) -> None:
-        pass  # clients that hang up on purpose are the point of most modes
-
-
-class CameraServer(BackgroundServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.mode = "ok"
         self.picture = quadrant_jpeg()
         self.live = False
@@ -218,30 +212,9 @@ class CameraServer(BackgroundServer):
         self.frame_interval = 0.5
         self.hits = 0
         self.cond = threading.Condition()
-        self.stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     def render(self) -> bytes:
         return live_jpeg() if self.live else self.picture
-
-    def start(self) -> CameraServer:
-        server = _Server((self.host, self.port), _Handler)
-        server.cam = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="camera-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def reset(self) -> None:
         self.mode = "ok"
@@ -250,10 +223,6 @@ class CameraServer(BackgroundServer):
         self.slow_pause = 0.02
         with self.cond:
             self.hits = 0
-
-    @property
-    def url(self) -> str:
-        return "http://%s:%d" % (self.host, self.port)
 
     @property
     def snapshot_url(self) -> str:

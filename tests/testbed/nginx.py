@@ -22,7 +22,12 @@ from pathlib import Path
 
 from tests.testbed.klippy import REPO
 from tests.testbed.procs import free_port, launch, stop_process
-from tests.testbed.servers import BackgroundServer, port_open, wait_ready
+from tests.testbed.servers import (
+    BackgroundServer,
+    port_open,
+    process_gone,
+    wait_ready,
+)
 
 MIME_TYPES = Path("/etc/nginx/mime.types")
 
@@ -153,15 +158,8 @@ class Nginx(BackgroundServer):
         with open(self.dir / "nginx.out", "ab") as out:
             self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=out)
-        proc = self._proc
-
-        def exited() -> str | None:
-            if proc.poll() is None:
-                return None
-            return "code %s:\n%s" % (proc.returncode,
-                                     self.error_log.read_text()[-2000:])
         wait_ready(lambda: port_open("127.0.0.1", self.port), timeout,
-                   "nginx", exited)
+                   "nginx", process_gone(self._proc, self.error_log))
         return self
 
     def stop(self) -> None:

@@ -1,15 +1,16 @@
 """What the test bed's servers share: starting and stopping, waiting until
 they are ready, the asyncio loop some of them run in a thread, and the
-accept loop of the threaded ones.
+threads of the threaded ones.
 
     class Thing(BackgroundServer):      # start() -> self, stop()
         ...
     with Thing(...) as thing:           # started, stopped however it ends
         ...
-    wait_ready(check, 20, "nginx", exited=lambda: proc.poll() ...)
+    wait_ready(check, 20, "nginx", process_gone(proc, log_path))
     wait_until(cond, check, 30, "an upload")    # on a Condition
     loop = LoopThread("polarsim"); loop.start(startup); loop.call(coro)
-    class Srv(TcpServer): def handle(self, conn): ...
+    class Cam(HttpServer): handler_class = ...  # http.server in a thread
+    class Srv(TcpServer): def handle(self, conn): ...   # a thread each
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Coroutine
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 POLL_INTERVAL = 0.05
@@ -60,6 +63,23 @@ def wait_ready(check: Callable[[], Any], timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise TimeoutError("%s not ready within %.0fs" % (what, timeout))
         time.sleep(POLL_INTERVAL)
+
+
+def process_gone(proc, log_path=None) -> Callable[[], Optional[str]]:
+    """For wait_ready's exited: why proc is gone (its exit code and the
+    end of its log), None while it runs."""
+    def gone() -> Optional[str]:
+        if proc is None or proc.poll() is None:
+            return None
+        text = ""
+        if log_path is not None:
+            try:
+                text = ":\n" + Path(log_path).read_text(
+                    errors="replace")[-2000:]
+            except OSError:
+                pass
+        return "code %s%s" % (proc.returncode, text)
+    return gone
 
 
 def port_open(host: str, port: int) -> bool:
@@ -181,6 +201,50 @@ class LoopThread:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: Any = None       # the HttpServer, for its handlers
+
+    def handle_error(self, request, client_address) -> None:
+        pass        # test clients hang up on purpose
+
+
+class HttpServer(BackgroundServer):
+    """An http.server on loopback in a daemon thread; the handler class
+    finds this object as self.server.owner.  stop() sets `stopping`, which
+    handlers may wait on."""
+
+    handler_class: type[BaseHTTPRequestHandler]
+    thread_name = "http-server"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.stopping = threading.Event()
+        self._httpd: Optional[QuietHTTPServer] = None
+
+    @property
+    def url(self) -> str:
+        return "http://%s:%d" % (self.host, self.port)
+
+    def start(self: _S) -> _S:
+        assert isinstance(self, HttpServer)
+        httpd = QuietHTTPServer((self.host, self.port), self.handler_class)
+        httpd.owner = self
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        threading.Thread(target=httpd.serve_forever, name=self.thread_name,
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
 
 
 class TcpServer(BackgroundServer):
