@@ -282,10 +282,12 @@ def provision(state_path: Path, sim, mac: Optional[str] = None) -> str:
 
 
 
-def polar_cfg(server_url: str, **options) -> str:
-    """A [polar_cloud] section (webcam off unless asked for)."""
+def polar_cfg(url: str, **options) -> str:
+    """A [polar_cloud] section for the cloud at url (a server_url option
+    given replaces it); the webcam off unless asked for."""
     options.setdefault("webcam_enabled", "False")
-    lines = ["[polar_cloud]", "server_url: %s" % (server_url,)]
+    lines = ["[polar_cloud]",
+             "server_url: %s" % (options.pop("server_url", url),)]
     lines += ["%s: %s" % (k, v) for k, v in options.items()]
     return "\n".join(lines) + "\n"
 
