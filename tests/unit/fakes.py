@@ -317,6 +317,19 @@ class FakePort:
         self.publishes += 1
 
 
+# What RemoteCommands is handed with a ready printer
+READY = {"klippy_state": "ready", "print_state": "standby"}
+MACROS = ("LOAD_FILAMENT",)
+
+
+def trusted_port(**options) -> FakePort:
+    """The session of a printer with allow_raw_gcode and allow_jog on and
+    LOAD_FILAMENT as its cloud macro."""
+    base = dict(allow_raw_gcode=True, allow_jog=True, cloud_macros=MACROS)
+    base.update(options)
+    return FakePort(**base)
+
+
 # ----------------------------------------------------------- klippy's world
 
 class FakeConfig:

@@ -8,21 +8,11 @@ import pytest
 
 from klippy_extras.polar_cloud import protocol
 from klippy_extras.polar_cloud.commands import RemoteCommands
-from tests.unit.fakes import SERIAL, FakePort, snapshot
-
-READY = {"klippy_state": "ready", "print_state": "standby"}
-MACROS = ("LOAD_FILAMENT",)
-
-
-def trusted(**options) -> FakePort:
-    """The session of a printer with allow_raw_gcode and allow_jog on."""
-    base = dict(allow_raw_gcode=True, allow_jog=True, cloud_macros=MACROS)
-    base.update(options)
-    return FakePort(**base)
+from tests.unit.fakes import MACROS, READY, SERIAL, FakePort, snapshot, trusted_port
 
 
 def send(script: str, **options) -> FakePort:
-    session = trusted(**options)
+    session = trusted_port(**options)
     RemoteCommands(session).raw_gcode({"command": script}, READY)
     return session
 
@@ -177,7 +167,7 @@ JOGS = [{"command": "home", "axes": ["x", "y"]},
 
 
 def jog(request: dict) -> FakePort:
-    session = trusted()
+    session = trusted_port()
     RemoteCommands(session).jog({"jogPrinter": request}, READY)
     return session
 
@@ -208,7 +198,7 @@ def test_a_jog_that_worked_restores_nothing_more():
 
 @pytest.mark.parametrize("request_", JOG_ERRORS)
 def test_a_nonsense_jog_is_a_protocol_error(request_):
-    session = trusted()
+    session = trusted_port()
     with pytest.raises(protocol.ProtocolError):
         RemoteCommands(session).jog({"jogPrinter": request_}, READY)
     assert session.bridge.scripts == []
@@ -224,7 +214,7 @@ def test_a_jog_is_clamped_to_a_sane_feed_rate():
 
 @pytest.mark.parametrize("print_state", ["printing", "paused"])
 def test_no_jog_during_a_print(print_state):
-    session = trusted()
+    session = trusted_port()
     RemoteCommands(session).jog({"jogPrinter": {"command": "home"}},
                                 dict(READY, print_state=print_state))
     assert session.bridge.scripts == []
@@ -233,7 +223,7 @@ def test_no_jog_during_a_print(print_state):
 
 
 def test_jogging_stays_off_unless_allowed():
-    session = trusted(allow_jog=False)
+    session = trusted_port(allow_jog=False)
     RemoteCommands(session).jog({"jogPrinter": {"command": "home"}}, READY)
     assert session.bridge.scripts == []
     assert session.audits == ["cloud jogPrinter: refused (allow_jog is off)"]

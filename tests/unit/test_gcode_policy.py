@@ -17,9 +17,7 @@ import pytest
 from klippy_extras.polar_cloud import gcode_policy
 from klippy_extras.polar_cloud.commands import RemoteCommands
 from tests.testbed.klippy import REPO, get_flavour
-from tests.unit.fakes import FakePort
-
-READY = {"klippy_state": "ready", "print_state": "standby"}
+from tests.unit.fakes import MACROS, READY, FakePort, trusted_port
 
 # Each of these reaches a command that must never run from the cloud, in at
 # least one klippy flavour (checked against klippy itself below)
@@ -53,18 +51,10 @@ ALLOWED = [
     "SET_PRESSURE_ADVANCE ADVANCE=0.05", "SET_GCODE_OFFSET Z=0.1",
     "G28 ; home first", "M140 S60 ;", "\tG28\t",
 ]
-MACROS = ("LOAD_FILAMENT",)
-
-
-def trusted(**options) -> FakePort:
-    """The session of a printer with allow_raw_gcode and allow_jog on."""
-    base = dict(allow_raw_gcode=True, allow_jog=True, cloud_macros=MACROS)
-    base.update(options)
-    return FakePort(**base)
 
 
 def send(script: str, **options) -> FakePort:
-    session = trusted(**options)
+    session = trusted_port(**options)
     RemoteCommands(session).raw_gcode({"command": script}, READY)
     return session
 

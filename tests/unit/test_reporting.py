@@ -28,6 +28,14 @@ def reporter(**snap) -> tuple[FakePort, FakeJobs, Reporter]:
     return port, jobs, Reporter(port, jobs)
 
 
+def started(**snap) -> tuple[FakePort, FakeJobs, Reporter]:
+    """A reporter whose session came online at t=1000 and worked once."""
+    port, jobs, r = reporter(**snap)
+    r.online(1000.)
+    r.work(1000.)
+    return port, jobs, r
+
+
 def statuses(port: FakePort) -> list[dict]:
     return [d for e, d in port.sent if e == "status"]
 
@@ -46,9 +54,8 @@ def test_a_new_session_sends_the_version_and_a_status():
 
 
 def test_an_unchanged_idle_status_goes_once_per_status_interval():
-    port, _, r = reporter()
-    r.online(1000.)
-    for t in range(1000, 1060, 5):
+    port, _, r = started()
+    for t in range(1005, 1060, 5):
         r.work(float(t))
     assert len(statuses(port)) == 1
     r.work(1060.)
@@ -56,18 +63,14 @@ def test_an_unchanged_idle_status_goes_once_per_status_interval():
 
 
 def test_a_change_the_cloud_shows_goes_at_once():
-    port, _, r = reporter()
-    r.online(1000.)
-    r.work(1000.)
+    port, _, r = started()
     port.sample = snapshot(heaters={"tool0": (20., 200.), "bed": (20., 0.)})
     r.work(1001.)
     assert [s["targetTool0"] for s in statuses(port)] == [0., 200.]
 
 
 def test_an_active_printer_reports_every_active_interval():
-    port, _, r = reporter(heaters={"tool0": (150., 200.), "bed": (20., 0.)})
-    r.online(1000.)
-    r.work(1000.)
+    port, _, r = started(heaters={"tool0": (150., 200.), "bed": (20., 0.)})
     r.work(1009.)
     assert len(statuses(port)) == 1
     r.work(1010.)
@@ -75,9 +78,7 @@ def test_an_active_printer_reports_every_active_interval():
 
 
 def test_status_now_sends_even_an_unchanged_status():
-    port, _, r = reporter()
-    r.online(1000.)
-    r.work(1000.)
+    port, _, r = started()
     r.status_now()
     r.work(1001.)
     r.work(1002.)
@@ -104,10 +105,8 @@ def test_no_sample_no_status():
 
 
 def test_shutdown_is_reported_with_klippys_words():
-    port, _, r = reporter(klippy_state="shutdown",
-                          state_message="Timer too close")
-    r.online(1000.)
-    r.work(1000.)
+    port, _, r = started(klippy_state="shutdown",
+                         state_message="Timer too close")
     [status] = statuses(port)
     assert status["status"] == protocol.ERROR
     assert "Timer too close" in status["progressDetail"]

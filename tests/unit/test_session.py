@@ -216,10 +216,8 @@ class ExplodingList(list):
 
 
 def run_supervisor(s: S.CloudSession) -> threading.Thread:
-    s.missing = []
-    t = threading.Thread(target=s._run, daemon=True)
-    t.start()
-    return t
+    s.start([])
+    return s.thread
 
 
 def wait(pred, timeout=10.):
