@@ -1,6 +1,6 @@
 #!/bin/bash
 # Create .venv-moonraker: a real Moonraker from PyPI for the integration
-# tests (tests/test_moonraker.py, tests/test_web.py), kept apart from the
+# tests (tests/klippy/test_moonraker.py, tests/klippy/test_web_page.py), kept apart from the
 # klippy venvs.  Idempotent: a venv whose stamp matches MOONRAKER_PKG and
 # the Python in use is left alone.  Tests call it; so can a developer.
 set -euo pipefail

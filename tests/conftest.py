@@ -1,35 +1,42 @@
-"""Shared fixtures: a local Polar Cloud and real klippy processes with the
-polar_cloud extra linked in."""
-from __future__ import annotations
+"""Fixtures shared by the test files, one of each.  Helpers (register,
+wait_polar, provision, EMAIL, PIN...) live in tests/testbed/helpers.py.
 
-import re
-from pathlib import Path
+    sim               a local Polar Cloud with one account (EMAIL, PIN);
+                      a test module may set SIM_OPTIONS (PolarSim keywords)
+    make_klippy       a real klippy of either flavour (testbed/fixtures.py)
+    polar_klippy      a started klippy with [polar_cloud] pointing at sim
+    registered_klippy the same, registered from its console, online
+    online_klippy     a klippy whose printer is provisioned and online,
+                      with k.hist (every printer.polar_cloud update)
+    proxy             the fault proxy between the printer and sim
+    camera_server     a loopback webcam
+"""
+from __future__ import annotations
 
 import pytest
 
+from tests.testbed.camera_server import CameraServer
+from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.fixtures import make_klippy  # noqa: F401
+from tests.testbed.helpers import (
+    EMAIL,
+    EXTRA,
+    PIN,
+    StateHistory,
+    polar_cfg,
+    register,
+    start_provisioned,
+)
 from tests.testbed.klippy import Klippy
 from tests.testbed.polarsim import PolarSim
 
-REPO = Path(__file__).resolve().parent.parent
-EXTRA = REPO / "klippy_extras" / "polar_cloud"
-EMAIL = "maker@school.example.org"
-PIN = "Zq7x91"          # distinctive, so a leak is findable by grep
-
 
 @pytest.fixture(scope="module")
-def sim():
-    s = PolarSim().start()
+def sim(request):
+    s = PolarSim(**getattr(request.module, "SIM_OPTIONS", {})).start()
     s.add_account(EMAIL, PIN)
     yield s
     s.stop()
-
-
-def polar_section(sim: PolarSim, **options) -> str:
-    options.setdefault("webcam_enabled", "False")
-    lines = ["[polar_cloud]", "server_url: %s" % (sim.url,)]
-    lines += ["%s: %s" % (k, v) for k, v in options.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def polar_klippy(make_klippy, sim):  # noqa: F811
     """Factory: a started klippy with [polar_cloud] pointing at the sim."""
     def factory(flavour: str = "klipper", extra_cfg: str = "", env=None,
                 workdir=None, **options) -> Klippy:
-        k = make_klippy(flavour, extra_cfg=polar_section(sim, **options)
+        k = make_klippy(flavour, extra_cfg=polar_cfg(sim.url, **options)
                         + extra_cfg, env=env, extras={"polar_cloud": EXTRA},
                         workdir=workdir)
         k.state_path = k.workdir / "polar_cloud"
@@ -45,41 +52,38 @@ def polar_klippy(make_klippy, sim):  # noqa: F811
     return factory
 
 
-def polar_status(k: Klippy) -> dict:
-    return k.query("polar_cloud")["polar_cloud"]
+@pytest.fixture(scope="module")
+def registered_klippy(polar_klippy, sim):
+    """Factory: polar_klippy(...), registered through POLAR_REGISTER;
+    k.serial set."""
+    def factory(flavour: str = "klipper", **kw) -> Klippy:
+        k = polar_klippy(flavour, **kw)
+        k.serial = register(k, sim)
+        return k
+    return factory
 
 
-def wait_polar(k: Klippy, predicate, timeout: float = 60.) -> dict:
-    sub = k.subscribe_objects({"polar_cloud": None})
-    try:
-        return sub.wait_for(lambda st: predicate(st.get("polar_cloud", {})),
-                            timeout=timeout)["polar_cloud"]
-    finally:
-        sub.close()
+@pytest.fixture(scope="module")
+def online_klippy(make_klippy, sim):  # noqa: F811
+    """Factory: start_provisioned(...) (server_url may point at a proxy),
+    online; k.serial, k.state_path and k.hist set."""
+    def factory(**kw) -> Klippy:
+        k = start_provisioned(make_klippy, sim, **kw)
+        k.hist = StateHistory.attach(k)
+        k.hist.wait_for(lambda st: st["state"] == "online", since=0)
+        return k
+    return factory
 
 
-def wait_objects(k: Klippy, objects: dict, predicate,
-                 timeout: float = 60.) -> dict:
-    """Wait until the subscribed printer objects satisfy predicate."""
-    sub = k.subscribe_objects(objects)
-    try:
-        return sub.wait_for(predicate, timeout=timeout)
-    finally:
-        sub.close()
+@pytest.fixture(scope="module")
+def proxy(sim):
+    p = FaultProxy(("127.0.0.1", sim.port)).start()
+    yield p
+    p.stop()
 
 
-def register(k: Klippy, sim: PolarSim, email: str = EMAIL,
-             pin: str = PIN) -> str:
-    """Register through the console; return the serial once online."""
-    out = k.subscribe_output()
-    try:
-        k.gcode("POLAR_REGISTER EMAIL=%s PIN=%s" % (email, pin))
-        line = out.wait_for(r"registered, serial number (\w+)|registration"
-                            r" failed", timeout=90)
-    finally:
-        out.close()
-    match = re.search(r"serial number (\w+)", line)
-    assert match, line
-    serial = match.group(1)
-    wait_polar(k, lambda st: st.get("state") == "online")
-    return serial
+@pytest.fixture(scope="module")
+def camera_server():
+    server = CameraServer().start()
+    yield server
+    server.stop()

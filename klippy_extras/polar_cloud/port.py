@@ -22,6 +22,8 @@ class CloudPort(Protocol):
     abandoned: bool                 # True: never write state files again
     rlog: RateLimitedLog
     gcode: GcodeQueue               # read-only: what is waiting for klippy
+    bridge: Any                     # extra.ReactorBridge; run_gcode_now()
+    #                                 only from a run_gcode reply
     def on(self, event: str, handler: Callable[[Any], None],
            online: bool = True) -> None:
         """Handle a cloud event (online: only once authenticated)."""
@@ -44,5 +46,7 @@ class CloudPort(Protocol):
                 log: bool = True) -> None: ...
     def status_now(self) -> None:
         """Send a status at the next chance."""
+    def publish(self) -> None:
+        """Refresh what get_status shows (after a status went out)."""
     def loopback_test_server(self) -> bool:
         """Plain-http loopback URLs are allowed (a local test cloud)."""

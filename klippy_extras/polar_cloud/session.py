@@ -228,12 +228,7 @@ class CloudSession:
             return
         while not self.stop_event.is_set():
             try:
-                item = self.inbox.get(self._wait_time())
-                if self.stop_event.is_set():
-                    break
-                if item is not None:
-                    self._handle(*item)
-                self._tick(time.monotonic())
+                self.step(self._wait_time())
             except Exception:
                 log.exception("polar_cloud: session error")
                 self.drop_connection("internal error")
@@ -247,6 +242,15 @@ class CloudSession:
             log.exception("polar_cloud: final job check failed")
         self.drop_connection("stopped")
         self.state = STOPPED
+    def step(self, timeout: float) -> None:
+        """One turn of the supervisor: the next inbox entry (waiting up to
+        timeout for one), then the periodic work."""
+        item = self.inbox.get(timeout)
+        if self.stop_event.is_set():
+            return
+        if item is not None:
+            self._handle(*item)
+        self._tick(time.monotonic())
     def _take_over(self) -> None:
         """Wait for the session this one replaces to write its last
         state; one still busy after that never writes again."""

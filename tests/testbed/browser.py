@@ -18,21 +18,17 @@ re-checks the condition on every DOM change), bounded by a timeout.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
-import queue
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import websocket
-
-from tests.testbed.klippy import POLL_INTERVAL
-from tests.testbed.procs import Service, launch, stop_process
+from tests.testbed.jsonsocket import JsonSocket
+from tests.testbed.procs import launch, stop_process
+from tests.testbed.servers import BackgroundServer, process_gone, wait_ready
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 FLAGS = [
@@ -57,49 +53,20 @@ class BrowserError(Exception):
     pass
 
 
-class Page:
+class Page(JsonSocket):
     """One tab, over its own DevTools websocket."""
 
     def __init__(self, ws_url: str) -> None:
-        self._ws = websocket.create_connection(ws_url, timeout=10,
-                                               suppress_origin=True)
-        self._ws.settimeout(None)
-        self._ids = itertools.count(1)
-        self._waiters: dict[int, queue.Queue] = {}
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__(ws_url, timeout=10, suppress_origin=True, name="cdp")
         self.events: list[dict] = []
         # Uncaught exceptions, console.error and CSP/network errors
         self.problems: list[str] = []
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                        name="cdp")
-        self._reader.start()
+        self.start_reading()
         self.send("Page.enable")
         self.send("Runtime.enable")
         self.send("Log.enable")
 
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                raw = self._ws.recv()
-                if not raw:
-                    break
-                msg = json.loads(raw)
-                if "id" in msg:
-                    with self._lock:
-                        q = self._waiters.pop(msg["id"], None)
-                    if q is not None:
-                        q.put(msg)
-                else:
-                    self._event(msg)
-        except (websocket.WebSocketException, OSError, ValueError):
-            pass
-        finally:
-            with self._lock:
-                for q in self._waiters.values():
-                    q.put(None)
-
-    def _event(self, msg: dict) -> None:
+    def on_message(self, msg: dict) -> None:
         method, params = msg.get("method", ""), msg.get("params", {})
         problem = None
         if method == "Runtime.exceptionThrown":
@@ -122,20 +89,11 @@ class Page:
             self._cond.notify_all()
 
     def send(self, method: str, timeout: float = 30, **params: Any) -> dict:
-        req_id = next(self._ids)
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            self._waiters[req_id] = q
-        self._ws.send(json.dumps({"id": req_id, "method": method,
-                                  "params": params}))
         try:
-            msg = q.get(timeout=timeout)
-        except queue.Empty:
+            msg = self.request({"method": method, "params": params}, timeout)
+        except TimeoutError:
             raise BrowserError("%s: no answer within %.0fs"
                                % (method, timeout)) from None
-        finally:
-            with self._lock:
-                self._waiters.pop(req_id, None)
         if msg is None:
             raise BrowserError("DevTools connection closed during %s" % (method,))
         if "error" in msg:
@@ -249,16 +207,9 @@ class Page:
         path.write_bytes(base64.b64decode(data))
         return path
 
-    def close(self) -> None:
-        try:
-            self._ws.abort()
-        except (websocket.WebSocketException, OSError):
-            pass
-        self._reader.join(5)
-        self._ws.shutdown()
 
 
-class Chromium(Service):
+class Chromium(BackgroundServer):
     """A headless chromium process with a fresh profile in workdir."""
 
     def __init__(self, workdir: Path, binary: str | None = None) -> None:
@@ -281,15 +232,10 @@ class Chromium(Service):
             self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log)
         active = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not (active.exists() and active.read_text().count("\n") >= 1):
-            if self._proc.poll() is not None:
-                raise BrowserError("chromium exited (%s): %s" % (
-                    self._proc.returncode, self.log_path.read_text()[-2000:]))
-            if time.monotonic() > deadline:
-                raise BrowserError("chromium did not open DevTools within %.0fs"
-                                   % (timeout,))
-            time.sleep(POLL_INTERVAL)
+        wait_ready(lambda: active.exists()
+                   and active.read_text().count("\n") >= 1, timeout,
+                   "chromium (DevTools)", process_gone(self._proc,
+                                                       self.log_path))
         self.port = int(active.read_text().splitlines()[0])
         return self
 

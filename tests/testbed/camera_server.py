@@ -30,7 +30,10 @@ import socket
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+from tests.testbed.servers import HttpServer, QuietHTTPServer
 
 MODES = ("ok", "slow", "stall", "endless", "mjpeg", "truncated", "html", "reset")
 BOUNDARY = "polarcamframe"
@@ -68,6 +71,45 @@ def noisy_jpeg(
     return to_jpeg(Image.frombytes("RGB", size, noise), quality)
 
 
+# Reading pictures back: the quadrant picture's colours survive JPEG, so a
+# flip or a rotation shows in which quadrant has which colour
+
+def decode(data: bytes):
+    """A JPEG as a Pillow image, loaded completely."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()          # raises on a truncated file
+    return img
+
+
+def color_at(img, fx, fy):
+    return img.convert("RGB").getpixel((int(img.width * fx), int(img.height * fy)))
+
+
+def near(rgb, want, tol=60):
+    return all(abs(a - b) <= tol for a, b in zip(rgb, want))
+
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def quadrants(img):
+    """Colours at the centres of the top-left, top-right, bottom-left and
+    bottom-right quadrants, snapped to the test colours."""
+    out = []
+    for fx, fy in ((.25, .25), (.75, .25), (.25, .75), (.75, .75)):
+        rgb = color_at(img, fx, fy)
+        match = [c for c in (RED, GREEN, BLUE, WHITE) if near(rgb, c)]
+        assert len(match) == 1, rgb
+        out.append(match[0])
+    return tuple(out)
+
+
+# A Python without Pillow (PYTHONPATH), for the camera's imaging child
+NO_PILLOW = str(Path(__file__).parent / "no_pillow")
+
+
 def live_jpeg(size: tuple[int, int] = (1280, 720)) -> bytes:
     """The quadrant picture with the time on it, for the demo."""
     from PIL import ImageDraw
@@ -78,14 +120,14 @@ def live_jpeg(size: tuple[int, int] = (1280, 720)) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: QuietHTTPServer
     protocol_version = "HTTP/1.0"
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802
-        cam = self.server.cam
+        cam = self.server.owner
         with cam.cond:
             cam.hits += 1
             cam.cond.notify_all()
@@ -157,18 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._head(500, "text/plain", 0)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    cam: CameraServer
+class CameraServer(HttpServer):
+    handler_class = _Handler
+    thread_name = "camera-server"
 
-    def handle_error(self, request, client_address) -> None:
-        pass  # clients that hang up on purpose are the point of most modes
-
-
-class CameraServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.mode = "ok"
         self.picture = quadrant_jpeg()
         self.live = False
@@ -176,30 +212,9 @@ class CameraServer:
         self.frame_interval = 0.5
         self.hits = 0
         self.cond = threading.Condition()
-        self.stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     def render(self) -> bytes:
         return live_jpeg() if self.live else self.picture
-
-    def start(self) -> CameraServer:
-        server = _Server((self.host, self.port), _Handler)
-        server.cam = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="camera-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def reset(self) -> None:
         self.mode = "ok"
@@ -210,22 +225,12 @@ class CameraServer:
             self.hits = 0
 
     @property
-    def url(self) -> str:
-        return "http://%s:%d" % (self.host, self.port)
-
-    @property
     def snapshot_url(self) -> str:
         return self.url + "/?action=snapshot"
 
     @property
     def stream_url(self) -> str:
         return self.url + "/?action=stream"
-
-    def __enter__(self) -> CameraServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

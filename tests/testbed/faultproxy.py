@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tests.testbed.servers import BackgroundServer, LoopThread, wait_until
+
 CHUNK = 16 * 1024
 
 
@@ -61,7 +63,7 @@ def _rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(BackgroundServer):
     def __init__(self, target: tuple[str, int], host: str = "127.0.0.1",
                  port: int = 0) -> None:
         self.target = target
@@ -74,8 +76,7 @@ class FaultProxy:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._changed: Optional[asyncio.Event] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop_thread = LoopThread("faultproxy")
         self._server: Optional[asyncio.AbstractServer] = None
 
     # -- life cycle
@@ -84,47 +85,17 @@ class FaultProxy:
         return "http://%s:%d" % (self.host, self.port)
 
     def start(self) -> FaultProxy:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,),
-                                        name="faultproxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or self.port is None:
-            raise RuntimeError("faultproxy did not start")
+        self._loop_thread.start(self._startup, timeout=10)
         return self
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._loop_thread.stop(self._shutdown)
 
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-
-        async def startup() -> None:
-            self._changed = asyncio.Event()
-            self._server = await asyncio.start_server(
-                self._accept, self.host, self._want_port)
-            self.port = self._server.sockets[0].getsockname()[1]
-        try:
-            loop.run_until_complete(startup())
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+    async def _startup(self) -> None:
+        self._changed = asyncio.Event()
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self._want_port)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -165,16 +136,7 @@ class FaultProxy:
     def wait_until(self, check, timeout: float = 30.) -> Any:
         """Block until check() (run under the proxy's lock on every change)
         is truthy; return it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                result = check()
-                if result:
-                    return result
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("faultproxy: condition not met")
-                self._cond.wait(left)
+        return wait_until(self._cond, check, timeout, "faultproxy: condition")
 
     def connections(self, since: Optional[float] = None) -> list[float]:
         with self._lock:
@@ -182,13 +144,9 @@ class FaultProxy:
                     if since is None or link.t >= since]
 
     def _call(self, fn: Any) -> Any:
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("faultproxy is not running")
-
         async def run() -> Any:
             return fn()
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+        return self._loop_thread.call(run())
 
     def _wake(self) -> None:
         assert self._changed is not None

@@ -23,21 +23,23 @@ import ssl
 import threading
 from typing import Optional
 
+from tests.testbed.servers import TcpServer
 
-class FileServer:
+
+class FileServer(TcpServer):
+    thread_name = "fileserver"
+
     def __init__(self, body: bytes = b"G28\n", behaviour: str = "ok",
                  interval: float = 0.2, host: str = "127.0.0.1",
                  port: int = 0, cert: Optional[dict] = None) -> None:
+        super().__init__(host, port)
         self.body = body
         self.behaviour = behaviour
         self.interval = interval
-        self.host = host
-        self.port = port
         self.requests: list[dict] = []
         self.connections = 0
         self.dripping = threading.Event()
         self.client_gone = threading.Event()
-        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ctx = None
         if cert is not None:
@@ -46,53 +48,19 @@ class FileServer:
             self._ctx.sni_callback = self._note_sni
         self._sni = threading.local()    # the handshake runs on the
         #                                  connection's own thread
-        self._listener: Optional[socket.socket] = None
 
     def url(self, path: str = "/x.gcode", host: Optional[str] = None) -> str:
         scheme = "https" if self._ctx is not None else "http"
         return "%s://%s:%d%s" % (scheme, host or self.host, self.port, path)
 
-    def start(self) -> FileServer:
-        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((self.host, self.port))
-        lsock.listen(16)
-        lsock.settimeout(0.2)
-        self._listener = lsock
-        self.port = lsock.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="fileserver",
-                         daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._listener is not None:
-            self._listener.close()
-
-    def __enter__(self) -> FileServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def _note_sni(self, _sslobj, name, _ctx) -> None:
         self._sni.name = name
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, _addr = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,),
-                             name="fileserver-conn", daemon=True).start()
+    def accepted(self) -> None:
+        with self._lock:
+            self.connections += 1
 
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         sni = None
         try:
             conn.settimeout(10)
@@ -138,7 +106,7 @@ class FileServer:
             drip = b"X-Drip: " + b"a" * (1 << 20)
         for i in range(len(drip)):
             # The pace of a hostile server, not a synchronisation
-            if self._stop.wait(self.interval if i else 0):
+            if self.stopping.wait(self.interval if i else 0):
                 return
             conn.sendall(drip[i:i + 1])
             self.dripping.set()

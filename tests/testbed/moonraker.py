@@ -18,9 +18,7 @@ off and an empty misc/usb.ids keeps Moonraker from fetching one.
 
 from __future__ import annotations
 
-import itertools
 import json
-import queue
 import subprocess
 import threading
 import time
@@ -29,17 +27,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-import websocket
-
-from tests.testbed.klippy import POLL_INTERVAL, REPO, Klippy
-from tests.testbed.procs import (
-    Service,
-    free_port,
-    launch,
-    log_tail,
-    read_log,
-    stop_process,
-)
+from tests.testbed.jsonsocket import JsonSocket
+from tests.testbed.klippy import REPO, Klippy
+from tests.testbed.procs import free_port, launch, log_tail, read_log, stop_process
+from tests.testbed.servers import BackgroundServer, process_gone, wait_ready
 
 VENV = REPO / ".venv-moonraker"
 ENV_SCRIPT = REPO / "scripts" / "moonraker_env.sh"
@@ -93,7 +84,7 @@ def _no_proxy_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class Moonraker(Service):
+class Moonraker(BackgroundServer):
     """One Moonraker process serving the data directory of klippy `k`."""
 
     def __init__(self, k: Klippy, extra_conf: str = "") -> None:
@@ -132,23 +123,22 @@ class Moonraker(Service):
 
     def wait_klippy_ready(self, timeout: float = 60) -> dict:
         """Poll /server/info until Moonraker is connected to a ready klippy."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError("moonraker exited (code %s)\n%s"
-                                   % (self._proc.returncode, self.log_tail()))
+        last: list[Any] = [None]
+
+        def ready() -> dict | None:
             try:
-                last = self.get("/server/info")
+                last[0] = self.get("/server/info")
             except (OSError, MoonrakerError) as e:
-                last = e
-            else:
-                if last.get("klippy_state") == "ready":
-                    return last
-            if time.monotonic() >= deadline:
-                raise TimeoutError("moonraker not ready within %.0fs (last: %r)\n%s"
-                                   % (timeout, last, self.log_tail()))
-            time.sleep(POLL_INTERVAL)
+                last[0] = e
+                return None
+            return last[0] if last[0].get("klippy_state") == "ready" else None
+
+        try:
+            return wait_ready(ready, timeout, "moonraker",
+                              process_gone(self._proc))
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)("%s (last: %r)\n%s" % (e, last[0], self.log_tail())) \
+                from None
 
     def stop(self) -> None:
         for ws in self._sockets:
@@ -202,51 +192,21 @@ class Moonraker(Service):
         return ws
 
 
-class MoonrakerSocket:
+class MoonrakerSocket(JsonSocket):
     """A JSON-RPC 2.0 client on Moonraker's /websocket, as a UI uses it.
 
     Notifications are recorded in order; `notify_status_update` diffs are
     merged into `status` (and each merged state kept in `history`)."""
 
     def __init__(self, url: str, timeout: float = 10) -> None:
-        self._ws = websocket.create_connection(url, timeout=timeout,
-                                               suppress_origin=False)
-        self._ws.settimeout(None)
-        self._ids = itertools.count(1)
-        self._waiters: dict[int, queue.Queue] = {}
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__(url, timeout=timeout, suppress_origin=False,
+                         name="moonraker-ws")
         self.notifications: list[dict] = []
         self.status: dict[str, dict] = {}
         self.history: list[dict[str, dict]] = []
-        self.closed = False
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                        name="moonraker-ws")
-        self._reader.start()
+        self.start_reading()
 
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                raw = self._ws.recv()
-                if not raw:
-                    break
-                self._dispatch(json.loads(raw))
-        except (websocket.WebSocketException, OSError, ValueError):
-            pass
-        finally:
-            with self._cond:
-                self.closed = True
-                self._cond.notify_all()
-                for q in self._waiters.values():
-                    q.put(None)
-
-    def _dispatch(self, msg: dict) -> None:
-        if "id" in msg:
-            with self._lock:
-                q = self._waiters.pop(msg["id"], None)
-            if q is not None:
-                q.put(msg)
-            return
+    def on_message(self, msg: dict) -> None:
         with self._cond:
             self.notifications.append(msg)
             if msg.get("method") == "notify_status_update":
@@ -260,22 +220,14 @@ class MoonrakerSocket:
 
     def call(self, method: str, params: dict | None = None,
              timeout: float = 30) -> Any:
-        req_id = next(self._ids)
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            self._waiters[req_id] = q
-        req = {"jsonrpc": "2.0", "method": method, "id": req_id}
+        req: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             req["params"] = params
-        self._ws.send(json.dumps(req))
         try:
-            msg = q.get(timeout=timeout)
-        except queue.Empty:
+            msg = self.request(req, timeout)
+        except TimeoutError:
             raise TimeoutError("no reply to %s within %.0fs"
                                % (method, timeout)) from None
-        finally:
-            with self._lock:
-                self._waiters.pop(req_id, None)
         if msg is None:
             raise ConnectionError("websocket closed waiting for %s" % (method,))
         if "error" in msg:
@@ -304,12 +256,3 @@ class MoonrakerSocket:
                                        " (closed=%s); last status: %r"
                                        % (timeout, self.closed, self.status))
                 self._cond.wait(left)
-
-    def close(self) -> None:
-        try:
-            self._ws.send_close()
-        except (websocket.WebSocketException, OSError):
-            pass
-        self._ws.abort()        # wakes the reader blocked in recv()
-        self._reader.join(5)
-        self._ws.shutdown()

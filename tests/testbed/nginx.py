@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.testbed.klippy import POLL_INTERVAL, REPO
-from tests.testbed.procs import Service, free_port, launch, stop_process
+from tests.testbed.klippy import REPO
+from tests.testbed.procs import free_port, launch, stop_process
+from tests.testbed.servers import (
+    BackgroundServer,
+    port_open,
+    process_gone,
+    wait_ready,
+)
 
 MIME_TYPES = Path("/etc/nginx/mime.types")
 
@@ -112,7 +116,7 @@ def install_sh_snippet(repo: Path = REPO) -> str:
     return proc.stdout
 
 
-class Nginx(Service):
+class Nginx(BackgroundServer):
     def __init__(self, workdir: Path, moonraker_port: int,
                  repo: Path = REPO, binary: str | None = None) -> None:
         self.binary = binary or find_nginx()
@@ -148,19 +152,9 @@ class Nginx(Service):
         with open(self.dir / "nginx.out", "ab") as out:
             self._proc = launch(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=out)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError("nginx exited (%s):\n%s" % (
-                    self._proc.returncode, self.error_log.read_text()[-2000:]))
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 1):
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("nginx not listening within %.0fs" % (timeout,))
-            time.sleep(POLL_INTERVAL)
+        wait_ready(lambda: port_open("127.0.0.1", self.port), timeout,
+                   "nginx", process_gone(self._proc, self.error_log))
+        return self
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 # Started in front of every test bed process: asks Linux to SIGTERM the
 # process when the test process goes away (PR_SET_PDEATHSIG survives exec),
@@ -60,28 +60,6 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
         proc.kill()
         proc.wait(5)
     return True
-
-
-_S = TypeVar("_S", bound="Service")
-
-
-class Service:
-    """A test bed server usable as `with Server(...) as s:`.
-
-    start() on entry and stop() on exit, so the process goes away however
-    the test ends."""
-
-    def start(self: _S) -> _S:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self: _S) -> _S:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def free_port() -> int:

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from tests.testbed.klippy import POLL_INTERVAL
-from tests.testbed.procs import Service, free_port, launch, log_tail, stop_process
+from tests.testbed.procs import free_port, launch, log_tail, stop_process
+from tests.testbed.servers import BackgroundServer
 
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 
@@ -84,7 +85,7 @@ def _password_hash(password: str) -> str:
                           check=True).stdout.strip()
 
 
-class ProxyServer(Service):
+class ProxyServer(BackgroundServer):
     def __init__(self, hosts: list[str], allow: dict[str, list[int]],
                  users: dict[str, str] | None = None) -> None:
         self.binary = find_squid()

@@ -34,9 +34,7 @@ from pathlib import Path
 
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.klippy import Klippy, link_extra
-from tests.testbed.polarsim import PolarSim
-from tests.testbed.probes import (
+from tests.testbed.helpers import (
     EXTRA,
     StateHistory,
     fd_kinds,
@@ -47,6 +45,8 @@ from tests.testbed.probes import (
     provision,
     settle,
 )
+from tests.testbed.klippy import Klippy, link_extra
+from tests.testbed.polarsim import PolarSim
 
 FAULTS = ("reset", "stall", "latency", "bandwidth", "refuse", "freeze",
           "disconnect", "restart", "firmware_restart")

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.testbed.servers import TcpServer
+
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -116,25 +118,25 @@ def make_certs(dirname: Path,
     return out
 
 
-class TlsProxy:
+class TlsProxy(TcpServer):
     """Terminates TLS with a chosen certificate and forwards plain TCP.
 
     Threaded and blocking on purpose: the handshake runs on the accepted
     socket before anything is read, so no byte of a ClientHello can be
     lost, and every attempt (failed handshakes too) is counted."""
 
+    backlog = 64
+    thread_name = "tlsproxy"
+
     def __init__(self, target: tuple[str, int], cert: dict[str, str],
                  host: str = "127.0.0.1") -> None:
+        super().__init__(host)
         self.target = target
-        self.host = host
-        self.port: Optional[int] = None
         self.handshakes = 0          # TCP connections that started TLS
         self.failures = 0            # ... whose handshake failed
         self.established = 0
         self._ctx = self._context(cert)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._listener: Optional[socket.socket] = None
         self._socks: set = set()
 
     @staticmethod
@@ -157,20 +159,8 @@ class TlsProxy:
         with self._lock:
             return self.handshakes, self.failures, self.established
 
-    def start(self) -> TlsProxy:
-        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((self.host, 0))
-        lsock.listen(64)
-        lsock.settimeout(0.5)
-        self._listener = lsock
-        self.port = lsock.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="tlsproxy",
-                         daemon=True).start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
+        super().stop()
         with self._lock:
             socks = list(self._socks)
         for s in socks:
@@ -178,28 +168,8 @@ class TlsProxy:
                 s.close()
             except OSError:
                 pass
-        if self._listener is not None:
-            self._listener.close()
 
-    def __enter__(self) -> TlsProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, _addr = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,),
-                             name="tlsproxy-conn", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with self._lock:
             self.handshakes += 1
             ctx = self._ctx

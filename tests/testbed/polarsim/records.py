@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..servers import wait_until
+
 IN, OUT, CONN = "in", "out", "conn"
 
 
@@ -142,15 +144,4 @@ class Recorder:
         ``check`` runs under the lock each time anything is recorded or any
         session changes.  Raises TimeoutError with ``what`` on timeout.
         """
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                result = check()
-                if result:
-                    return result
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"polarsim: timed out after {timeout:g}s waiting for {what}"
-                    )
-                self.cond.wait(left)
+        return wait_until(self.cond, check, timeout, what)

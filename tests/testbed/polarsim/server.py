@@ -30,7 +30,6 @@ import re
 import secrets
 import socket
 import struct
-import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from engineio import packet as eio_packet
 
+from ..servers import BackgroundServer, LoopThread
 from . import checks
 from .httpside import HttpSide, UploadForm, reset_transport
 from .records import CONN, IN, OUT, Recorder, SimEvent
@@ -171,7 +171,7 @@ def describe(ev: SimEvent) -> str:
     return f"{arrow} {ev.name} {who} {text}{flag}"
 
 
-class PolarSim:
+class PolarSim(BackgroundServer):
     """The simulator.  ``sim = PolarSim(); sim.start(); ...; sim.stop()``."""
 
     def __init__(
@@ -234,9 +234,7 @@ class PolarSim:
         self.geturl_replies: collections.deque[Any] = collections.deque()
 
         # loop-thread state
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._start_error: BaseException | None = None
+        self._loop_thread = LoopThread("polarsim")
         self._stopping: asyncio.Event = None  # type: ignore[assignment]
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
@@ -253,63 +251,11 @@ class PolarSim:
     # ======================================================================
 
     def start(self) -> PolarSim:
-        if self._thread is not None:
-            raise RuntimeError("PolarSim already started")
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="polarsim", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("PolarSim did not start within 30 s")
-        if self._start_error is not None:
-            self._thread.join(5)
-            self._thread = None
-            raise RuntimeError("PolarSim failed to start") from self._start_error
+        self._loop_thread.start(self._startup)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        if loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-            try:
-                fut.result(timeout)
-            except Exception:
-                pass
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-        self._thread = None
-
-    def __enter__(self) -> PolarSim:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as e:  # reported by start()
-            self._start_error = e
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
+        self._loop_thread.stop(self._shutdown, timeout)
 
     async def _startup(self) -> None:
         self._stopping = asyncio.Event()
@@ -391,17 +337,11 @@ class PolarSim:
         return task
 
     def _in_loop(self) -> bool:
-        return threading.current_thread() is self._thread
+        return self._loop_thread.in_loop()
 
     def _call(self, coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
         """Run a coroutine on the simulator loop from another thread."""
-        if self._loop is None or not self._loop.is_running():
-            coro.close()
-            raise RuntimeError("PolarSim is not running")
-        if self._in_loop():
-            coro.close()
-            raise RuntimeError("sync PolarSim API called from the simulator loop")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._loop_thread.call(coro, timeout)
 
     # ======================================================================
     # engine.io level: connection attempts, refusal, freezing
@@ -1003,7 +943,8 @@ class PolarSim:
         if value not in REFUSE_MODES:
             raise ValueError(f"refuse_connections must be one of {REFUSE_MODES}")
         old, self._refuse = self._refuse, value
-        if (old == "closed") != (value == "closed") and self._loop is not None:
+        started = self._loop_thread.loop is not None
+        if (old == "closed") != (value == "closed") and started:
             coro = self._set_listening(value != "closed")
             if self._in_loop():
                 self._spawn(coro)

@@ -1,0 +1,54 @@
+"""The same extra, unchanged, on Kalico (the second klippy flavour):
+register, status through a local print, a cloud job, RESTART."""
+from __future__ import annotations
+
+import pytest
+
+from tests.testbed.gcode_files import demo_print
+from tests.testbed.helpers import wait_polar, wait_status
+
+pytestmark = pytest.mark.kalico
+
+
+@pytest.fixture(scope="module")
+def k(registered_klippy):
+    return registered_klippy("kalico")
+
+
+def test_local_print_status_on_kalico(k, sim):
+    k.write_gcode("local.gcode", demo_print(moves=300, hotend=0, bed=0,
+                                            feedrate=3000))
+    since = sim.now()
+    k.gcode("SDCARD_PRINT_FILE FILENAME=local.gcode")
+    assert wait_status(sim, k, since, lambda d: d["status"] == 1)["jobId"] == "123"
+    t = sim.now()
+    k.gcode("PAUSE")
+    wait_status(sim, k, t, lambda d: d["status"] == 4)
+    t = sim.now()
+    k.gcode("RESUME")
+    wait_status(sim, k, t, lambda d: d["status"] == 1)
+    wait_status(sim, k, t, lambda d: d["status"] == 0, timeout=120)
+    assert sim.violations == []
+
+
+def test_cloud_job_on_kalico(k, sim):
+    url = sim.add_file("kal.gcode", demo_print(
+        moves=100, hotend=0, bed=0, feedrate=3000).encode())
+    since = sim.now()
+    sim.push_print(k.serial, "kal-1", job_name="Kalico part", gcode_url=url)
+    wait_status(sim, k, since, lambda d: d["status"] == 3)
+    final = sim.wait_for("job", lambda d: d["jobId"] == "kal-1", since=since,
+                         serial=k.serial, timeout=120)
+    assert final["state"] == "completed"
+    assert (k.gcodes_dir / "Kalico_part_polar-kal-1.gcode").exists()
+
+
+def test_restart_on_kalico_keeps_one_session(k, sim):
+    for _ in range(3):
+        hellos = sim.connects(k.serial)
+        k.restart()
+        sim.wait_until(lambda h=hellos: sim.connects(k.serial) > h,
+                       timeout=60)
+        sim.wait_until(lambda: sim.live_sessions(k.serial) == 1, timeout=30)
+    wait_polar(k, lambda s: s["state"] == "online")
+    assert sim.violations == []

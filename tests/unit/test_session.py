@@ -1,0 +1,370 @@
+"""CloudSession (session.py) without klippy: a fake bridge and a fake
+Socket.IO client (tests/unit/fakes.py), events put in its inbox and one
+supervisor step at a time.  R-numbers refer to the acceptance list in
+docs/testing.md.
+
+- Every inbound handler is fuzzed with hypothesis (R6): nothing escapes,
+  nothing but ProtocolErrors, and only allow-listed G-code comes out.
+- Exceptions injected into each handler and into the supervisor's work
+  (R24): the message is dropped, logged once with a traceback, and the
+  session carries on (or reconnects, for a supervisor failure).
+- A slow link fills the outbound queue: status waits, job reports go (R5).
+- Logs stay quiet through a long outage, with one summary per period (R2).
+- An unset clock is named, and retries keep their schedule (R18).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+import tempfile
+import threading
+import time
+import types
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from klippy_extras.polar_cloud import auth as auth_mod
+from klippy_extras.polar_cloud import dispatch, outage, ratelog, states
+from klippy_extras.polar_cloud import jobs as jobs_mod
+from klippy_extras.polar_cloud import link as links
+from klippy_extras.polar_cloud import session as S
+from klippy_extras.polar_cloud.backoff import Backoff
+from tests.unit.fakes import (
+    SERIAL,
+    FakeDownload,
+    FakeSio,
+    deliver,
+    identity,
+    make_session,
+    snapshot,
+)
+
+# Every event the cloud may send (docs/protocol.md)
+CLOUD_EVENTS = frozenset({
+    "welcome", "registerResponse", "helloResponse", "unregisterResponse",
+    "getUrlResponse", "capabilitiesResponse", "print", "pause", "resume",
+    "cancel", "delete", "temperature", "command", "customCommand",
+    "jogPrinter", "connectPrinter", "update", "sendNextPrintResponse",
+    "getQueueResponse", "keyPair"})
+# Every G-code the session may ever ask klippy to run, with these options
+ALLOWED_GCODE = re.compile(
+    r"^(SET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed) TARGET=-?\d+\.\d"
+    r"(\nSET_HEATER_TEMPERATURE HEATER=(extruder|heater_bed)"
+    r" TARGET=-?\d+\.\d)?"
+    r"|PAUSE|RESUME|CANCEL_PRINT|LOAD_FILAMENT"
+    r'|SDCARD_PRINT_FILE FILENAME="[A-Za-z0-9_.-]+_polar'
+    r'(-[A-Za-z0-9_-]+|\.[0-9a-f]{16})\.gcode")$')
+
+
+# --------------------------------------------------------------- fuzzing
+
+def json_values(leaf=None):
+    scalars = (st.none() | st.booleans()
+               | st.integers(min_value=-(10 ** 400), max_value=10 ** 400)
+               | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=40))
+    if leaf is not None:
+        scalars = scalars | leaf
+    return st.recursive(scalars, lambda children: st.lists(
+        children, max_size=4) | st.dictionaries(st.text(max_size=12),
+                                                children, max_size=4),
+        max_leaves=12)
+
+
+KEYS = ["serialNumber", "jobId", "jobName", "gcodeFile", "stlFile",
+        "threemfFile", "configFile", "fileToPrint", "tool0", "tool1", "bed",
+        "chamber", "command", "jogPrinter", "status", "message", "reason",
+        "url", "fields", "expires", "maxSize", "contentType", "type",
+        "method", "capabilities", "challenge", "axes", "amount", "x",
+        "speed", "absolute"]
+INTERESTING = st.sampled_from([
+    SERIAL, "KL999999", "job-1", "../../etc/passwd", "SUCCESS", "FAILED",
+    "DELETED", "idle", "printing", "post", "image/jpeg", "gcodeFile",
+    "http://127.0.0.1:1/x.gcode", "https://169.254.169.254/x",
+    "file:///etc/passwd", "200\nM112", "macro/LOAD_FILAMENT",
+    "macro/SAVE_CONFIG", "SAVE_CONFIG", "{% raw %}", "home", "jog",
+    "extrude", "x" * 5000, 250, -5, 1e308, 10 ** 30])
+
+
+def payloads():
+    value = json_values(INTERESTING)
+    objects = st.dictionaries(st.sampled_from(KEYS), value, max_size=8)
+    return objects | value
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir():
+    with tempfile.TemporaryDirectory() as d:
+        yield d
+
+
+@pytest.mark.parametrize("event", sorted(CLOUD_EVENTS | {"bogus", ""}))
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(data=payloads(), state=st.sampled_from(
+    [states.ONLINE, states.CONNECTING, states.AUTHENTICATING, states.REGISTERING]),
+    printing=st.booleans())
+def test_every_inbound_handler_survives_any_payload(
+        fuzz_dir, monkeypatch, caplog, event, data, state, printing):
+    monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
+    s = make_session(fuzz_dir)
+    s.state = state
+    s.deadline = time.monotonic() + 60.     # the reply is not late yet
+    if state == states.REGISTERING:
+        s.auth.pending_register = ("", "")
+    if printing:
+        s.post_snapshot(snapshot(print_state="printing",
+                                 filename="x.gcode", is_active=True), True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        deliver(s, event, data)
+    # Hostile input is a ProtocolError or a refusal, never a crash
+    crashes = [r for r in caplog.records if r.exc_info
+               or r.levelno >= logging.ERROR]
+    assert crashes == [], [r.getMessage() for r in crashes]
+    for script in s.bridge.scripts:
+        assert ALLOWED_GCODE.match(script), script
+    for line in s.bridge.console_lines:
+        assert len(line) < 600
+
+
+def test_every_cloud_event_has_a_handler_or_is_named_unsupported(tmp_path):
+    s = make_session(tmp_path)
+    handled = set(s.dispatcher.handlers)
+    assert handled | dispatch.UNSUPPORTED_EVENTS == CLOUD_EVENTS
+    assert not handled & dispatch.UNSUPPORTED_EVENTS
+
+
+def test_flood_of_events_is_one_line_per_kind(tmp_path, caplog):
+    s = make_session(tmp_path)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for i in range(1000):
+            deliver(s, "temperature", {"bed": "abc"})
+            deliver(s, "bogus%d" % (i,), {})
+            deliver(s, "command", {"command": "M112"})
+            deliver(s, "print", [])
+    lines = [r.getMessage() for r in caplog.records]
+    # one for all 1,000 unknown names, one per malformed kind
+    assert len(lines) == 4, lines
+    assert len(s.rlog.last) == 4
+    assert s.bridge.scripts == []
+
+
+# ------------------------------------------------------ exception injection
+
+def boom(*args, **kw):
+    raise RuntimeError("injected")
+
+
+INJECTIONS = [
+    # (event, payload, object path to the callee that raises)
+    ("print", {"jobId": "j1", "gcodeFile": "http://127.0.0.1:1/a.gcode"},
+     "jobs.handle_print"),
+    ("pause", {}, "jobs.control"),
+    ("resume", {}, "jobs.control"),
+    ("cancel", {}, "jobs.control"),
+    ("temperature", {"bed": 50}, "commands.temperature"),
+    ("command", {"command": "G28"}, "commands.raw_gcode"),
+    ("customCommand", {"command": "macro/LOAD_FILAMENT"},
+     "commands.custom_command"),
+    ("jogPrinter", {"jogPrinter": {"command": "home"}}, "commands.jog"),
+    ("connectPrinter", {}, "commands.refuse"),
+    ("update", {}, "commands.refuse"),
+    ("getUrlResponse", {"status": "SUCCESS"}, "camera.set_slot"),
+    ("delete", {}, "store.wipe"),
+    ("capabilitiesResponse", {"capabilities": ["x"]}, "capabilities"),
+]
+
+
+@pytest.mark.parametrize("event,payload,target", INJECTIONS,
+                         ids=[i[0] for i in INJECTIONS])
+def test_injected_handler_exception_is_logged_once_and_contained(
+        tmp_path, monkeypatch, caplog, event, payload, target):
+    monkeypatch.setattr(jobs_mod, "Download", FakeDownload)
+    monkeypatch.setattr("klippy_extras.polar_cloud.camera.parse_url_response",
+                        lambda *a: object())
+    s = make_session(tmp_path)
+    owner_name, _, attr = target.rpartition(".")
+    owner = getattr(s, owner_name) if owner_name else s
+    if target == "capabilities":
+        # a list that blows up when iterated
+        payload = {"capabilities": ExplodingList()}
+    else:
+        monkeypatch.setattr(owner, attr, boom)
+    sio = s.link.sio
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for _ in range(3):
+            deliver(s, event, payload)
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+    assert "could not handle '%s'" % (event,) in failures[0].getMessage()
+    # The session kept its link: a bad message is not a bad connection
+    assert s.state == states.ONLINE and s.link.sio is sio and sio.connected
+
+
+class ExplodingList(list):
+    def __iter__(self):
+        raise RuntimeError("injected")
+
+    def __getitem__(self, item):
+        raise RuntimeError("injected")
+
+
+def run_supervisor(s: S.CloudSession) -> threading.Thread:
+    s.start([])
+    return s.thread
+
+
+def wait(pred, timeout=10.):
+    ev = threading.Event()
+    for _ in range(int(timeout / .02)):
+        if pred():
+            return True
+        ev.wait(.02)
+    return pred()
+
+
+@pytest.mark.parametrize("where", ["jobs.watch", "_check_link",
+                                   "reporter.maybe_send_status"])
+def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
+                                                    caplog, where):
+    """R24 for the supervisor: its periodic work raises once."""
+    s = make_session(tmp_path)
+    s.state = states.STOPPED
+    s.identity = None
+    monkeypatch.setattr(s.store, "load", lambda: identity(), raising=False)
+    monkeypatch.setattr(s.jobs, "load", lambda: None)
+    owner_name, _, attr = where.rpartition(".")
+    owner = getattr(s, owner_name) if owner_name else s
+    real = getattr(owner, attr)
+    fired = collections.Counter()
+
+    def once(*args, **kw):
+        if not fired["n"] and s.state == states.ONLINE:
+            fired["n"] += 1
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+    monkeypatch.setattr(owner, attr, once)
+    s.backoff = Backoff(base=.05, cap=.05, rand=lambda: .5)
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        thread = run_supervisor(s)
+        try:
+            for n in (1, 2):
+                assert wait(lambda n=n: len(s.sios) == n)
+                s.inbox.put_network("welcome", {"challenge": "c"})
+                assert wait(lambda: s.state == states.AUTHENTICATING)
+                s.inbox.put_network("helloResponse", {"status": "SUCCESS"})
+                if n == 1:
+                    # the injected failure drops the link and reconnects
+                    assert wait(lambda: len(s.sios) == 2)
+            assert wait(lambda: s.state == states.ONLINE)
+        finally:
+            s.stop()
+            thread.join(5.)
+    assert not thread.is_alive()
+    assert s.sios[0].connected is False
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "session error" in \
+        tracebacks[0].getMessage()
+
+
+# ------------------------------------------------------------ slow link
+
+def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
+    """R5: python-engineio's send queue is unbounded; the session is not."""
+    s = make_session(tmp_path)
+    s.link.sio.eio.queue.size = S.MAX_OUTBOUND_QUEUE
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        for _ in range(50):
+            assert s.emit("status", {"serialNumber": SERIAL}) is False
+        s.jobs.queue_final("j9", "completed", 10., 1.)
+    assert [e for e, _ in s.link.sio.emits] == ["job"]
+    slow = [r for r in caplog.records if "slow" in r.getMessage()]
+    assert len(slow) == 1
+    s.link.sio.eio.queue.size = 0
+    assert s.emit("status", {"serialNumber": SERIAL}) is True
+
+
+# ------------------------------------------------------------- log volume
+
+def cloud_hangs_up(s: S.CloudSession) -> None:
+    """The cloud closes the link: python-socketio says so in the inbox."""
+    s.link.sio.connected = False
+    s.inbox.put_link("disconnect")
+    s.step(0.)
+
+
+def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
+    """A 30-minute outage, in simulated time: a line per state change and
+    reason, one summary line per 10 minutes, one line when it is over."""
+    clock = [1000.]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    for module in (S, auth_mod, links, ratelog, outage):
+        monkeypatch.setattr(module, "time", fake)
+    s = make_session(tmp_path)
+    s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio(
+        fail_connect=True)
+    s.backoff = Backoff(rand=random.Random(3).random)
+    attempts = 0
+    with caplog.at_level(logging.INFO, logger="polar_cloud"):
+        cloud_hangs_up(s)
+        while clock[0] < 1000. + 1800.:
+            clock[0] = s.retry_at
+            s.step(0.)
+            attempts += 1
+        # The cloud is back
+        s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio()
+        clock[0] = s.retry_at
+        s.step(0.)
+        deliver(s, "welcome", {"challenge": "c"})
+        clock[0] += 4.
+        deliver(s, "helloResponse", {"status": "SUCCESS"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert attempts >= 15
+    assert s.state == states.ONLINE and s.outage.since == 0.
+    # The lost link and its first refusal; then one summary per period,
+    # saying for how long and how many attempts; then back online
+    summaries = [line for line in lines if "offline for" in line]
+    assert 2 <= len(summaries) <= 3, lines
+    assert all(re.search(r"cannot connect to \S+: refused; retry in \d+ s"
+                         r" \(offline for \d+ min, \d+ attempts\)", line)
+               for line in summaries), summaries
+    back = [line for line in lines if "after" in line and "offline" in line]
+    assert len(back) == 1 and re.search(
+        r"online as KL000042 after 3\d min offline \(%d attempts\)"
+        % (attempts + 1,), back[0]), lines
+    assert len(lines) <= 4 + len(summaries) + 2, lines
+
+
+def test_unset_clock_is_named_and_retries_keep_the_schedule(
+        tmp_path, monkeypatch):
+    """R18: booted with the clock in 2001 (no RTC, NTP not there yet): the
+    status says so instead of a misleading TLS error, retries follow the
+    backoff schedule, and once NTP steps the clock the real error shows."""
+    clock, wall = [1000.], [978307200.]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0],
+                                 time=lambda: wall[0])
+    for module in (S, auth_mod, links, ratelog, outage):
+        monkeypatch.setattr(module, "time", fake)
+    s = make_session(tmp_path)
+    s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio(
+        fail_connect=True)
+    cloud_hangs_up(s)
+    delays = []
+    for _ in range(5):
+        delays.append(s.retry_at - clock[0])
+        clock[0] = s.retry_at
+        s.step(0.)
+        assert s.state == states.BACKOFF
+        assert s.public["last_error"] == (
+            "the system clock is not set (2001-01-01); waiting for NTP")
+    assert delays == [2. * 2 ** i for i in range(5)]
+    wall[0] = 1795000000.
+    clock[0] = s.retry_at
+    s.step(0.)
+    assert s.public["last_error"].startswith("cannot connect to ")
