@@ -16,6 +16,7 @@ list in docs/testing.md.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import random
 import re
@@ -30,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from klippy_extras.polar_cloud import auth as auth_mod
-from klippy_extras.polar_cloud import dispatch, outage, ratelog, states
+from klippy_extras.polar_cloud import dispatch, outage, protocol, ratelog, states
 from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
 from klippy_extras.polar_cloud import session as S
@@ -636,3 +637,80 @@ def test_cloud_names_never_become_calls_or_link_news():
     kinds = [inbox.get(0.)[:2] for _ in range(3)]
     assert kinds == [(links.CALL, calls.append), (links.CLOUD, "disconnect"),
                      (links.LINK, "disconnect")]
+
+
+# ------------------------------------- a deleted printer's reports (issue 2)
+
+def job_ids_sent(sio: FakeSio) -> list[str]:
+    return [d["jobId"] for e, d in sio.emits if e == "job"]
+
+
+def outbox_on_disk(state_dir) -> list[dict]:
+    path = state_dir / jobs_mod.OUTBOX_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def new_link(s: S.CloudSession) -> FakeSio:
+    s.link = links.Link(FakeSio())
+    s.link.sio.connected = True
+    return s.link.sio
+
+
+@pytest.mark.parametrize("how", ["delete", "deleted_hello", "unregister",
+                                 "force_unregister"])
+def test_reports_of_the_old_printer_never_go_out_under_a_new_serial(
+        tmp_path, how):
+    """Reports queued for the old identity (outbox.json, and the sent but
+    unsettled one in memory) and its running cloud job are dropped with
+    it; registered again under a new serial, none of them goes out."""
+    s = make_session(tmp_path)
+    running = "Benchy_polar-old-run.gcode"
+    s.jobs.job = jobs_mod.Job("old-run", "Benchy", running, phase="printing")
+    s.jobs.queue_final("old-sent", "completed", 60., 100.)
+    assert job_ids_sent(s.link.sio) == ["old-sent"]     # not acked yet
+    if how in ("deleted_hello", "force_unregister"):
+        s._fail("connection lost")
+        s.jobs.queue_final("old-offline", "canceled", 5., 1.)
+        assert [m["jobId"] for m in outbox_on_disk(tmp_path)] == [
+            "old-sent", "old-offline"]
+    if how == "delete":
+        s._dispatch("delete", {"serialNumber": SERIAL})
+    elif how == "unregister":
+        s.auth.start_unregister(False)
+        s._dispatch("unregisterResponse", {"status": "SUCCESS"})
+    elif how == "force_unregister":
+        s.auth.start_unregister(True)
+    else:
+        s.connect()
+        s.on_welcome({"challenge": "c"})
+        assert s.state == states.AUTHENTICATING
+        s._dispatch("helloResponse", {"status": "DELETED"})
+    assert s.state == states.UNREGISTERED and s.identity is None
+    assert outbox_on_disk(tmp_path) == [] and s.jobs.unsettled == []
+    assert s.jobs.job is None           # the print goes on, as a local one
+    s.jobs.queue_final("unregistered", "canceled", 0., 0.)
+    assert s.jobs.outbox == []
+    # Registered again; the cloud gave a new serial
+    s.identity = identity("KL000077")
+    sio = new_link(s)
+    s.state = states.AUTHENTICATING
+    s.authenticated()
+    s.jobs.watch(snapshot(print_state="complete", filename=running,
+                          print_duration=60.))
+    s.jobs.flush()
+    assert job_ids_sent(sio) == []
+    assert outbox_on_disk(tmp_path) == []
+
+
+def test_a_left_over_outbox_of_another_serial_is_dropped(tmp_path):
+    """outbox.json written under a former identity (and kept over an
+    unregistration and a restart) is not sent under the current one."""
+    (tmp_path / jobs_mod.OUTBOX_FILE).write_text(json.dumps([
+        protocol.build_job("KL000001", "theirs", "completed", 1., 1.),
+        protocol.build_job(SERIAL, "mine", "completed", 1., 1.)]))
+    s = make_session(tmp_path)
+    s.jobs.load()
+    s.jobs.flush()
+    assert job_ids_sent(s.link.sio) == ["mine"]
+    assert outbox_on_disk(tmp_path) == []
+

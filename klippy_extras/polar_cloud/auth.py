@@ -241,6 +241,8 @@ class Auth:
         session.identity = None
         session.camera.forget_urls()
         session.drop_connection(why)
+        # After the link is gone: nothing it held goes back to the outbox
+        session.jobs.forget_identity()
         session.set_state(UNREGISTERED, "")
         session.console("Polar Cloud: printer %s %s" % (serial, why))
         log.info("polar_cloud: printer %s %s", serial, why)
