@@ -1,14 +1,18 @@
 """A printer's identity in a real klippy, as the reference clients and the
-real cloud expect it: the job reports of a printer that was deleted or
+real cloud expect it: a registration the cloud answers with SERVER_ERROR
+is tried again; the job reports of a printer that was deleted or
 unregistered never reach the printer registered after it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from tests.conftest import polar_status, register, wait_polar
+from tests.conftest import EMAIL, PIN, polar_status, register, wait_polar
 from tests.testbed.gcode_files import demo_print
+
+SERVER_ERROR = {"status": "FAILED", "reason": "SERVER_ERROR"}
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +23,38 @@ def k(polar_klippy):
 def outbox(k) -> list[dict]:
     path = k.state_path / "outbox.json"
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def test_server_error_is_retried_until_registered(k, sim):
+    sim.set_fault("register_reply", SERVER_ERROR)
+    sim.set_fault("register_reply", SERVER_ERROR)
+    since = sim.now()
+    out = k.subscribe_output()
+    try:
+        k.gcode("POLAR_REGISTER EMAIL=%s PIN=%s" % (EMAIL, PIN))
+        for attempt in (2, 3):
+            out.wait_for(r"could not add the printer \(SERVER_ERROR\);"
+                         r" retrying in \d+ s \(attempt %d of 5\)"
+                         % (attempt,), timeout=60)
+        line = out.wait_for(r"registered, serial number (\w+)|registration"
+                            r" failed", timeout=60)
+    finally:
+        out.close()
+    serial = re.search(r"serial number (\w+)", line).group(1)
+    wait_polar(k, lambda st: st.get("state") == "online")
+    regs = sim.received("register", since=since)
+    assert [(r["email"], r["pin"]) for r in regs] == [(EMAIL, PIN)] * 3
+    answers = sim.sent("registerResponse", since=since)
+    assert answers[:2] == [SERVER_ERROR] * 2
+    assert answers[2]["serialNumber"] == serial
+    # Each attempt had its own connection; the hello a fresh one after it
+    assert sim.live_sessions(serial) == 1
+    assert sim.violations == []
+    # The PIN was kept in memory only
+    assert PIN not in k.log_text()
+    for path in k.state_path.iterdir():
+        assert PIN.encode() not in path.read_bytes(), path
+    k.serial = serial
 
 
 @pytest.mark.parametrize("how", ["deleted", "unregistered"])
