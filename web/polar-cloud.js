@@ -251,7 +251,10 @@
     if ("retry_in" in fields || "state" in fields) {
       retryDeadline = Date.now() + (Number(pc.retry_in) || 0) * 1000;
     }
-    if (before && before !== pc.state && pc.state === "backoff" && pc.last_error) {
+    // (an unregistered printer in backoff is retrying a registration; the
+    // console line says so)
+    if (before && before !== pc.state && pc.state === "backoff" && pc.last_error
+        && pc.registered) {
       addMessage("Polar Cloud connection lost: " + pc.last_error, "error");
     }
     render();

@@ -10,9 +10,11 @@ from typing import Any, Optional
 
 from . import camera, handoff, protocol
 from .identity import IdentityError, IdentityStore
+from .ratelog import duration_text
 from .states import (
     AUTH_FAILED,
     AUTHENTICATING,
+    BACKOFF,
     DISABLED,
     ONLINE,
     REGISTERING,
@@ -20,6 +22,13 @@ from .states import (
 )
 
 REPLY_TIMEOUT = 30.
+# A registerResponse SERVER_ERROR is tried again with backoff, this many
+# attempts in all and not for longer than this
+REGISTER_ATTEMPTS = 5
+REGISTER_RETRY_FOR = 10 * 60.
+# Between the registration and the hello's connection, like both
+# reference clients (docs/protocol.md, section 2.3)
+HELLO_AFTER_REGISTER = 2.
 # A rejected hello rarely clears by itself: retry after a long pause
 AUTH_RETRY_DELAY = 30 * 60.
 PIN_NOTE = ("Polar Cloud: note: the PIN went through Klipper: typed in the"
@@ -38,7 +47,11 @@ class Auth:
         self.session = session
         self.store = store
         self.options = session.options
+        # (e-mail, PIN) while a registration runs, SERVER_ERROR retries
+        # included; in memory only, dropped when it ends either way
         self.pending_register: Optional[tuple[str, str]] = None
+        self.register_attempts = 0
+        self.register_started = 0.
         self.pending_unregister = False
         self.unregister_deadline = 0.
         # The id of a registration requested by scripts/register.sh
@@ -55,6 +68,8 @@ class Auth:
         if session.state == DISABLED:
             return
         self.pending_register = (email, pin)
+        self.register_attempts = 0
+        self.register_started = time.monotonic()
         session.identity = None
         session.backoff.reset()
         session.console("Polar Cloud: preparing the printer key...",
@@ -74,7 +89,7 @@ class Auth:
             self.finish_register(False, str(e))
             return
         session.connect()
-        if session.link is None:
+        if session.link is None and self.pending_register is not None:
             self.finish_register(False, session.last_error)
     def send_register(self) -> None:
         email, pin = self.pending_register
@@ -83,9 +98,10 @@ class Auth:
             self.options.manufacturer, email, pin, self.store.public_pem(),
             machine["mfg_sn"], machine["mac"],
             self.options.machine_type, self.options.printer_make)
+        self.register_attempts += 1
         self.session.wait_reply(REGISTERING, REPLY_TIMEOUT)
-        # The PIN leaves memory with this message
-        self.pending_register = ("", "")
+        # The PIN stays in pending_register until the registration ends:
+        # a SERVER_ERROR reply sends it again
         self.session.emit("register", msg)
     def on_register_response(self, data: Any) -> None:
         session = self.session
@@ -97,7 +113,10 @@ class Auth:
                 log.warning("polar_cloud: unexpected registerResponse shape"
                             " (%s)", sorted(data) if isinstance(data, dict)
                             else type(data).__name__)
-            self.finish_register(False, result.message)
+            if result.reason in protocol.RETRYABLE_REGISTER_REASONS:
+                self.retry_register(result)
+            else:
+                self.finish_register(False, result.message)
             return
         try:
             session.identity = self.store.save(result.serial,
@@ -106,8 +125,30 @@ class Auth:
             self.finish_register(False, "cannot save the identity: %s" % e)
             return
         self.finish_register(True, result.serial)
-        # The protocol wants a fresh connection for the hello
-        session.connect()
+        session.backoff.reset()
+        # The protocol wants a fresh connection for the hello; both
+        # reference clients leave the cloud a moment first
+        session.connect_later(HELLO_AFTER_REGISTER)
+    def retry_register(self, result: protocol.RegisterResult) -> None:
+        """The cloud could not add the printer this time (SERVER_ERROR):
+        register again after a backoff delay, a few times at most."""
+        session = self.session
+        now = time.monotonic()
+        delay = session.backoff.next_delay()
+        if self.register_attempts >= REGISTER_ATTEMPTS \
+                or now + delay - self.register_started > REGISTER_RETRY_FOR:
+            self.finish_register(False, "%s (%s, %d attempts in %s)" % (
+                result.message, result.reason, self.register_attempts,
+                duration_text(now - self.register_started)))
+            return
+        session.drop_connection("registration retry")
+        session.retry_at = now + delay
+        session.set_state(BACKOFF, "Polar Cloud could not add the printer"
+                          " (%s); retrying" % (result.reason,))
+        session.console("Polar Cloud could not add the printer (%s);"
+                        " retrying in %.0f s (attempt %d of %d)"
+                        % (result.reason, delay, self.register_attempts + 1,
+                           REGISTER_ATTEMPTS))
     def finish_register(self, ok: bool, detail: str) -> None:
         session = self.session
         self.pending_register = None
@@ -242,6 +283,8 @@ class Auth:
         session.camera.forget_urls()
         session.timelapse.forget()
         session.drop_connection(why)
+        # After the link is gone: nothing it held goes back to the outbox
+        session.jobs.forget_identity()
         session.set_state(UNREGISTERED, "")
         session.console("Polar Cloud: printer %s %s" % (serial, why))
         log.info("polar_cloud: printer %s %s", serial, why)

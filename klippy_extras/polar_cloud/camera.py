@@ -75,11 +75,12 @@ def camera_hints(opts: CameraOptions, local_ip: str,
                  available: bool) -> protocol.CameraHints:
     if opts.enabled is False or (opts.enabled is None and not available):
         return protocol.CameraHints()
-    # rotateImg stays 0: the bitmask already carries rotations, and the
-    # legacy flag (PK: "some rotation", old OP: flipV) would apply twice
+    # transformImg with the OctoPrint client's meaning, rotateImg with
+    # Polar's agent's (docs/protocol.md, section 2.4)
     return protocol.CameraHints(
         cam_url=lan_stream_url(opts.stream_url, local_ip), cam_off=0,
-        rotate_img=0, transform_img=protocol.transform_bits(
+        rotate_img=protocol.rotate_bit(opts.rotation),
+        transform_img=protocol.transform_bits(
             opts.flip_horizontal, opts.flip_vertical, opts.rotation))
 
 

@@ -1062,7 +1062,12 @@ class JobManager:
     # Outbox: final job reports survive disconnects and restarts
     def queue_final(self, job_id: str, state: str, seconds: float,
                     filament: float) -> None:
-        serial = self.session.serial() or ""
+        serial = self.session.serial()
+        if serial is None:
+            # Unregistered: the job's printer is gone, nobody to tell
+            log.info("polar_cloud: job %s %s; not reported (not registered)",
+                     shown_id(job_id), state)
+            return
         self.outbox.append(protocol.build_job(serial, job_id, state, seconds,
                                               filament))
         self.flush()
@@ -1082,8 +1087,15 @@ class JobManager:
         serial = self.session.serial()
         pending, self.outbox = self.outbox, []
         for msg in pending:
-            wire = dict(msg, serialNumber=serial)
-            if self.session.emit("job", wire, callback=self._ack(msg)):
+            if msg.get("serialNumber") != serial:
+                # Made for another identity (deleted, unregistered, or
+                # registered again since): never sent under this one
+                log.info("polar_cloud: job %s report of printer %s dropped",
+                         shown_id(str(msg.get("jobId"))),
+                         protocol.cloud_text(msg.get("serialNumber"), 64)
+                         or "(none)")
+                continue
+            if self.session.emit("job", msg, callback=self._ack(msg)):
                 if self.report_lines.allow():
                     log.info("polar_cloud: job %s reported %s",
                              shown_id(msg["jobId"]), msg["state"])
@@ -1103,6 +1115,23 @@ class JobManager:
             self.outbox = [m for _t, m in self.unsettled] + self.outbox
             self.unsettled = []
             self.save_outbox()
+    def forget_identity(self) -> None:
+        """The printer was deleted or unregistered: its pending reports and
+        its cloud job belong to that serial and never go out under another
+        one.  A print keeps running, as a local print."""
+        dropped = len(self.outbox) + len(self.unsettled)
+        self.outbox, self.unsettled = [], []
+        self.save_outbox()
+        job, self.job = self.job, None
+        if job is not None:
+            if self.download is not None:
+                self.download.cancel()
+            self.save()
+            log.info("polar_cloud: job %s is no longer a cloud job",
+                     shown_id(job.job_id))
+        if dropped:
+            log.info("polar_cloud: %d job report(s) of the old printer"
+                     " dropped", dropped)
     def stop(self) -> None:
         """Any thread: the download ends by itself (it watches the
         session's stop event)."""

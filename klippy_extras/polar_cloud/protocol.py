@@ -200,14 +200,23 @@ def build_job(serial: str, job_id: str, state: str, print_seconds: float,
 
 
 def transform_bits(flip_h: bool, flip_v: bool, rotation: int) -> int:
-    """transformImg bitmask: 1 flip horizontal, 2 flip vertical, 4 rot 90."""
+    """transformImg as the OctoPrint client means it: 1 flip horizontal,
+    2 flip vertical, 4 rotate 90 degrees counter-clockwise (OctoPrint's
+    rotate90), the flips applied first.  rotation is clockwise, after the
+    flips (camera.py, imaging.py): 270 clockwise is the counter-clockwise
+    quarter turn; 180 is both flips; 90 clockwise is the counter-clockwise
+    quarter turn after both flips."""
     bits = (1 if flip_h else 0) | (2 if flip_v else 0)
+    if rotation in (90, 180):
+        bits ^= 3
     if rotation in (90, 270):
         bits |= 4
-    if rotation in (180, 270):
-        # 180 degrees is both flips; 270 is 90 plus both flips
-        bits ^= 3
     return bits
+
+
+def rotate_bit(rotation: int) -> int:
+    """rotateImg as Polar's own agent sends it: 1 when a rotation is set."""
+    return 1 if rotation else 0
 
 
 # Status

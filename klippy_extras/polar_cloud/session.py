@@ -84,6 +84,8 @@ class CloudSession:
         self.state = STOPPED
         self.deadline = 0.
         self.retry_at = 0.
+        # A connection scheduled without a failure (after a registration)
+        self.connect_at = 0.
         self.hello_at = 0.
         self.challenge = ""
         self.connected_at = 0.
@@ -289,11 +291,22 @@ class CloudSession:
     def _wait_time(self) -> float:
         now = time.monotonic()
         waits = [1.]
-        if self.state in WAITING:
+        for at in (self.connect_at, self.hello_at):
+            if at:
+                waits.append(at - now)
+        if self._awaiting_reply(self.state):
             waits.append(self.deadline - now)
         elif self.state == BACKOFF:
             waits.append(self.retry_at - now)
         return max(0., min(waits))
+    def _awaiting_reply(self, state: str) -> bool:
+        """Is a reply deadline running?  Not while a scheduled connection
+        waits to be made, nor once the welcome came: a hello held back
+        for the camera probe goes out at hello_at whatever happens, with
+        its own deadline from then."""
+        if state == CONNECTING and (self.connect_at or self.challenge):
+            return False
+        return state in WAITING
     def _tick(self, now: float) -> None:
         dropped = self.inbox.dropped
         if dropped != self.dropped_seen:
@@ -303,16 +316,22 @@ class CloudSession:
         self.jobs.watch(self.snapshot())
         self.timelapse.tick(now, self.snapshot())
         state = self.state
-        if self.hello_at and state == CONNECTING and (
+        if self.connect_at and now >= self.connect_at:
+            self.connect()
+            state = self.state
+        elif self.hello_at and state == CONNECTING and (
                 now >= self.hello_at or not self.camera.probing()):
             self.hello_at = 0.
             self.auth.send_hello(self.challenge)
             state = self.state
-        if state in WAITING and now >= self.deadline:
+        if self._awaiting_reply(state) and now >= self.deadline:
             self._fail(WAITING[state])
-        elif state in (BACKOFF, AUTH_FAILED) and self.identity is not None \
-                and self.retry_at and now >= self.retry_at:
-            # auth_failed retries only after auth.AUTH_RETRY_DELAY
+        elif state in (BACKOFF, AUTH_FAILED) and self.retry_at \
+                and now >= self.retry_at and (
+                    self.identity is not None
+                    or self.auth.pending_register is not None):
+            # auth_failed retries only after auth.AUTH_RETRY_DELAY; a
+            # registration only after SERVER_ERROR
             self.connect()
         elif state == ONLINE:
             self._check_link(now)
@@ -343,6 +362,7 @@ class CloudSession:
             return
         self.webcams.refresh()
         self.drop_connection("reconnect")
+        self.connect_at = 0.
         self.set_state(CONNECTING, self.last_error)
         self.challenge = ""
         self.hello_at = 0.
@@ -367,6 +387,15 @@ class CloudSession:
         self.local_ip = links.local_ip(self.options.server_url, proxy)
         self.rlog("connected", "connected to %s%s", self.options.server_url,
                   " through proxy " + proxy.shown if proxy else "")
+    def connect_later(self, delay: float) -> None:
+        """Connect in delay seconds, from the supervisor's loop (the inbox
+        keeps flowing meanwhile).  The state says connecting; the welcome
+        deadline counts from the connection itself."""
+        self.drop_connection("reconnect")
+        self.challenge = ""
+        self.hello_at = 0.
+        self.set_state(CONNECTING, "")
+        self.connect_at = time.monotonic() + delay
     def wait_reply(self, state: str, timeout: float, error: str = "") -> None:
         """Enter a state that waits for the cloud's answer."""
         self.set_state(state, error)
@@ -392,6 +421,10 @@ class CloudSession:
                          % (why,), log=False)
         self._schedule_retry(why)
     def _schedule_retry(self, why: str) -> None:
+        if self.auth.pending_register is not None:
+            # Only a SERVER_ERROR reply is tried again (auth.retry_register)
+            self.auth.finish_register(False, why)
+            return
         if self.identity is None:
             self.set_state(UNREGISTERED, why)
             return
@@ -445,7 +478,7 @@ class CloudSession:
     def _dispatch(self, name: str, data: Any) -> None:
         self.dispatcher.dispatch(name, data, self.state == ONLINE)
     def on_welcome(self, data: Any) -> None:
-        if self.state != CONNECTING:
+        if self.state != CONNECTING or self.link is None:
             return
         self.challenge = protocol.parse_welcome(data)
         if self.auth.pending_register is not None:
@@ -467,6 +500,8 @@ class CloudSession:
     # Public view for get_status / POLAR_STATUS
     def set_state(self, state: str, error: str) -> None:
         changed = state != self.state or error != self.last_error
+        if state != CONNECTING:
+            self.connect_at = 0.
         if state in (UNREGISTERED, DISABLED, STOPPED):
             self.outage.forget()
         self.state = state

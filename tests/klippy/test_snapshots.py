@@ -8,7 +8,11 @@ import io
 import pytest
 from PIL import Image
 
-from tests.testbed.camera_server import noisy_jpeg
+from tests.testbed.camera_server import (
+    noisy_jpeg,
+    quadrant_image,
+    to_jpeg,
+)
 from tests.testbed.helpers import polar_status
 
 
@@ -21,11 +25,47 @@ def k(registered_klippy, camera_server):
         max_image_size="60000")
 
 
+def decoded(upload):
+    return Image.open(io.BytesIO(upload["data"])).convert("RGB")
+
+
 def test_hello_carries_the_camera_hints(k, sim):
     hello = sim.received("hello", serial=k.serial)[-1]
     assert hello["camOff"] == 0
     assert hello["camUrl"].endswith("/webcam/")
-    assert hello["transformImg"] == 1 | 4
+    # flip_horizontal then 90 degrees clockwise, as the OctoPrint client
+    # says it: flipV (2) then its counter-clockwise rotate90 (4); and
+    # rotateImg as Polar's agent says "a rotation is set"
+    assert hello["transformImg"] == 2 | 4
+    assert hello["rotateImg"] == 1
+
+
+def test_snapshot_is_the_view_the_hello_asks_for(k, sim, camera):
+    """Polar shows the live stream transformed as transformImg says (the
+    OctoPrint client's meaning: flips, then 90 degrees counter-clockwise);
+    the uploaded snapshot must look the same."""
+    hello = sim.received("hello", serial=k.serial)[-1]
+    raw = quadrant_image((320, 240))
+    view = raw
+    if hello["transformImg"] & 1:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if hello["transformImg"] & 2:
+        view = view.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if hello["transformImg"] & 4:
+        view = view.transpose(Image.Transpose.ROTATE_90)
+    camera.picture = to_jpeg(raw)
+    since = sim.now()
+    k.gcode("POLAR_SNAPSHOT")
+    # (a scheduled snapshot of the previous picture may land first)
+    upload = sim.wait_upload(since=since, timeout=60, predicate=lambda up:
+                             decoded(up).size == view.size)
+    got = decoded(upload)
+    w, h = got.size
+    for x, y in ((w // 4, h // 4), (3 * w // 4, h // 4), (w // 4, 3 * h // 4),
+                 (3 * w // 4, 3 * h // 4)):
+        expected = view.getpixel((x, y))
+        assert all(abs(a - b) < 60 for a, b in zip(got.getpixel((x, y)),
+                                                   expected)), (x, y)
 
 
 def test_snapshots_are_uploaded_through_upload_urls(k, sim, camera_server):

@@ -49,17 +49,22 @@ def test_registration_then_a_hello_on_a_fresh_connection(new):
     [msg] = emitted(new, "register")
     assert (msg["email"], msg["pin"], msg["mfg"]) == (EMAIL, PIN, "kl")
     assert msg["myInfo"]["MAC"] == "02:00:00:00:00:01"
-    assert new.auth.pending_register == ("", "")    # the PIN is gone
     deliver(new, "registerResponse", {"status": "SUCCESS",
                                       "serialNumber": "KL000077"})
+    assert new.auth.pending_register is None        # the PIN is gone
     assert new.store.saved == [("KL000077", "http://127.0.0.1:1")]
     assert ("Polar Cloud: registered, serial number KL000077; connecting"
             in new.bridge.console_lines)
     # typed in the console: a note says where the PIN stays, and no PIN
     assert "console history" in new.bridge.console_lines[-1]
     assert not any(PIN in line for line in new.bridge.console_lines)
-    # the protocol wants the hello on a new connection
-    assert len(new.sios) == 2 and not new.sios[0].connected
+    # the protocol wants the hello on a new connection, a little later
+    # (as the reference clients do)
+    assert len(new.sios) == 1 and not new.sios[0].connected
+    assert new.state == states.CONNECTING
+    new.connect_at = time.monotonic()
+    new.step(0.)
+    assert len(new.sios) == 2
     deliver(new, "welcome", {"challenge": "c2"})
     [hello] = emitted(new, "hello")
     assert hello["serialNumber"] == "KL000077"

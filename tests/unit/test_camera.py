@@ -219,9 +219,11 @@ def test_camera_hints():
     opts = cfg.CameraOptions(enabled=True, flip_horizontal=True, rotation=90)
     hints = camera.camera_hints(opts, "10.0.0.2", False)
     assert hints.cam_off == 0
-    assert hints.transform_img == protocol.transform_bits(True, False, 90) == 5
+    assert hints.transform_img == protocol.transform_bits(True, False, 90) == 6
     msg = protocol.build_hello("S", "sig", "MAC", "KL-1", "Make", "1", ip, hints)
-    assert msg["camOff"] == 0 and msg["transformImg"] == 5 and msg["rotateImg"] == 0
+    assert msg["camOff"] == 0 and msg["transformImg"] == 6 and msg["rotateImg"] == 1
+    flips = camera.CameraOptions(enabled=True, flip_vertical=True)
+    assert camera.camera_hints(flips, ip, True).rotate_img == 0
 
 
 # getUrlResponse
