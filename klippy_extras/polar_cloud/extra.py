@@ -16,8 +16,9 @@ import logging
 import secrets
 from typing import Callable
 
-from . import protocol
+from . import lab, protocol
 from .options import read_options
+from .pauses import PauseReasons
 from .printer_state import PrinterSampler
 from .session import CloudSession
 
@@ -108,7 +109,9 @@ class PolarCloud:
         self.missing = missing_packages()
         self.bridge = ReactorBridge(self.printer)
         self.session = CloudSession(self.options, self.bridge, VERSION)
-        self.sampler = PrinterSampler(self.printer)
+        self.pause_reasons = PauseReasons(self.printer,
+                                          self.options.filament_change_macros)
+        self.sampler = PrinterSampler(self.printer, self.pause_reasons.sample)
         self.sample_timer = None
         self.started = False
         # Register and unregister over the API need the token that only a
@@ -136,6 +139,9 @@ class PolarCloud:
         self.gcode.register_command("POLAR_UNREGISTER",
                                     self.cmd_POLAR_UNREGISTER,
                                     desc=self.cmd_POLAR_UNREGISTER_help)
+        self.gcode.register_command("POLAR_PLATE_CLEARED",
+                                    self.cmd_POLAR_PLATE_CLEARED,
+                                    desc=self.cmd_POLAR_PLATE_CLEARED_help)
         webhooks = self.printer.lookup_object("webhooks")
         webhooks.register_endpoint("polar_cloud/status",
                                    self._handle_status_request)
@@ -143,9 +149,12 @@ class PolarCloud:
                                    self._handle_register_request)
         webhooks.register_endpoint("polar_cloud/unregister",
                                    self._handle_unregister_request)
+        webhooks.register_endpoint("polar_cloud/plate_cleared",
+                                   self._handle_plate_cleared_request)
     # Lifecycle
     def _handle_ready(self) -> None:
         try:
+            self.pause_reasons.wrap_macros()
             self.sampler.find_objects()
             self._post_sample(self.reactor.monotonic())
             if self.printer.get_start_args().get("debugoutput") is not None:
@@ -205,7 +214,7 @@ class PolarCloud:
             lines.append("current job: %s" % (info["job_id"],))
         if info["last_error"]:
             lines.append("last error: %s" % (info["last_error"],))
-        return lines
+        return lines + lab.status_lines(self.options, info)
     # G-code commands
     def _check_register(self, email: str, pin: str) -> str:
         error = protocol.validate_email(email) or protocol.validate_pin(pin)
@@ -259,6 +268,15 @@ class PolarCloud:
                              " running")
         self.session.request_snapshot()
         gcmd.respond_info("Polar Cloud: taking a snapshot", log=False)
+    cmd_POLAR_PLATE_CLEARED_help = ("Confirm the build plate is clear, so"
+                                    " the next print may start")
+    @guarded
+    def cmd_POLAR_PLATE_CLEARED(self, gcmd) -> None:
+        # From the console, a macro, or a gcode_button: the answer follows
+        if not self.started:
+            raise gcmd.error("POLAR_PLATE_CLEARED: the cloud session is not"
+                             " running")
+        self.session.plate_cleared("G-code")
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     @guarded
     def _handle_status_request(self, web_request) -> None:
@@ -289,3 +307,13 @@ class PolarCloud:
         self._check_token(web_request)
         self.session.unregister(force)
         web_request.send({"state": "unregistering"})
+    @guarded
+    def _handle_plate_cleared_request(self, web_request) -> None:
+        if not self.started:
+            raise self.printer.command_error("klippy is not ready")
+        if not self.options.require_plate_clear:
+            raise self.printer.command_error(
+                "require_plate_clear is off in [polar_cloud]")
+        self._check_token(web_request)
+        self.session.plate_cleared("web page")
+        web_request.send({"plate_clear": True})

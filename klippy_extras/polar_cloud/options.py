@@ -12,6 +12,7 @@ from .camera import CameraOptions, read_camera_options
 from .protocol import is_loopback_host
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
+DEFAULT_WEB = "https://polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
 
 
@@ -84,6 +85,26 @@ class Options:
     # A CA bundle to verify server_url with instead of the system's (a
     # private CA); verification itself can never be switched off
     ca_file: str = ""
+    # The lab workflow (lab.py): a build plate gate between prints, and
+    # asking the cloud for the next queued job after a completed one
+    require_plate_clear: bool = False
+    continuous_printing: bool = False
+    # Commands whose pause is a filament change (pauses.py)
+    filament_change_macros: tuple = ("M600",)
+    # Polar's web site: the printer make list (makes.py)
+    web_url: str = DEFAULT_WEB
+
+
+def read_macro_list(config, option: str, default: str) -> tuple:
+    """A comma or newline separated list of G-code command names."""
+    names = [m.strip().upper() for m in re.split(
+        r"[,\n]", config.get(option, default))]
+    names = tuple(m for m in names if m)
+    for name in names:
+        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
+            raise config.error("Option '%s' in section 'polar_cloud' has an"
+                               " invalid macro name '%s'" % (option, name[:40]))
+    return names
 
 
 def read_options(config) -> Options:
@@ -127,18 +148,23 @@ def read_options(config) -> Options:
                                  maxval=1024 * 1024) * 1024 * 1024
     allow_raw_gcode = config.getboolean("allow_raw_gcode", False)
     allow_jog = config.getboolean("allow_jog", False)
-    # A comma or newline separated list, as in other Klipper list options
-    macros = [m.strip().upper() for m in re.split(
-        r"[,\n]", config.get("cloud_macros", ""))]
-    macros = tuple(m for m in macros if m)
-    for name in macros:
-        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", name):
-            raise error("Option 'cloud_macros' in section 'polar_cloud' has"
-                        " an invalid macro name '%s'" % (name[:40],))
+    macros = read_macro_list(config, "cloud_macros", "")
+    web_url = config.get("web_url", DEFAULT_WEB).strip().rstrip("/")
+    problem = check_server_url(web_url)
+    if problem:
+        raise error("Option 'web_url' in section 'polar_cloud' %s"
+                    % (problem,))
     return Options(server_url=server_url, state_path=state_path,
                    manufacturer=manufacturer, printer_make=printer_make,
                    machine_type=machine_type, status_interval=status_interval,
                    active_interval=10., verbose=verbose,
                    max_job_size=max_job_size, allow_raw_gcode=allow_raw_gcode,
                    allow_jog=allow_jog, cloud_macros=macros,
-                   camera=read_camera_options(config), ca_file=ca_file)
+                   camera=read_camera_options(config), ca_file=ca_file,
+                   require_plate_clear=config.getboolean(
+                       "require_plate_clear", False),
+                   continuous_printing=config.getboolean(
+                       "continuous_printing", False),
+                   filament_change_macros=read_macro_list(
+                       config, "filament_change_macros", "M600"),
+                   web_url=web_url)

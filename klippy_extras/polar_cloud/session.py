@@ -23,6 +23,8 @@ from .commands import RemoteCommands
 from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
 from .jobs import JobManager
+from .lab import LabWorkflow
+from .pauses import PauseNotes
 
 WELCOME_TIMEOUT = 15.
 REPLY_TIMEOUT = 30.
@@ -297,6 +299,8 @@ class CloudSession:
         self.gcode = GcodeQueue(bridge.run_gcode,
                                 lambda: self.inbox.put_local(self.gcode.done))
         self.jobs = JobManager(self)
+        self.lab = LabWorkflow(self)
+        self.pause_notes = PauseNotes(self.console)
         self.commands = RemoteCommands(self)
         self.camera = camera.Camera(
             options.camera, self.loopback_test_server(), self.stop_event,
@@ -339,6 +343,8 @@ class CloudSession:
         self.inbox.put_local(self._start_unregister, force)
     def request_snapshot(self) -> None:
         self.inbox.put_local(self._manual_snapshot)
+    def plate_cleared(self, source: str) -> None:
+        self.inbox.put_local(self.lab.plate_cleared, source)
     # The supervisor
     def _run(self) -> None:
         try:
@@ -363,7 +369,9 @@ class CloudSession:
             # A print that ended just before klippy restarts: record (and
             # queue) its report now, the next klippy cannot tell
             if not self.abandoned:
-                self.jobs.watch(self._snap())
+                snap = self._snap()
+                self.jobs.watch(snap)
+                self.lab.stopping(snap)
         except Exception:
             log.exception("polar_cloud: final job check failed")
         self._drop_connection("stopped")
@@ -399,6 +407,8 @@ class CloudSession:
                       level=logging.WARNING)
     def status_now(self) -> None:
         self.status_now_flag = True
+    def publish(self) -> None:
+        self._publish()
     def loopback_test_server(self) -> bool:
         """Plain-http loopback job URLs only with a local test cloud."""
         parts = urllib.parse.urlsplit(self.options.server_url)
@@ -407,6 +417,7 @@ class CloudSession:
         with self.snapshot_lock:
             return self.snapshot
     def _startup(self) -> None:
+        self.lab.load()
         if self.missing:
             self._set_state(DISABLED, "missing Python packages: %s (run"
                             " install.sh)" % (", ".join(self.missing),))
@@ -441,7 +452,10 @@ class CloudSession:
             self.dropped_seen = dropped
             self.rlog("flood", "the cloud sent more events than can be"
                       " handled; %d dropped", dropped, level=logging.WARNING)
-        self.jobs.watch(self._snap())
+        snap = self._snap()
+        self.jobs.watch(snap)
+        self.lab.watch(snap)
+        self.pause_notes.watch(snap)
         state = self.state
         if self.hello_at and state == CONNECTING and (
                 now >= self.hello_at or not self.camera.probing()):
@@ -837,7 +851,7 @@ class CloudSession:
                                 % (self.identity.serial,), log=False)
             self._send_version(self.online_at)
             self._emit("capabilities", {"serialNumber": self.identity.serial})
-            if self.options.cloud_macros:
+            if self.commands.command_list():
                 self._emit("customCommandList", {
                     "serialNumber": self.identity.serial,
                     "commandList": self.commands.command_list()})
@@ -887,6 +901,7 @@ class CloudSession:
                                                  list):
             self.capabilities = [c for c in data["capabilities"][:32]
                                  if isinstance(c, str)]
+            self.lab.capabilities(self.capabilities)
     def _on_delete(self, data: Any) -> None:
         if isinstance(data, dict):
             protocol.check_serial(data, self.identity and self.identity.serial,
@@ -905,6 +920,7 @@ class CloudSession:
         if now - self.version_sent_at > VERSION_INTERVAL:
             self._send_version(now)
         self.jobs.flush()
+        self.lab.online_work()
         self._maybe_send_status(now)
         self._snapshot_work(now)
     # Webcam snapshots
@@ -953,7 +969,7 @@ class CloudSession:
         if snap is None:
             return None
         job = self.jobs.view(snap)
-        code = protocol.status_code(snap, job)
+        code = protocol.status_code(snap, job, self.lab.plate_clear)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
             self.identity.serial, snap, code, job_id,
@@ -967,7 +983,8 @@ class CloudSession:
                         if k.startswith("target"))
         key = (msg["status"], msg["jobId"], targets)
         active = msg["status"] not in (protocol.IDLE, protocol.OFFLINE,
-                                       protocol.ERROR) or any(targets)
+                                       protocol.ERROR, protocol.CLEAR_PLATE) \
+            or any(targets)
         interval = (self.options.active_interval if active
                     else self.options.status_interval)
         if key == self.last_status_key and not self.status_now_flag \
@@ -1023,6 +1040,8 @@ class CloudSession:
             if self.state == BACKOFF else 0,
             "retries": self.backoff.attempts if self.state != ONLINE
             else 0,
+            "plate_clear": self.lab.plate_clear,
+            "next_print": self.lab.next_print,
         }
     def _publish(self) -> None:
         self.public = self._public_view()

@@ -1,9 +1,12 @@
-"""HTTP side of the simulator: job files with scripted faults, S3-style uploads.
+"""HTTP side of the simulator: job files with scripted faults, S3-style uploads,
+the printer make list.
 
 ``GET /files/<name>`` serves files added with :meth:`HttpSide.add_file` in one
 of :data:`FILE_MODES`.  ``POST /upload`` checks an S3 POST-policy multipart
 form against the form issued in a ``getUrlResponse`` (docs/protocol.md,
-section 9).
+section 9).  ``GET /api/v1/printer_makes?filter=<machine type>`` answers
+``{"printerMakes": [...]}`` from :attr:`HttpSide.printer_makes` like
+polar3d.com's REST API (the request is counted as ``printer_makes``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ FILE_MODES = (
     "html",  # 200 text/html error page instead of the content
     "redirect",  # 302 to `target`, or a chain of `hops` redirects to the content
 )
+
+# A few real names per machine type (polar3d.com's list has about 110)
+PRINTER_MAKES = {
+    "cartesian": [
+        "Bambu X1C",
+        "Cartesian",
+        "Cartesian 200 x 200",
+        "Dremel DigiLab 3D45",
+        "Elegoo Neptune 3 Pro",
+        "Ender 3 S1 Plus",
+        "Ender 3 V2",
+        "Flashforge Adventurer 5M",
+        "Prusa Mk3S",
+        "Sovol SV06",
+        "Ultimaker S5",
+    ],
+    "delta": ["Delta", "SeeMeCNC Rostock Max V3"],
+    "belt": ["Belt", "Printrbot Printrbelt"],
+}
 
 UPLOAD_FIELDS = (
     "bucket",
@@ -138,10 +160,21 @@ class HttpSide:
         self.files: dict[str, SimFile] = {}
         self.forms: dict[str, UploadForm] = {}
         self.upload_fail: int | None = None  # fault: answer every upload with this
+        self.printer_makes: dict[str, list[str]] = {
+            k: list(v) for k, v in PRINTER_MAKES.items()
+        }
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/files/{name:.+}", self.handle_file)
         app.router.add_post("/upload", self.handle_upload)
+        app.router.add_get("/api/v1/printer_makes", self.handle_printer_makes)
+
+    async def handle_printer_makes(self, request: web.Request) -> web.Response:
+        self.rec.hit("printer_makes")
+        wanted = request.query.get("filter", "")
+        with self.rec.lock:
+            makes = list(self.printer_makes.get(wanted, []))
+        return web.json_response({"printerMakes": makes})
 
     # -- files ---------------------------------------------------------------
 

@@ -61,6 +61,7 @@ POST_AUTH_EVENTS = (
     "getUrl",
     "capabilities",
     "customCommandList",
+    "sendNextPrint",
     "unregister",
 )
 INBOUND_EVENTS = ("register", "hello", *POST_AUTH_EVENTS)
@@ -207,6 +208,8 @@ class PolarSim:
         self._next_serial = 1
         self._recent_challenges: collections.deque[str] = collections.deque(maxlen=256)
         self._job_reports: set[tuple[str, str]] = set()
+        # the cloud's print queue per serial, for sendNextPrint
+        self.queued_prints: dict[str, collections.deque[dict[str, Any]]] = {}
 
         # faults
         self.no_welcome = False
@@ -893,6 +896,15 @@ class PolarSim:
             session, "customCommandList", data, checks.check_custom_command_list(data)
         )
 
+    async def _handle_sendNextPrint(self, session: Session, data: Any) -> None:  # noqa: N802
+        problems = checks.check_serial_only("sendNextPrint", data)
+        self._check(session, "sendNextPrint", data, problems)
+        with self.rec.lock:
+            queue = self.queued_prints.get(session.serial or "")
+            job = queue.popleft() if queue else None
+        if job is not None:
+            await self._emit(session, "print", job)
+
     async def _handle_getUrl(self, session: Session, data: Any) -> None:  # noqa: N802
         self._check(session, "getUrl", data, checks.check_get_url(data))
         if self.no_geturl_response:
@@ -1130,6 +1142,18 @@ class PolarSim:
             fileToPrint=file_to_print,
             **(extra or {}),
         )
+
+    def queue_print(
+        self, serial: str, job_id: str, job_name: str = "Polar test job",
+        gcode_url: str | None = None,
+    ) -> None:
+        """Queue a job in the cloud: the printer's next sendNextPrint gets it
+        as a print."""
+        job = {"serialNumber": serial, "jobId": job_id, "jobName": job_name}
+        if gcode_url is not None:
+            job["gcodeFile"] = gcode_url
+        with self.rec.lock:
+            self.queued_prints.setdefault(serial, collections.deque()).append(job)
 
     def pause(
         self, serial: str, type: str | None = None, *, payload_serial: Any = _SAME
