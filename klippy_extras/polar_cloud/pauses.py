@@ -44,10 +44,15 @@ class PauseReasons:
         for name in self.macro_names:
             original = gcode.register_command(name, None)
             if original is None:
-                log.info("polar_cloud: there is no %s command to watch for"
-                         " filament changes", name)
+                if name != "M600":      # the default need not exist
+                    log.info("polar_cloud: there is no %s command to watch"
+                             " for filament changes", name)
                 continue
-            gcode.register_command(name, self._wrapper(name, original))
+            try:
+                gcode.register_command(name, self._wrapper(name, original))
+            except Exception:
+                logging.exception("polar_cloud: cannot watch %s", name)
+                gcode.register_command(name, original)
     def _wrapper(self, name: str, original: Callable):
         def run_change_macro(gcmd):
             self.running += 1
