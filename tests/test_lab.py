@@ -2,7 +2,8 @@
 Cloud: the build plate gate (status 15, refused jobs, every way to confirm,
 across RESTART and a reboot), continuous printing (sendNextPrint after a
 completed job only), why a print paused (runout 10, filament change 10,
-cold 9) with a real filament_switch_sensor on the simulated MCU.
+cold 9) with a real filament_switch_sensor on the simulated MCU, and the
+printer make checked against Polar Cloud's list.
 
 One klippy for the module; each test leaves the printer idle with the
 plate cleared.
@@ -44,13 +45,37 @@ PLATE_BUTTON = {"label": "Build Plate Cleared",
 
 @pytest.fixture(scope="module")
 def k(make_klippy, sim):
-    k = start_provisioned(make_klippy, sim, extra_cfg=LAB_CFG,
-                          require_plate_clear="True",
-                          continuous_printing="True",
-                          cloud_macros="POLAR_TEST_MACRO",
-                          printer_make="Ender 3 V3", web_url=sim.url)
+    # The printer make list is held back until the console is listened to
+    sim.hold_printer_makes(True)
+    try:
+        k = start_provisioned(make_klippy, sim, extra_cfg=LAB_CFG,
+                              require_plate_clear="True",
+                              continuous_printing="True",
+                              cloud_macros="POLAR_TEST_MACRO",
+                              printer_make="Ender 3 V3", web_url=sim.url)
+        k.start_output = k.subscribe_output()
+    finally:
+        sim.hold_printer_makes(False)
     wait_polar(k, lambda st: st.get("state") == "online")
     return k
+
+
+def test_an_unknown_printer_make_is_pointed_out_at_start(k, sim):
+    line = k.start_output.wait_for(r"printer_make 'Ender 3 V3' is not one")
+    k.start_output.close()
+    assert "closest: Ender 3 V2, Ender 3 S1 Plus" in line
+    assert "Cartesian" in line and "POLAR_PRINTER_MAKES" in line
+    assert k.log_text().count("is not one of Polar Cloud's") == 1
+    assert sim.file_requests("printer_makes") == 1
+    # The list is cached: the command asks the cloud no more
+    out = k.subscribe_output()
+    k.gcode("POLAR_PRINTER_MAKES FILTER=ender")
+    head = out.wait_for(r"printer makes matching")
+    names = [out.wait_for(r"^// - ") for _ in range(2)]
+    out.close()
+    assert head == "// Polar Cloud: 2 Cartesian printer makes matching 'ender'"
+    assert names == ["// - Ender 3 S1 Plus", "// - Ender 3 V2"]
+    assert sim.file_requests("printer_makes") == 1
 
 
 def send_job(sim, k, job_id, moves=60, hotend=0, feedrate=3000):

@@ -17,6 +17,7 @@ import secrets
 from typing import Callable
 
 from . import lab, protocol
+from .makes import PrinterMakes
 from .options import read_options
 from .pauses import PauseReasons
 from .printer_state import PrinterSampler
@@ -112,6 +113,7 @@ class PolarCloud:
         self.pause_reasons = PauseReasons(self.printer,
                                           self.options.filament_change_macros)
         self.sampler = PrinterSampler(self.printer, self.pause_reasons.sample)
+        self.makes = PrinterMakes(self.options, self.bridge)
         self.sample_timer = None
         self.started = False
         # Register and unregister over the API need the token that only a
@@ -142,6 +144,9 @@ class PolarCloud:
         self.gcode.register_command("POLAR_PLATE_CLEARED",
                                     self.cmd_POLAR_PLATE_CLEARED,
                                     desc=self.cmd_POLAR_PLATE_CLEARED_help)
+        self.gcode.register_command("POLAR_PRINTER_MAKES",
+                                    self.cmd_POLAR_PRINTER_MAKES,
+                                    desc=self.cmd_POLAR_PRINTER_MAKES_help)
         webhooks = self.printer.lookup_object("webhooks")
         webhooks.register_endpoint("polar_cloud/status",
                                    self._handle_status_request)
@@ -163,6 +168,8 @@ class PolarCloud:
             self.started = True
             self.sample_timer = self.reactor.register_timer(
                 self._sample_event, self.reactor.NOW)
+            if "requests" not in self.missing:
+                self.makes.check_at_start()
         except Exception:
             logging.exception("polar_cloud: cannot start")
     def _handle_shutdown(self) -> None:
@@ -277,6 +284,20 @@ class PolarCloud:
             raise gcmd.error("POLAR_PLATE_CLEARED: the cloud session is not"
                              " running")
         self.session.plate_cleared("G-code")
+    cmd_POLAR_PRINTER_MAKES_help = ("List the printer makes Polar Cloud knows"
+                                    " for this machine type: [FILTER=<text>]")
+    @guarded
+    def cmd_POLAR_PRINTER_MAKES(self, gcmd) -> None:
+        text = gcmd.get("FILTER", "").strip()
+        if "requests" in self.missing:
+            raise gcmd.error("POLAR_PRINTER_MAKES: missing Python packages"
+                             " (run install.sh)")
+        def answer(makes: list, error: str) -> None:
+            self.gcode.respond_info("\n".join(
+                self.makes.lines(makes, error, text)), log=False)
+        if not self.makes.lookup(answer):
+            gcmd.respond_info("Polar Cloud: loading the printer makes...",
+                              log=False)
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     @guarded
     def _handle_status_request(self, web_request) -> None:

@@ -6,7 +6,9 @@ of :data:`FILE_MODES`.  ``POST /upload`` checks an S3 POST-policy multipart
 form against the form issued in a ``getUrlResponse`` (docs/protocol.md,
 section 9).  ``GET /api/v1/printer_makes?filter=<machine type>`` answers
 ``{"printerMakes": [...]}`` from :attr:`HttpSide.printer_makes` like
-polar3d.com's REST API (the request is counted as ``printer_makes``).
+polar3d.com's REST API (the request is counted as ``printer_makes``);
+``hold_printer_makes(True)`` keeps the answers waiting until it is called
+with False, so a test can be listening before they arrive.
 """
 
 from __future__ import annotations
@@ -163,14 +165,30 @@ class HttpSide:
         self.printer_makes: dict[str, list[str]] = {
             k: list(v) for k, v in PRINTER_MAKES.items()
         }
+        self.makes_open = asyncio.Event()  # cleared: answers wait
+        self.makes_open.set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/files/{name:.+}", self.handle_file)
         app.router.add_post("/upload", self.handle_upload)
         app.router.add_get("/api/v1/printer_makes", self.handle_printer_makes)
 
+    async def hold_printer_makes(self, on: bool) -> None:
+        if on:
+            self.makes_open.clear()
+        else:
+            self.makes_open.set()
+
     async def handle_printer_makes(self, request: web.Request) -> web.Response:
         self.rec.hit("printer_makes")
+        if not self.makes_open.is_set():
+            waits = [
+                asyncio.ensure_future(self.makes_open.wait()),
+                asyncio.ensure_future(self._stopping().wait()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
         wanted = request.query.get("filter", "")
         with self.rec.lock:
             makes = list(self.printer_makes.get(wanted, []))

@@ -1143,6 +1143,10 @@ class PolarSim:
             **(extra or {}),
         )
 
+    def hold_printer_makes(self, on: bool = True) -> None:
+        """Keep printer_makes answers waiting (on) or let them go (off)."""
+        self._call(self.http.hold_printer_makes(on))
+
     def queue_print(
         self, serial: str, job_id: str, job_name: str = "Polar test job",
         gcode_url: str | None = None,
