@@ -208,6 +208,9 @@ def test_local_print_closes_the_gate_and_a_button_opens_it(k, sim):
     # A physical button (gcode_button) runs POLAR_PLATE_CLEARED
     pressed = sim.now()
     k.mcu.set_pin(BUTTON_PIN, 0)
+    wait_objects(k, {"gcode_button plate_button": ["state"]},
+                 lambda st: st["gcode_button plate_button"]["state"]
+                 == "PRESSED")
     k.mcu.set_pin(BUTTON_PIN, 1)
     wait_status(sim, k, pressed, lambda d: d["status"] == 0)
     assert polar_status(k)["plate_clear"] is True
