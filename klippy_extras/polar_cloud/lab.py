@@ -51,13 +51,14 @@ class LabWorkflow:
             return
         try:
             data = read_json(self.path)
+            if data is not None and not isinstance(data, dict):
+                raise IdentityError("%s is not an object" % (self.path,))
         except IdentityError as e:
             # Unreadable: the safe side is a plate nobody confirmed
             log.warning("polar_cloud: %s; the build plate counts as not"
                         " cleared", e)
             data = {"plate_clear": False}
-        if not isinstance(data, dict):
-            data = {}
+        data = data or {}
         self.plate_clear = not self.required \
             or data.get("plate_clear", True) is not False
         self.next_print = self.continuous and data.get("next_print") is True
