@@ -3,7 +3,8 @@
  *   - JSON-RPC on /websocket: printer.objects.subscribe for live
  *     printer.polar_cloud status, notify_gcode_response for the module's
  *     console lines;
- *   - HTTP POST /printer/polar_cloud/register and /unregister;
+ *   - HTTP POST /printer/polar_cloud/register, /unregister and
+ *     /plate_cleared;
  *   - while the websocket is down, GET /printer/objects/query?polar_cloud
  *     every 2 s.
  * Text from Klipper or the cloud is only ever set with textContent. Nothing
@@ -29,7 +30,9 @@
   };
   const STATUS_CODES = {
     0: "idle", 1: "local print", 2: "preparing", 3: "printing", 4: "paused",
-    6: "cancelling", 7: "complete", 12: "error", 13: "offline",
+    6: "cancelling", 7: "complete", 9: "paused, heater off",
+    10: "changing filament", 12: "error", 13: "offline",
+    15: "waiting for the build plate to be cleared",
   };
   const BUSY_STATES = ["connecting", "registering", "authenticating"];
 
@@ -42,6 +45,7 @@
     registerCard: $("register-card"), form: $("register-form"),
     email: $("email"), pin: $("pin"), registerButton: $("register-button"),
     unregisterCard: $("unregister-card"), unregisterButton: $("unregister-button"),
+    plateCard: $("plate-card"), plateButton: $("plate-button"),
     confirm: $("confirm"), confirmSerial: $("confirm-serial"), force: $("force"),
     messages: $("messages"), clearMessages: $("clear-messages"),
   };
@@ -101,7 +105,7 @@
       if (/^Polar Cloud: note: the PIN/.test(text)) continue;
       if (kind === "info" && /(failed|refused|rejected|not accepted|cannot|error)/i.test(text)) {
         kind = "error";
-      } else if (kind === "info" && /(registered, serial number|online as|unregistered)/.test(text)) {
+      } else if (kind === "info" && /(registered, serial number|online as|unregistered|build plate cleared)/.test(text)) {
         kind = "ok";
       }
       addMessage(text, kind);
@@ -213,6 +217,7 @@
       ui.errorRow.hidden = true;
       ui.registerCard.hidden = true;
       ui.unregisterCard.hidden = true;
+      ui.plateCard.hidden = true;
       return;
     }
     setText(ui.serial, st.serial_number || (st.registered ? "" : "not registered"));
@@ -234,6 +239,9 @@
     ui.registerButton.disabled = busy || pending;
     ui.registerButton.textContent = busy || pending ? "Registering…" : "Register";
     ui.unregisterButton.disabled = busy;
+    // Only with require_plate_clear does the plate ever count as not clear
+    ui.plateCard.hidden = st.plate_clear !== false;
+    ui.plateButton.disabled = busy;
   }
 
   function renderRetry() {
@@ -498,6 +506,20 @@
   ui.confirm.addEventListener("close", () => {
     if (ui.confirm.returnValue === "unregister") unregister(ui.force.checked);
     ui.unregisterButton.focus();
+  });
+
+  ui.plateButton.addEventListener("click", async () => {
+    busy = true;
+    render();
+    try {
+      const token = await requestToken();
+      await api("POST", "/printer/polar_cloud/plate_cleared", { token });
+    } catch (e) {
+      addMessage("Could not confirm the build plate: " + e.message, "error");
+    } finally {
+      busy = false;
+      render();
+    }
   });
 
   ui.clearMessages.addEventListener("click", () => ui.messages.replaceChildren());

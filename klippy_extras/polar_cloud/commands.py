@@ -9,6 +9,7 @@ import logging
 from typing import Any, Optional
 
 from . import gcode_policy, protocol
+from .lab import PLATE_COMMAND
 from .port import CloudPort
 
 log = logging.getLogger("polar_cloud")
@@ -79,12 +80,17 @@ class RemoteCommands:
     def command_list(self) -> list[dict]:
         return [{"label": name.replace("_", " ").title(),
                  "command": MACRO_PREFIX + name}
-                for name in self.options.cloud_macros]
+                for name in self.options.cloud_macros] \
+            + self.session.lab.command_list()
     def custom_command(self, data: Any, snap: Optional[dict]) -> None:
         if not isinstance(data, dict):
             raise protocol.ProtocolError("customCommand: not an object")
         protocol.check_serial(data, self.session.serial(), "customCommand")
         command = data.get("command")
+        if command == PLATE_COMMAND and self.session.lab.command_list():
+            self._audit("customCommand", "build plate cleared")
+            self.session.lab.plate_cleared("Polar Cloud")
+            return
         name = command[len(MACRO_PREFIX):] if isinstance(command, str) \
             and command.startswith(MACRO_PREFIX) else None
         if name not in self.options.cloud_macros:

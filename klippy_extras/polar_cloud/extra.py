@@ -17,9 +17,11 @@ import secrets
 import threading
 from typing import Callable
 
-from . import protocol
+from . import lab, protocol
 from .jobs import hide_url_queries
+from .makes import PrinterMakes
 from .options import read_options
+from .pauses import PauseReasons
 from .printer_state import PrinterSampler
 from .session import CloudSession
 
@@ -124,7 +126,10 @@ class PolarCloud:
         self.missing = missing_packages()
         self.bridge = ReactorBridge(self.printer)
         self.session = CloudSession(self.options, self.bridge, VERSION)
-        self.sampler = PrinterSampler(self.printer)
+        self.pause_reasons = PauseReasons(self.printer,
+                                          self.options.filament_change_macros)
+        self.sampler = PrinterSampler(self.printer, self.pause_reasons.sample)
+        self.makes = PrinterMakes(self.options, self.bridge)
         self.sample_timer = None
         self.started = False
         # Register and unregister over the API need the token that only a
@@ -153,6 +158,12 @@ class PolarCloud:
         self.gcode.register_command("POLAR_UNREGISTER",
                                     self.cmd_POLAR_UNREGISTER,
                                     desc=self.cmd_POLAR_UNREGISTER_help)
+        self.gcode.register_command("POLAR_PLATE_CLEARED",
+                                    self.cmd_POLAR_PLATE_CLEARED,
+                                    desc=self.cmd_POLAR_PLATE_CLEARED_help)
+        self.gcode.register_command("POLAR_PRINTER_MAKES",
+                                    self.cmd_POLAR_PRINTER_MAKES,
+                                    desc=self.cmd_POLAR_PRINTER_MAKES_help)
         webhooks = self.printer.lookup_object("webhooks")
         webhooks.register_endpoint("polar_cloud/status",
                                    self._handle_status_request)
@@ -160,9 +171,12 @@ class PolarCloud:
                                    self._handle_register_request)
         webhooks.register_endpoint("polar_cloud/unregister",
                                    self._handle_unregister_request)
+        webhooks.register_endpoint("polar_cloud/plate_cleared",
+                                   self._handle_plate_cleared_request)
     # Lifecycle
     def _handle_ready(self) -> None:
         try:
+            self.pause_reasons.wrap_macros()
             self.sampler.find_objects()
             self._post_sample(self.reactor.monotonic())
             if self.printer.get_start_args().get("debugoutput") is not None:
@@ -171,6 +185,8 @@ class PolarCloud:
             self.started = True
             self.sample_timer = self.reactor.register_timer(
                 self._sample_event, self.reactor.NOW)
+            if "requests" not in self.missing:
+                self.makes.check_at_start()
         except Exception:
             logging.exception("polar_cloud: cannot start")
     def _handle_shutdown(self) -> None:
@@ -231,7 +247,7 @@ class PolarCloud:
         for key in ("camera", "timelapse"):
             if info.get(key):
                 lines.append("%s: %s" % (key, info[key]))
-        return lines
+        return lines + lab.status_lines(self.options, info)
     # G-code commands
     def _check_register(self, email: str, pin: str) -> str:
         error = protocol.validate_email(email) or protocol.validate_pin(pin)
@@ -285,6 +301,29 @@ class PolarCloud:
                              " running")
         self.session.request_snapshot()
         gcmd.respond_info("Polar Cloud: taking a snapshot", log=False)
+    cmd_POLAR_PLATE_CLEARED_help = ("Confirm the build plate is clear, so"
+                                    " the next print may start")
+    @guarded
+    def cmd_POLAR_PLATE_CLEARED(self, gcmd) -> None:
+        # From the console, a macro, or a gcode_button: the answer follows
+        if not self.started:
+            raise gcmd.error("POLAR_PLATE_CLEARED: the cloud session is not"
+                             " running")
+        self.session.plate_cleared("G-code")
+    cmd_POLAR_PRINTER_MAKES_help = ("List the printer makes Polar Cloud knows"
+                                    " for this machine type: [FILTER=<text>]")
+    @guarded
+    def cmd_POLAR_PRINTER_MAKES(self, gcmd) -> None:
+        text = gcmd.get("FILTER", "").strip()
+        if "requests" in self.missing:
+            raise gcmd.error("POLAR_PRINTER_MAKES: missing Python packages"
+                             " (run install.sh)")
+        def answer(makes: list, error: str) -> None:
+            self.gcode.respond_info("\n".join(
+                self.makes.lines(makes, error, text)), log=False)
+        if not self.makes.lookup(answer):
+            gcmd.respond_info("Polar Cloud: loading the printer makes...",
+                              log=False)
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     @guarded
     def _handle_status_request(self, web_request) -> None:
@@ -315,3 +354,13 @@ class PolarCloud:
         self._check_token(web_request)
         self.session.unregister(force)
         web_request.send({"state": "unregistering"})
+    @guarded
+    def _handle_plate_cleared_request(self, web_request) -> None:
+        if not self.started:
+            raise self.printer.command_error("klippy is not ready")
+        if not self.options.require_plate_clear:
+            raise self.printer.command_error(
+                "require_plate_clear is off in [polar_cloud]")
+        self._check_token(web_request)
+        self.session.plate_cleared("web page")
+        web_request.send({"plate_clear": True})

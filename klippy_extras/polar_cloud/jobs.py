@@ -915,6 +915,8 @@ class JobManager:
         if snap.get("print_state") in ("printing", "paused") \
                 or snap.get("is_active"):
             return "the printer is busy printing", ""
+        if self.session.lab.refusal():
+            return self.session.lab.refusal(), ""
         problem = check_url(req.url, self.session.loopback_test_server())
         if problem:
             return "refused download URL: %s" % (problem,), req.kind
@@ -1054,6 +1056,7 @@ class JobManager:
         job.final_reports = 0
         self.save()
         self.queue_final(job.job_id, state, seconds, filament)
+        self.session.lab.job_finished(state)
         log.info("polar_cloud: job %s %s", shown_id(job.job_id), state)
         if state == "completed":
             self.session.console("Polar Cloud: job '%s' completed"

@@ -13,6 +13,7 @@ from . import imaging
 from .protocol import is_loopback_host
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
+DEFAULT_WEB = "https://polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
 
 
@@ -267,6 +268,26 @@ class Options:
     ca_file: str = ""
     timelapse: TimelapseOptions = TimelapseOptions()
     webcam: WebcamOptions = WebcamOptions()
+    # The lab workflow (lab.py): a build plate gate between prints, and
+    # asking the cloud for the next queued job after a completed one
+    require_plate_clear: bool = False
+    continuous_printing: bool = False
+    # Commands whose pause is a filament change (pauses.py)
+    filament_change_macros: tuple = ("M600",)
+    # Polar's web site: the printer make list (makes.py)
+    web_url: str = DEFAULT_WEB
+
+
+def read_macro_list(config, option: str, default: str) -> tuple:
+    """A comma or newline separated list of G-code command names."""
+    names = [m.strip().upper() for m in re.split(
+        r"[,\n]", config.get(option, default))]
+    names = tuple(m for m in names if m)
+    for name in names:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name):
+            raise config.error("Option '%s' in section 'polar_cloud' has an"
+                               " invalid macro name '%s'" % (option, name[:40]))
+    return names
 
 
 def read_options(config) -> Options:
@@ -311,6 +332,11 @@ def read_options(config) -> Options:
     allow_raw_gcode = config.getboolean("allow_raw_gcode", False)
     allow_jog = config.getboolean("allow_jog", False)
     macros = read_cloud_macros(config)
+    web_url = config.get("web_url", DEFAULT_WEB).strip().rstrip("/")
+    problem = check_server_url(web_url)
+    if problem:
+        raise error("Option 'web_url' in section 'polar_cloud' %s"
+                    % (problem,))
     return Options(server_url=server_url, state_path=state_path,
                    manufacturer=manufacturer, printer_make=printer_make,
                    machine_type=machine_type, status_interval=status_interval,
@@ -319,4 +345,11 @@ def read_options(config) -> Options:
                    allow_jog=allow_jog, cloud_macros=macros,
                    camera=read_camera_options(config), ca_file=ca_file,
                    timelapse=read_timelapse_options(config),
-                   webcam=read_webcam_options(config))
+                   webcam=read_webcam_options(config),
+                   require_plate_clear=config.getboolean(
+                       "require_plate_clear", False),
+                   continuous_printing=config.getboolean(
+                       "continuous_printing", False),
+                   filament_change_macros=read_macro_list(
+                       config, "filament_change_macros", "M600"),
+                   web_url=web_url)

@@ -22,6 +22,7 @@ class CloudPort(Protocol):
     abandoned: bool                 # True: never write state files again
     rlog: RateLimitedLog
     gcode: GcodeQueue               # read-only: what is waiting for klippy
+    lab: Any                        # lab.LabWorkflow: the build plate gate
     bridge: Any                     # extra.ReactorBridge; run_gcode_now()
     #                                 only from a run_gcode reply
     def on(self, event: str, handler: Callable[[Any], None],

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .protocol import finite_number
+
+FILAMENT_SENSORS = ("filament_switch_sensor ", "filament_motion_sensor ")
 
 
 def heater_key(name: str) -> Optional[str]:
@@ -40,13 +42,23 @@ def _layer(value: Any) -> Optional[int]:
 class PrinterSampler:
     """Builds a small, JSON-safe snapshot of the printer for the cloud."""
 
-    def __init__(self, printer):
+    def __init__(self, printer,
+                 pause_reason: Optional[Callable[[bool, dict], str]] = None):
         self.printer = printer
         self.print_stats = None
         self.sdcard = None
         self.heaters: dict[str, object] = {}
+        self.sensors: dict[str, object] = {}
+        # Asked on each sample (paused?, filament sensors): why the print
+        # is paused if it is for filament, else '' (pauses.py)
+        self.pause_reason = pause_reason
         self.last_key = None
         self.static: dict = {"sdcard_dir": "", "heaters": {}}
+        # Prints that ended (printing or paused, then anything else) in
+        # this klippy, counted here so the session cannot miss a short one
+        self.in_print = False
+        self.print_ends = 0
+        self.print_hotend_target = 0.
     def find_objects(self) -> None:
         lookup = self.printer.lookup_object
         self.print_stats = lookup("print_stats", None)
@@ -66,6 +78,9 @@ class PrinterSampler:
             if key is not None and key not in heaters and obj is not None:
                 heaters[key] = obj
         self.heaters = heaters
+        self.sensors = {name.split()[-1]: obj for name, obj
+                        in self.printer.lookup_objects()
+                        if name.startswith(FILAMENT_SENSORS)}
         self.static = {"sdcard_dir": self._sdcard_dir(),
                        "heaters": self._heater_limits(heaters)}
     def _settings(self) -> dict:
@@ -123,9 +138,33 @@ class PrinterSampler:
             heaters[key] = (_number(hs.get("temperature", 0.)),
                             _number(hs.get("target", 0.)))
         snap["heaters"] = heaters
+        self._sample_print(snap, category, eventtime)
         key = (category, snap.get("print_state"), snap.get("filename"),
                snap.get("is_active"), snap.get("current_layer"),
+               snap["filament_pause"],
+               tuple(snap["filament_sensors"].values()),
                tuple(round(t[1], 1) for t in heaters.values()))
         changed = key != self.last_key
         self.last_key = key
         return snap, changed
+    def _sample_print(self, snap: dict, category: str,
+                      eventtime: float) -> None:
+        """What the pause reasons and the build plate gate need."""
+        state = snap.get("print_state")
+        in_print = category == "ready" and state in ("printing", "paused")
+        if self.in_print and not in_print:
+            self.print_ends += 1
+        self.in_print = in_print
+        hotend = snap["heaters"].get("tool0")
+        if state == "printing" and hotend is not None:
+            self.print_hotend_target = hotend[1]
+        snap["print_ends"] = self.print_ends
+        snap["print_hotend_target"] = self.print_hotend_target
+        sensors = {}
+        for name, obj in self.sensors.items():
+            st = obj.get_status(eventtime)
+            sensors[name] = (bool(st.get("filament_detected")),
+                             bool(st.get("enabled")))
+        snap["filament_sensors"] = sensors
+        snap["filament_pause"] = self.pause_reason(
+            state == "paused", sensors) if self.pause_reason else ""

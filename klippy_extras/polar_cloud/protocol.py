@@ -26,8 +26,12 @@ PAUSED = 4
 POSTPROCESSING = 5
 CANCELLING = 6
 COMPLETE = 7
+COLD_PAUSED = 9     # paused, and the hotend heater was turned off
+CHANGING_FILAMENT = 10  # paused for a filament runout or a filament change
 ERROR = 12
 OFFLINE = 13
+CLEAR_PLATE = 15    # idle, but the build plate must be cleared first
+PAUSE_CODES = (PAUSED, COLD_PAUSED, CHANGING_FILAMENT)
 
 LOCAL_JOB_ID = "123"
 NO_JOB_ID = "0"
@@ -234,20 +238,55 @@ def is_cloud_print(snap: dict, job: Optional[JobView]) -> bool:
     """Is the printer busy with the cloud job (rather than a local one)?"""
     if job is None:
         return False
-    if job.phase in ("downloading", "starting", "done"):
+    if job.phase in ("downloading", "starting"):
         return True
-    return bool(job.filename) and snap.get("filename") == job.filename
+    same_file = bool(job.filename) and snap.get("filename") == job.filename
+    if job.phase == "done":
+        # Its final reports, unless a local print began meanwhile
+        return same_file or snap.get("print_state") not in ("printing",
+                                                             "paused")
+    return same_file
 
 
-def status_code(snap: dict, job: Optional[JobView]) -> int:
-    """Map a printer snapshot and the cloud job to a Polar status code."""
+def runout_sensor(snap: dict) -> str:
+    """The first enabled filament sensor that sees no filament, or ''."""
+    for name, (detected, enabled) in sorted(
+            snap.get("filament_sensors", {}).items()):
+        if enabled and not detected:
+            return name
+    return ""
+
+
+def pause_code(snap: dict) -> int:
+    """Why the print is paused: a filament runout or change (10), the
+    hotend heater turned off during the pause (9), or anything else (4)."""
+    if snap.get("filament_pause") or runout_sensor(snap):
+        return CHANGING_FILAMENT
+    hotend = snap.get("heaters", {}).get("tool0")
+    if hotend is not None and hotend[1] <= 0. \
+            and snap.get("print_hotend_target", 0.) > 0.:
+        return COLD_PAUSED
+    return PAUSED
+
+
+def status_code(snap: dict, job: Optional[JobView],
+                plate_clear: bool = True) -> int:
+    """Map a printer snapshot and the cloud job to a Polar status code;
+    an idle printer whose build plate was not cleared reports 15."""
+    code = _printer_code(snap, job)
+    if code == IDLE and not plate_clear:
+        return CLEAR_PLATE
+    return code
+
+
+def _printer_code(snap: dict, job: Optional[JobView]) -> int:
     klippy_state = snap.get("klippy_state")
     if klippy_state in ("shutdown", "error"):
         return ERROR
     if klippy_state != "ready":
         return OFFLINE
     state = snap.get("print_state", "standby")
-    if job is not None and job.phase == "done":
+    if job is not None and job.phase == "done" and is_cloud_print(snap, job):
         return job.final_code
     if is_cloud_print(snap, job) and job is not None:
         if job.phase in ("downloading", "starting"):
@@ -255,7 +294,7 @@ def status_code(snap: dict, job: Optional[JobView]) -> int:
         if job.phase == "cancelling":
             return CANCELLING
         if state == "paused":
-            return PAUSED
+            return pause_code(snap)
         if state == "printing":
             if snap.get("print_duration", 0.) <= 0.:
                 return PREPARING
@@ -264,17 +303,17 @@ def status_code(snap: dict, job: Optional[JobView]) -> int:
     if state == "printing":
         return SERIAL
     if state == "paused":
-        return PAUSED
+        return pause_code(snap)
     return IDLE
 
 
 def status_job_id(snap: dict, job: Optional[JobView], code: int) -> str:
     """The cloud job id for a cloud job, "123" for a local print."""
     if job is not None and is_cloud_print(snap, job) and code in (
-            PREPARING, PRINTING, PAUSED, POSTPROCESSING, CANCELLING,
-            COMPLETE):
+            PREPARING, PRINTING, POSTPROCESSING, CANCELLING,
+            COMPLETE) + PAUSE_CODES:
         return job.job_id
-    if code in (SERIAL, PAUSED):
+    if code in (SERIAL,) + PAUSE_CODES:
         return LOCAL_JOB_ID
     return NO_JOB_ID
 
@@ -284,6 +323,8 @@ PROGRESS_TEXT = {
     PRINTING: "Job Printing", PAUSED: "Job Paused",
     POSTPROCESSING: "Post processing job", CANCELLING: "Killing Job",
     COMPLETE: "Complete", ERROR: "Error", OFFLINE: "Offline",
+    COLD_PAUSED: "Job Paused (cold)", CHANGING_FILAMENT: "Changing Filament",
+    CLEAR_PLATE: "Clear the build plate",
 }
 
 
@@ -327,9 +368,11 @@ def build_status(serial: str, snap: dict, code: int, job_id: str,
         "estimatedTime": 0, "printSeconds": 0, "filamentUsed": 0,
         "bytesRead": 0, "fileSize": 0,
     }
-    if code in (SERIAL, PRINTING, PAUSED, PREPARING, CANCELLING, COMPLETE):
+    if code in (SERIAL, PRINTING, PREPARING, CANCELLING,
+                COMPLETE) + PAUSE_CODES:
         pct = 100. if code == COMPLETE else progress * 100.
-        label = {PAUSED: "Paused", COMPLETE: "Complete",
+        label = {PAUSED: "Paused", COLD_PAUSED: "Paused",
+                 CHANGING_FILAMENT: "Paused", COMPLETE: "Complete",
                  CANCELLING: "Cancelling", PREPARING: "Preparing"}.get(
                      code, "Printing")
         msg["progressDetail"] = "%s: %.1f%%" % (label, pct)

@@ -49,7 +49,8 @@ class Reporter:
         if snap is None:
             return None
         job = self.jobs.view(snap)
-        code = self.status_filter(protocol.status_code(snap, job), job)
+        code = self.status_filter(protocol.status_code(
+            snap, job, self.session.lab.plate_clear), job)
         job_id = protocol.status_job_id(snap, job, code)
         return protocol.build_status(
             session.serial(), snap, code, job_id,
@@ -63,7 +64,8 @@ class Reporter:
                         if k.startswith("target"))
         key = (msg["status"], msg["jobId"], targets)
         active = msg["status"] not in (protocol.IDLE, protocol.OFFLINE,
-                                       protocol.ERROR) or any(targets)
+                                       protocol.ERROR, protocol.CLEAR_PLATE) \
+            or any(targets)
         interval = (self.options.active_interval if active
                     else self.options.status_interval)
         if key == self.last_key and not self.now_flag \

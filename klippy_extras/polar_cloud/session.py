@@ -24,7 +24,9 @@ from .dispatch import Dispatcher, Handler
 from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
 from .jobs import JobManager
+from .lab import LabWorkflow
 from .outage import Outage
+from .pauses import PauseNotes
 from .ratelog import RateLimitedLog
 from .reporting import Reporter
 from .snapshots import Snapshots
@@ -113,6 +115,8 @@ class CloudSession:
         self.gcode = GcodeQueue(bridge.run_gcode,
                                 lambda: self.post(self.gcode.done))
         self.jobs = JobManager(self)
+        self.lab = LabWorkflow(self)
+        self.pause_notes = PauseNotes(self.console)
         self.reporter = Reporter(self, self.jobs)
         self.commands = RemoteCommands(self)
         self.snapshots = Snapshots(self, self.jobs)
@@ -160,6 +164,8 @@ class CloudSession:
         self.post(self.auth.start_unregister, force)
     def request_snapshot(self) -> None:
         self.post(self.snapshots.manual)
+    def plate_cleared(self, source: str) -> None:
+        self.post(self.lab.plate_cleared, source)
     # What collaborators may ask (session thread, unless noted)
     def on(self, event: str, handler: Handler, online: bool = True) -> None:
         """Handle a cloud event; online: only once authenticated."""
@@ -239,7 +245,9 @@ class CloudSession:
             # A print that ended just before klippy restarts: record (and
             # queue) its report now, the next klippy cannot tell
             if not self.abandoned:
-                self.jobs.watch(self.snapshot())
+                sample = self.snapshot()
+                self.jobs.watch(sample)
+                self.lab.stopping(sample)
         except Exception:
             log.exception("polar_cloud: final job check failed")
         self.drop_connection("stopped")
@@ -268,6 +276,8 @@ class CloudSession:
                 log.info("polar_cloud: the old session thread is still"
                          " busy; it will end by itself")
     def _startup(self) -> None:
+        self.lab.load()
+        self.lab.load()
         if self.missing:
             self.set_state(DISABLED, "missing Python packages: %s (run"
                            " install.sh)" % (", ".join(self.missing),))
@@ -313,8 +323,11 @@ class CloudSession:
             self.dropped_seen = dropped
             self.rlog("flood", "the cloud sent more events than can be"
                       " handled; %d dropped", dropped, level=logging.WARNING)
-        self.jobs.watch(self.snapshot())
-        self.timelapse.tick(now, self.snapshot())
+        sample = self.snapshot()
+        self.jobs.watch(sample)
+        self.lab.watch(sample)
+        self.pause_notes.watch(sample)
+        self.timelapse.tick(now, sample)
         state = self.state
         if self.connect_at and now >= self.connect_at:
             self.connect()
@@ -342,6 +355,7 @@ class CloudSession:
         self.auth.check_unregister(now)
         self.reporter.work(now)
         self.jobs.flush()
+        self.lab.online_work()
         self.snapshots.work(now)
         self.timelapse.online_work(now)
     def _check_link(self, now: float) -> None:
@@ -441,7 +455,7 @@ class CloudSession:
         self.console("Polar Cloud: online as %s" % (serial,), log=False)
         self.reporter.online(self.online_at)
         self.emit("capabilities", {"serialNumber": serial})
-        if self.options.cloud_macros:
+        if self.commands.command_list():
             self.emit("customCommandList", {
                 "serialNumber": serial,
                 "commandList": self.commands.command_list()})
@@ -497,6 +511,7 @@ class CloudSession:
                                                  list):
             self.capabilities = [c for c in data["capabilities"][:32]
                                  if isinstance(c, str)]
+            self.lab.capabilities(self.capabilities)
     # Public view for get_status / POLAR_STATUS
     def set_state(self, state: str, error: str) -> None:
         changed = state != self.state or error != self.last_error
@@ -541,6 +556,8 @@ class CloudSession:
             "retries": self.backoff.attempts if not online else 0,
             "camera": self.webcams.describe(),
             "timelapse": self.timelapse.describe(),
+            "plate_clear": self.lab.plate_clear,
+            "next_print": self.lab.next_print,
         }
     def publish(self) -> None:
         self.public = self._public_view()

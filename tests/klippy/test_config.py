@@ -30,6 +30,9 @@ from tests.testbed.klippy import REPO, KlippyError
     ({"snapshot_url": "ftp://cam/x"}, "snapshot_url"),
     ({"max_image_size": "10"}, "max_image_size"),
     ({"allow_raw_gcode": "maybe"}, "allow_raw_gcode"),
+    ({"require_plate_clear": "maybe"}, "require_plate_clear"),
+    ({"filament_change_macros": "M600, {x}"}, "'filament_change_macros'"),
+    ({"web_url": "http://polar3d.com"}, "'web_url' .* must use https"),
     ({"email": "a@b.org"}, "'email' is not valid"),
 ])
 def test_bad_option_is_a_clear_config_error(make_klippy, sim, options,

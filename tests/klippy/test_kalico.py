@@ -1,18 +1,36 @@
 """The same extra, unchanged, on Kalico (the second klippy flavour):
-register, status through a local print, a cloud job, RESTART."""
+register, status through a local print, a filament runout and change, a
+cloud job, RESTART."""
 from __future__ import annotations
 
 import pytest
 
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.helpers import wait_polar, wait_status
+from tests.testbed.helpers import register, wait_objects, wait_polar, wait_status
 
 pytestmark = pytest.mark.kalico
 
+RUNOUT_CFG = """
+[filament_switch_sensor runout]
+switch_pin: ^gpio30
+pause_on_runout: True
+
+[gcode_macro M600]
+gcode:
+  PAUSE
+"""
+
 
 @pytest.fixture(scope="module")
-def k(registered_klippy):
-    return registered_klippy("kalico")
+def k(polar_klippy, sim):
+    k = polar_klippy("kalico", extra_cfg=RUNOUT_CFG)
+    k.serial = register(k, sim)
+    return k
+
+
+def status(sim, k, since, predicate, timeout=60.):
+    return sim.wait_for("status", predicate, since=since, serial=k.serial,
+                        timeout=timeout)
 
 
 def test_local_print_status_on_kalico(k, sim):
@@ -28,6 +46,31 @@ def test_local_print_status_on_kalico(k, sim):
     k.gcode("RESUME")
     wait_status(sim, k, t, lambda d: d["status"] == 1)
     wait_status(sim, k, t, lambda d: d["status"] == 0, timeout=120)
+    assert sim.violations == []
+
+
+def test_filament_pauses_on_kalico(k, sim):
+    """Kalico's own filament sensor and a wrapped M600 both give 10."""
+    k.write_gcode("long.gcode", demo_print(moves=2000, hotend=0, bed=0,
+                                           feedrate=600))
+    since = sim.now()
+    k.gcode("SDCARD_PRINT_FILE FILENAME=long.gcode")
+    status(sim, k, since, lambda d: d["status"] == 1)
+    t = sim.now()
+    k.mcu.set_pin("gpio30", 0)
+    assert status(sim, k, t, lambda d: d["status"] == 10)["jobId"] == "123"
+    wait_objects(k, {"pause_resume": ["is_paused"]},
+                 lambda st: st["pause_resume"]["is_paused"])
+    k.mcu.set_pin("gpio30", 1)
+    t = sim.now()
+    k.gcode("RESUME")
+    status(sim, k, t, lambda d: d["status"] == 1)
+    t = sim.now()
+    k.gcode("M600")
+    status(sim, k, t, lambda d: d["status"] == 10)
+    t = sim.now()
+    k.gcode("CANCEL_PRINT")
+    status(sim, k, t, lambda d: d["status"] == 0)
     assert sim.violations == []
 
 

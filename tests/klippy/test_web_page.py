@@ -7,7 +7,8 @@ Headless Chromium (Debian's) opens the page, registers and unregisters the
 printer with real clicks and typing; the simulator confirms what happened.
 Screenshots in tests/artifacts/web/: polar-cloud.png (online, desktop),
 polar-cloud-phone.png (online, 390 px wide), polar-cloud-register.png (the
-registration form), polar-cloud-confirm.png (the unregister dialog).
+registration form), polar-cloud-confirm.png (the unregister dialog),
+polar-cloud-plate.png (the build plate to confirm after a print).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from tests.testbed.browser import BrowserError, Chromium, Page, find_chromium
 from tests.testbed.fixtures import ARTIFACTS
+from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import EMAIL, PIN, polar_status
 from tests.testbed.moonraker import Moonraker
 from tests.testbed.nginx import Nginx, find_nginx
@@ -37,7 +39,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def k(polar_klippy):
-    return polar_klippy("klipper")
+    return polar_klippy("klipper", require_plate_clear="True")
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,22 @@ def test_cloud_text_is_shown_as_text(page, k, sim):
     assert page.js("document.querySelectorAll('img').length") == 0
     assert page.js("window.__pwned === undefined") is True
     assert page.js(STATE) == "unregistered"
+
+
+def test_the_build_plate_is_confirmed_on_the_page(page, k):
+    """After a print, the page asks for the plate to be cleared; its button
+    confirms it through polar_cloud/plate_cleared."""
+    assert not page.visible("#plate-card")
+    k.write_gcode("plate.gcode", demo_print(moves=20, hotend=0, bed=0,
+                                            feedrate=3000))
+    k.gcode('SDCARD_PRINT_FILE FILENAME="plate.gcode"')
+    page.wait_js("!document.querySelector('#plate-card').hidden", timeout=60)
+    wait_message(page, "clear the build plate")
+    page.screenshot(SHOTS / "polar-cloud-plate.png")
+    page.click("#plate-button")
+    page.wait_js("document.querySelector('#plate-card').hidden")
+    wait_message(page, "build plate cleared (web page)", "ok")
+    assert polar_status(k)["plate_clear"] is True
 
 
 def test_page_follows_a_klippy_restart(page, k, mr):

@@ -510,6 +510,10 @@ class SimMcuClient:
     def set_ambient(self, temp: float) -> None:
         self.request("set_ambient", temp=temp)
 
+    def set_pin(self, pin: str, value: int) -> None:
+        """Set an input pin's level (a switch: filament sensor, button)."""
+        self.request("set_pin", pin=pin, value=value)
+
     def set_endstop_steps(self, steps: int) -> None:
         self.request("set_endstop_steps", steps=steps)
 

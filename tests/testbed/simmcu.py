@@ -11,10 +11,11 @@ with periodic reports and range checks, heaters as first-order thermal
 models (pins and constants in default_heaters()) read back through a 100k
 NTC on a 4.7k pull-up following klippy's ``Generic 3950`` curve, steppers
 (position accounting from the queued steps, no timing enforcement),
-endstops and trsync (an endstop triggers after its homing stepper moved
-``--endstop-steps`` steps, then remembers where it is, so later homings
-trigger at the same place), shutdown / ``is_shutdown``, ``stats``,
-``reset`` and ``config_reset``.
+buttons (input pins whose level a test sets, e.g. a filament switch; at
+its pull-up's level until set), endstops and trsync (an endstop triggers
+after its homing stepper moved ``--endstop-steps`` steps, then remembers
+where it is, so later homings trigger at the same place), shutdown /
+``is_shutdown``, ``stats``, ``reset`` and ``config_reset``.
 
 A control socket (unix, one JSON object per line, answered with one JSON
 line) lets tests steer it::
@@ -26,6 +27,8 @@ line) lets tests steer it::
         # fault: "open" | "short" (ADC out of range) | "no_power" | null
     {"cmd": "set_ambient", "temp": 25.0}
     {"cmd": "set_endstop_steps", "steps": 400}
+    {"cmd": "set_pin", "pin": "gpio30", "value": 0}  # an input's level, as
+        # read by buttons (filament_switch_sensor, gcode_button)
     {"cmd": "mute", "on": true}        # stop answering the host entirely
     {"cmd": "reset"}                   # power-cycle (after a mute, klippy
                                        # cannot reset it by command)
@@ -111,6 +114,11 @@ COMMANDS = [
     "trsync_start oid=%c report_clock=%u report_ticks=%u expire_reason=%c",
     "trsync_set_timeout oid=%c clock=%u",
     "trsync_trigger oid=%c reason=%c",
+    "config_buttons oid=%c button_count=%c",
+    "buttons_add oid=%c pos=%c pin=%u pull_up=%c",
+    "buttons_query oid=%c clock=%u rest_ticks=%u retransmit_count=%c"
+    " invert=%c",
+    "buttons_ack oid=%c count=%c",
 ]
 RESPONSES = [
     "identify_response offset=%u data=%.*s",
@@ -125,6 +133,7 @@ RESPONSES = [
     "stepper_position oid=%c pos=%i",
     "endstop_state oid=%c homing=%c next_clock=%u pin_value=%c",
     "trsync_state oid=%c can_trigger=%c trigger_reason=%c clock=%u",
+    "buttons_state oid=%c ack_count=%c state=%*s",
 ]
 # Commands the firmware still runs while shut down (HF_IN_SHUTDOWN).
 ALLOWED_IN_SHUTDOWN = {
@@ -154,6 +163,7 @@ STATIC_STRINGS = [
 ]
 GPIO_COUNT = 48
 ANALOG_COUNT = 16
+INPUT_PINS = frozenset("gpio%d" % (i,) for i in range(GPIO_COUNT))
 
 # Thermistor: a 100k NTC on a 4.7k pull-up, following klippy's own
 # "Generic 3950" definition (temperature_sensors.cfg: Steinhart-Hart through
@@ -394,6 +404,22 @@ class Endstop:
         self.switch: tuple[int, int, int] | None = None
 
 
+class Buttons:
+    """Up to 8 input pins reported together as one bitmask (the firmware's
+    src/buttons.c): each change of the pins' levels is queued as a report
+    and sent in ``buttons_state`` until the host acknowledges it."""
+
+    def __init__(self, oid: int, count: int) -> None:
+        self.oid = oid
+        self.pins: list[tuple[str, int] | None] = [None] * count
+        self.active = False
+        self.pressed = 0
+        self.reports: list[int] = []
+        self.ack_count = 0
+        self.retransmit_ticks = 0
+        self.timer: Timer | None = None
+
+
 class SimMCU:
     def __init__(self, pty_path: str, control_path: str,
                  endstop_steps: int = 400, clock_start: float = 0.0) -> None:
@@ -405,6 +431,9 @@ class SimMCU:
         self.start_time = time.monotonic() - clock_start
         self.heaters = default_heaters()
         self.ambient = 25.0
+        # Input pins set from the control socket (a switch's level is a
+        # physical fact: it survives MCU resets)
+        self.input_levels: dict[str, int] = {}
         self.muted = False
         self.resets = 0
         self._seq = itertools.count()
@@ -572,6 +601,11 @@ class SimMCU:
                     if t is not None:
                         t.cancelled = True
                 obj.can_trigger = False
+            elif isinstance(obj, Buttons):
+                obj.active = False
+                if obj.timer is not None:
+                    obj.timer.cancelled = True
+                    obj.timer = None
         self.send("shutdown", clock=now & 0xFFFFFFFF, static_string_id=reason)
 
     def _shutdown_exc(self, reason: str) -> McuShutdown:
@@ -1072,6 +1106,80 @@ class SimMCU:
             self.send("trsync_state", oid=ts.oid, can_trigger=0,
                       trigger_reason=reason, clock=clock & 0xFFFFFFFF)
 
+    # buttons (filament switches, gcode_button, display keys)
+    def cmd_config_buttons(self, p: dict) -> None:
+        if p["button_count"] > 8:
+            raise self._shutdown_exc("Invalid command")
+        self._new_oid(p["oid"], Buttons(p["oid"], p["button_count"]))
+
+    def cmd_buttons_add(self, p: dict) -> None:
+        b = self.lookup(p["oid"], Buttons)
+        if p["pos"] >= len(b.pins):
+            raise self._shutdown_exc("Invalid command")
+        b.pins[p["pos"]] = (p["pin"], p["pull_up"])
+
+    def cmd_buttons_query(self, p: dict) -> None:
+        b = self.lookup(p["oid"], Buttons)
+        if b.timer is not None:
+            b.timer.cancelled = True
+            b.timer = None
+        b.pressed = p["invert"]
+        b.reports = []
+        b.ack_count = 0
+        b.retransmit_ticks = p["retransmit_count"] * p["rest_ticks"]
+        b.active = bool(p["rest_ticks"])
+        if b.active:
+            b.timer = self.add_timer(self.clock64(p["clock"]),
+                                     lambda c: self._buttons_sample(b, c))
+
+    def cmd_buttons_ack(self, p: dict) -> None:
+        b = self.lookup(p["oid"], Buttons)
+        b.ack_count = (b.ack_count + p["count"]) & 0xFF
+        del b.reports[:p["count"]]
+        if not b.reports and b.timer is not None:
+            b.timer.cancelled = True
+            b.timer = None
+
+    def _input_level(self, pin: str, pull_up: int) -> int:
+        return self.input_levels.get(pin, 1 if pull_up == 1 else 0)
+
+    def _buttons_sample(self, b: Buttons, clock: int) -> None:
+        """Read the pins (at the first query, and when a level changes)."""
+        if not b.active:
+            return
+        status = 0
+        for i, pin in enumerate(b.pins):
+            if pin is not None and self._input_level(*pin):
+                status |= 1 << i
+        if status == b.pressed:
+            return
+        b.pressed = status
+        if len(b.reports) < 8:
+            b.reports.append(status)
+        self._buttons_send(b, clock)
+
+    def _buttons_send(self, b: Buttons, clock: int) -> None:
+        if b.timer is not None:
+            b.timer.cancelled = True
+            b.timer = None
+        if not b.reports:
+            return
+        self.send("buttons_state", oid=b.oid, ack_count=b.ack_count,
+                  state=bytes(b.reports))
+        if b.retransmit_ticks:
+            b.timer = self.add_timer(clock + b.retransmit_ticks,
+                                     lambda c: self._buttons_send(b, c))
+
+    def set_input(self, pin: str, value: int) -> None:
+        self.input_levels[pin] = 1 if value else 0
+        if self.shutdown_reason is not None:
+            return
+        now = self.clock()
+        for obj in list(self.objects.values()):
+            if isinstance(obj, Buttons) and any(
+                    p is not None and p[0] == pin for p in obj.pins):
+                self._buttons_sample(obj, now)
+
     # stats
     def _stats_event(self, clock: int) -> None:
         self.stats_timer = self.add_timer(
@@ -1118,6 +1226,12 @@ class SimMCU:
                 h.advance(now)
                 h.ambient = self.ambient
             return {}
+        if cmd == "set_pin":
+            pin = str(req["pin"])
+            if pin not in INPUT_PINS:
+                raise ValueError("unknown pin %r" % (pin,))
+            self.set_input(pin, int(req["value"]))
+            return {}
         if cmd == "set_endstop_steps":
             self.endstop_steps = int(req["steps"])
             return {}
@@ -1158,6 +1272,7 @@ class SimMCU:
             "muted": self.muted,
             "heaters": heaters,
             "steppers": steppers,
+            "inputs": dict(self.input_levels),
             "counters": dict(self.counters),
         }
 

@@ -489,6 +489,9 @@ def test_status_is_checked_strictly(sim, printers):
         ({"jobId": 7}, "status.jobId must be a string"),
         ({"serialNumber": "KL000000"}, "session serial"),
         ({"stlFile": "x"}, "unexpected field 'stlFile'"),
+        ({"status": 10, "jobId": "0"}, "code 10 is a print but jobId is '0'"),
+        ({"status": 9, "jobId": "0"}, "code 9 is a print"),
+        ({"status": 15, "jobId": "job-1"}, "code 15 is idle"),
     ]
     for change, needle in bad:
         sim.reset_records()
@@ -531,6 +534,34 @@ def test_job_set_version_capabilities_custom_commands(sim, printers):
     sim.wait_until(lambda: len(sim.received("job")) == 3, 5)
     text = "\n".join(sim.violations)
     assert "canceled" in text and "second terminal report" in text
+
+
+def test_send_next_print_gets_the_next_queued_job(sim, printers):
+    serial = provision(sim)
+    p = online(sim, printers, serial)
+    url = sim.add_file("next-1.gcode", b"G28\n")
+    sim.queue_print(serial, "next-1", "Second", gcode_url=url)
+    p.emit("sendNextPrint", {"serialNumber": serial})
+    assert p.expect("print") == {"serialNumber": serial, "jobId": "next-1",
+                                 "jobName": "Second", "gcodeFile": url}
+    # an empty queue: nothing comes back, and nothing is wrong
+    p.emit("sendNextPrint", {"serialNumber": serial})
+    sim.wait_until(lambda: len(sim.received("sendNextPrint")) == 2, 5)
+    assert sim.violations == []
+    p.emit("sendNextPrint", {"serialNumber": serial, "jobId": "x"})
+    sim.wait_until(lambda: sim.violations, 5)
+    assert "unexpected field 'jobId'" in sim.violations[0]
+
+
+def test_printer_makes_by_machine_type(sim):
+    url = sim.url + "/api/v1/printer_makes"
+    makes = requests.get(url, params={"filter": "delta"}, timeout=5).json()
+    assert makes == {"printerMakes": ["Delta", "SeeMeCNC Rostock Max V3"]}
+    assert "Ender 3 V2" in requests.get(
+        url, params={"filter": "cartesian"}, timeout=5).json()["printerMakes"]
+    assert requests.get(url, params={"filter": "x"}, timeout=5).json() == {
+        "printerMakes": []}
+    assert sim.file_requests("printer_makes") == 3
 
 
 def test_unknown_event_and_extra_arguments_are_violations(sim, printers):

@@ -252,6 +252,11 @@ class FakePort:
         self.gcode = SimpleNamespace(waiting_script=lambda key: "",
                                      running_script=lambda key: "")
         self.inbox = SimpleNamespace(put_local=lambda *a: None)
+        # The lab workflow with its options off (lab.py has its own tests)
+        self.lab = SimpleNamespace(
+            plate_clear=True, next_print=False, refusal=lambda: "",
+            job_finished=lambda state: None, command_list=lambda: [],
+            plate_cleared=lambda source: None)
         self.handlers: dict[str, Any] = {}
         self.audits: list[str] = []
         self.logged = self.audits

@@ -100,14 +100,16 @@ def test_load_config_makes_the_extra(printer):
 
 def test_commands_endpoints_and_events_are_registered(pc, printer):
     commands = gcode(printer).commands
-    assert sorted(commands) == ["POLAR_REGISTER", "POLAR_SNAPSHOT",
-                                "POLAR_STATUS", "POLAR_UNREGISTER"]
+    assert sorted(commands) == [
+        "POLAR_PLATE_CLEARED", "POLAR_PRINTER_MAKES", "POLAR_REGISTER",
+        "POLAR_SNAPSHOT", "POLAR_STATUS", "POLAR_UNREGISTER"]
     # POLAR_STATUS answers while klippy is shut down; each has a help text
     assert [n for n, (_h, when_not_ready, _d) in commands.items()
             if when_not_ready] == ["POLAR_STATUS"]
     assert all(desc for _h, _w, desc in commands.values())
     assert sorted(printer.lookup_object("webhooks").endpoints) == [
-        "polar_cloud/register", "polar_cloud/status", "polar_cloud/unregister"]
+        "polar_cloud/plate_cleared", "polar_cloud/register",
+        "polar_cloud/status", "polar_cloud/unregister"]
     assert sorted(printer.handlers) == ["klippy:disconnect", "klippy:ready",
                                         "klippy:shutdown"]
 

@@ -43,9 +43,85 @@ def snap(**kw):
     # A local print while a cloud job record lingers is still local
     ({"print_state": "printing", "filename": "other.gcode"},
      p.JobView("j1", "printing", "j.gcode"), p.SERIAL),
+    # ... also while the finished job's final reports are still going out
+    ({"print_state": "printing", "filename": "other.gcode"},
+     p.JobView("j1", "done", "j.gcode", p.IDLE), p.SERIAL),
 ])
 def test_status_code(kw, job, code):
     assert p.status_code(snap(**kw), job) == code
+
+
+RUNOUT = {"runout": (False, True)}
+PAUSED_JOB = {"print_state": "paused", "filename": "j.gcode",
+              "print_duration": 5.}
+CLOUD_JOB = p.JobView("j1", "printing", "j.gcode")
+
+
+@pytest.mark.parametrize("kw,job,code", [
+    # a filament sensor that sees none while paused: changing filament
+    (dict(PAUSED_JOB, filament_sensors=RUNOUT), CLOUD_JOB,
+     p.CHANGING_FILAMENT),
+    (dict(PAUSED_JOB, filament_sensors=RUNOUT), None, p.CHANGING_FILAMENT),
+    # a disabled sensor, or one that sees filament, says nothing
+    (dict(PAUSED_JOB, filament_sensors={"runout": (False, False)}),
+     CLOUD_JOB, p.PAUSED),
+    (dict(PAUSED_JOB, filament_sensors={"runout": (True, True)}),
+     CLOUD_JOB, p.PAUSED),
+    # a pause remembered as a filament change (M600) stays one
+    (dict(PAUSED_JOB, filament_pause="filament change (M600)"), CLOUD_JOB,
+     p.CHANGING_FILAMENT),
+    # the hotend was heated for the print and is off now: cold pause
+    (dict(PAUSED_JOB, print_hotend_target=210.,
+          heaters={"tool0": (150., 0.)}), CLOUD_JOB, p.COLD_PAUSED),
+    (dict(PAUSED_JOB, print_hotend_target=210.,
+          heaters={"tool0": (150., 0.)}), None, p.COLD_PAUSED),
+    # still hot, or a print that never heated the hotend: a plain pause
+    (dict(PAUSED_JOB, print_hotend_target=210.,
+          heaters={"tool0": (210., 210.)}), CLOUD_JOB, p.PAUSED),
+    (dict(PAUSED_JOB, print_hotend_target=0.,
+          heaters={"tool0": (20., 0.)}), CLOUD_JOB, p.PAUSED),
+    # a runout beats a cold hotend
+    (dict(PAUSED_JOB, print_hotend_target=210., filament_sensors=RUNOUT,
+          heaters={"tool0": (150., 0.)}), CLOUD_JOB, p.CHANGING_FILAMENT),
+    # the sensors mean nothing while printing
+    (dict(PAUSED_JOB, print_state="printing", filament_sensors=RUNOUT),
+     CLOUD_JOB, p.PRINTING),
+])
+def test_pause_reasons(kw, job, code):
+    s = snap(**kw)
+    assert p.status_code(s, job) == code
+    assert p.status_job_id(s, job, code) == ("j1" if job else "123")
+
+
+@pytest.mark.parametrize("kw,job,code", [
+    ({}, None, p.CLEAR_PLATE),
+    ({"print_state": "complete", "filename": "a.gcode"}, None,
+     p.CLEAR_PLATE),
+    # a cancelled cloud job's final reports: 15 instead of 0
+    ({"print_state": "cancelled", "filename": "j.gcode"},
+     p.JobView("j1", "done", "j.gcode", p.IDLE), p.CLEAR_PLATE),
+    # 7 is still reported for a completed job, and prints go on as usual
+    ({"print_state": "complete", "filename": "j.gcode"},
+     p.JobView("j1", "done", "j.gcode", p.COMPLETE), p.COMPLETE),
+    ({"print_state": "printing", "filename": "a.gcode"}, None, p.SERIAL),
+    ({"klippy_state": "shutdown"}, None, p.ERROR),
+])
+def test_uncleared_plate(kw, job, code):
+    s = snap(**kw)
+    assert p.status_code(s, job, plate_clear=False) == code
+    assert p.status_code(s, job) == (p.IDLE if code == p.CLEAR_PLATE
+                                     else code)
+    if code == p.CLEAR_PLATE:
+        assert p.status_job_id(s, job, code) == p.NO_JOB_ID
+        msg = p.build_status("KL000001", s, code, p.NO_JOB_ID)
+        assert msg["progress"] == "Clear the build plate"
+
+
+def test_build_status_of_a_filament_pause():
+    s = snap(**dict(PAUSED_JOB, progress=.5, filament_sensors=RUNOUT))
+    msg = p.build_status("KL000001", s, p.CHANGING_FILAMENT, "j1")
+    assert msg["status"] == 10 and msg["progressDetail"] == "Paused: 50.0%"
+    assert msg["printSeconds"] == 5
 
 
 def test_build_status_types_and_times():

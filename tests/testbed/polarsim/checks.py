@@ -249,8 +249,20 @@ STATUS_SPEC: dict[str, Kind] = {
 }
 
 
+# Codes that belong to a print (its jobId: the cloud job's, "123" for a local
+# print) and codes that cannot (jobId "0")
+PRINT_CODES = (1, 3, 4, 9, 10)
+IDLE_CODES = (0, 15)
+
+
 def check_status(payload: Any) -> list[str]:
     problems = check_fields("status", payload, STATUS_SPEC, ("serialNumber", "status"))
+    if isinstance(payload, dict) and "jobId" in payload:
+        code, job_id = payload.get("status"), payload["jobId"]
+        if code in PRINT_CODES and job_id == "0":
+            problems.append(f"status: code {code} is a print but jobId is '0'")
+        if code in IDLE_CODES and job_id != "0":
+            problems.append(f"status: code {code} is idle but jobId is {job_id!r}")
     if isinstance(payload, dict):
         read, size = payload.get("bytesRead"), payload.get("fileSize")
         if type(read) is int and type(size) is int and size > 0 and read > size:

@@ -1,9 +1,14 @@
-"""HTTP side of the simulator: job files with scripted faults, S3-style uploads.
+"""HTTP side of the simulator: job files with scripted faults, S3-style uploads,
+the printer make list.
 
 ``GET /files/<name>`` serves files added with :meth:`HttpSide.add_file` in one
 of :data:`FILE_MODES`.  ``POST /upload`` checks an S3 POST-policy multipart
 form against the form issued in a ``getUrlResponse`` (docs/protocol.md,
-section 9).
+section 9).  ``GET /api/v1/printer_makes?filter=<machine type>`` answers
+``{"printerMakes": [...]}`` from :attr:`HttpSide.printer_makes` like
+polar3d.com's REST API (the request is counted as ``printer_makes``);
+``hold_printer_makes(True)`` keeps the answers waiting until it is called
+with False, so a test can be listening before they arrive.
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ FILE_MODES = (
     "html",  # 200 text/html error page instead of the content
     "redirect",  # 302 to `target`, or a chain of `hops` redirects to the content
 )
+
+# A few real names per machine type (polar3d.com's list has about 110)
+PRINTER_MAKES = {
+    "cartesian": [
+        "Bambu X1C",
+        "Cartesian",
+        "Cartesian 200 x 200",
+        "Dremel DigiLab 3D45",
+        "Elegoo Neptune 3 Pro",
+        "Ender 3 S1 Plus",
+        "Ender 3 V2",
+        "Flashforge Adventurer 5M",
+        "Prusa Mk3S",
+        "Sovol SV06",
+        "Ultimaker S5",
+    ],
+    "delta": ["Delta", "SeeMeCNC Rostock Max V3"],
+    "belt": ["Belt", "Printrbot Printrbelt"],
+}
 
 UPLOAD_FIELDS = (
     "bucket",
@@ -190,10 +214,37 @@ class HttpSide:
         self.files: dict[str, SimFile] = {}
         self.forms: dict[str, UploadForm] = {}
         self.upload_fail: int | None = None  # fault: answer every upload with this
+        self.printer_makes: dict[str, list[str]] = {
+            k: list(v) for k, v in PRINTER_MAKES.items()
+        }
+        self.makes_open = asyncio.Event()  # cleared: answers wait
+        self.makes_open.set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/files/{name:.+}", self.handle_file)
         app.router.add_post("/upload", self.handle_upload)
+        app.router.add_get("/api/v1/printer_makes", self.handle_printer_makes)
+
+    async def hold_printer_makes(self, on: bool) -> None:
+        if on:
+            self.makes_open.clear()
+        else:
+            self.makes_open.set()
+
+    async def handle_printer_makes(self, request: web.Request) -> web.Response:
+        self.rec.hit("printer_makes")
+        if not self.makes_open.is_set():
+            waits = [
+                asyncio.ensure_future(self.makes_open.wait()),
+                asyncio.ensure_future(self._stopping().wait()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        wanted = request.query.get("filter", "")
+        with self.rec.lock:
+            makes = list(self.printer_makes.get(wanted, []))
+        return web.json_response({"printerMakes": makes})
 
     # -- files ---------------------------------------------------------------
 

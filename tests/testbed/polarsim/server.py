@@ -61,6 +61,7 @@ POST_AUTH_EVENTS = (
     "getUrl",
     "capabilities",
     "customCommandList",
+    "sendNextPrint",
     "unregister",
 )
 INBOUND_EVENTS = ("register", "hello", *POST_AUTH_EVENTS)
@@ -220,6 +221,8 @@ class PolarSim(BackgroundServer):
         self._next_serial = 1
         self._recent_challenges: collections.deque[str] = collections.deque(maxlen=256)
         self._job_reports: set[tuple[str, str]] = set()
+        # the cloud's print queue per serial, for sendNextPrint
+        self.queued_prints: dict[str, collections.deque[dict[str, Any]]] = {}
 
         # faults
         self.no_welcome = False
@@ -855,6 +858,15 @@ class PolarSim(BackgroundServer):
             session, "customCommandList", data, checks.check_custom_command_list(data)
         )
 
+    async def _handle_sendNextPrint(self, session: Session, data: Any) -> None:  # noqa: N802
+        problems = checks.check_serial_only("sendNextPrint", data)
+        self._check(session, "sendNextPrint", data, problems)
+        with self.rec.lock:
+            queue = self.queued_prints.get(session.serial or "")
+            job = queue.popleft() if queue else None
+        if job is not None:
+            await self._emit(session, "print", job)
+
     async def _handle_getUrl(self, session: Session, data: Any) -> None:  # noqa: N802
         self._check(session, "getUrl", data, checks.check_get_url(data))
         if self.no_geturl_response:
@@ -1097,6 +1109,22 @@ class PolarSim(BackgroundServer):
             fileToPrint=file_to_print,
             **(extra or {}),
         )
+
+    def hold_printer_makes(self, on: bool = True) -> None:
+        """Keep printer_makes answers waiting (on) or let them go (off)."""
+        self._call(self.http.hold_printer_makes(on))
+
+    def queue_print(
+        self, serial: str, job_id: str, job_name: str = "Polar test job",
+        gcode_url: str | None = None,
+    ) -> None:
+        """Queue a job in the cloud: the printer's next sendNextPrint gets it
+        as a print."""
+        job = {"serialNumber": serial, "jobId": job_id, "jobName": job_name}
+        if gcode_url is not None:
+            job["gcodeFile"] = gcode_url
+        with self.rec.lock:
+            self.queued_prints.setdefault(serial, collections.deque()).append(job)
 
     def pause(
         self, serial: str, type: str | None = None, *, payload_serial: Any = _SAME
