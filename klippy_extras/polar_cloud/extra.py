@@ -327,7 +327,7 @@ class PolarCloud:
     # Webhooks endpoints (Moonraker: /printer/polar_cloud/...)
     @guarded
     def _handle_status_request(self, web_request) -> None:
-        web_request.send(dict(self.session.public, lines=self.status_lines(),
+        web_request.send(dict(self.get_status(), lines=self.status_lines(),
                               token=self.request_token))
     def _check_token(self, web_request) -> None:
         token = web_request.get_str("token", "")

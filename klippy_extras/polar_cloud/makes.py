@@ -15,6 +15,8 @@ import logging
 import threading
 from typing import Callable, Optional
 
+from . import netpolicy
+
 log = logging.getLogger("polar_cloud")
 
 API_PATH = "/api/v1/printer_makes"
@@ -49,13 +51,14 @@ def matching(makes: list[str], text: str) -> list[str]:
     return [m for m in makes if text in m.lower()]
 
 
-def fetch(url: str, machine_type: str, verify) -> list[str]:
-    """On a helper thread: the list, or an exception."""
-    import requests
-    with requests.get(url, params={"filter": machine_type.lower()},
-                      timeout=TIMEOUT, verify=verify, stream=True,
-                      allow_redirects=False,
-                      headers={"Accept": "application/json"}) as resp:
+def fetch(url: str, machine_type: str, ca_file: str = "") -> list[str]:
+    """On a helper thread: the list, or an exception.  Through the proxy
+    netpolicy names, trusting ca_file besides the usual CAs."""
+    with netpolicy.requests_session(netpolicy.proxy_for(url),
+                                    ca_file) as http, \
+            http.get(url, params={"filter": machine_type.lower()},
+                     timeout=TIMEOUT, stream=True, allow_redirects=False,
+                     headers={"Accept": "application/json"}) as resp:
         if resp.status_code != 200:
             raise ValueError("HTTP %d" % (resp.status_code,))
         body = b""
@@ -73,7 +76,7 @@ class PrinterMakes:
         self.url = options.web_url + API_PATH
         self.machine_type = options.machine_type
         self.printer_make = options.printer_make
-        self.verify = options.ca_file or True
+        self.ca_file = options.ca_file
         self.bridge = bridge
         self.lock = threading.Lock()
         self.makes: Optional[list[str]] = None
@@ -96,7 +99,7 @@ class PrinterMakes:
     def _run(self) -> None:
         makes, error = [], ""
         try:
-            makes = fetch(self.url, self.machine_type, self.verify)
+            makes = fetch(self.url, self.machine_type, self.ca_file)
         except Exception as e:
             error = "cannot load Polar Cloud's printer makes (%s: %.80s)" % (
                 e.__class__.__name__, e)

@@ -277,12 +277,10 @@ class CloudSession:
                          " busy; it will end by itself")
     def _startup(self) -> None:
         self.lab.load()
-        self.lab.load()
         if self.missing:
             self.set_state(DISABLED, "missing Python packages: %s (run"
                            " install.sh)" % (", ".join(self.missing),))
             return
-        self.webcams.refresh()
         self.webcams.refresh()
         try:
             self.identity = self.store.load()

@@ -344,7 +344,8 @@ class Timelapse:
         try:
             return uploads.post_file(slot, UPLOAD_NAME, path,
                                      self.session.loopback_test_server(),
-                                     self.stop_event)
+                                     self.stop_event,
+                                     self.session.options.ca_file)
         except uploads.UploadError as e:
             return e
     @contained()

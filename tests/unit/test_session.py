@@ -15,6 +15,7 @@ docs/testing.md.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import random
 import re
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from klippy_extras.polar_cloud import auth as auth_mod
-from klippy_extras.polar_cloud import dispatch, outage, ratelog, states
+from klippy_extras.polar_cloud import dispatch, outage, protocol, ratelog, states
 from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
 from klippy_extras.polar_cloud import session as S
@@ -368,3 +369,268 @@ def test_unset_clock_is_named_and_retries_keep_the_schedule(
     clock[0] = s.retry_at
     s.step(0.)
     assert s.public["last_error"].startswith("cannot connect to ")
+
+
+# ------------------------------------- a deleted printer's reports
+
+def job_ids_sent(sio: FakeSio) -> list[str]:
+    return [d["jobId"] for e, d in sio.emits if e == "job"]
+
+
+def outbox_on_disk(state_dir) -> list[dict]:
+    path = state_dir / jobs_mod.OUTBOX_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def new_link(s: S.CloudSession) -> FakeSio:
+    s.link = links.Link(FakeSio())
+    s.link.sio.connected = True
+    return s.link.sio
+
+
+@pytest.mark.parametrize("how", ["delete", "deleted_hello", "unregister",
+                                 "force_unregister"])
+def test_reports_of_the_old_printer_never_go_out_under_a_new_serial(
+        tmp_path, how):
+    """Reports queued for the old identity (outbox.json, and the sent but
+    unsettled one in memory) and its running cloud job are dropped with
+    it; registered again under a new serial, none of them goes out."""
+    s = make_session(tmp_path)
+    running = "Benchy_polar-old-run.gcode"
+    s.jobs.job = jobs_mod.Job("old-run", "Benchy", running, phase="printing")
+    s.jobs.queue_final("old-sent", "completed", 60., 100.)
+    assert job_ids_sent(s.link.sio) == ["old-sent"]     # not acked yet
+    if how in ("deleted_hello", "force_unregister"):
+        s._fail("connection lost")
+        s.jobs.queue_final("old-offline", "canceled", 5., 1.)
+        assert [m["jobId"] for m in outbox_on_disk(tmp_path)] == [
+            "old-sent", "old-offline"]
+    if how == "delete":
+        s._dispatch("delete", {"serialNumber": SERIAL})
+    elif how == "unregister":
+        s.auth.start_unregister(False)
+        s._dispatch("unregisterResponse", {"status": "SUCCESS"})
+    elif how == "force_unregister":
+        s.auth.start_unregister(True)
+    else:
+        s.connect()
+        s.on_welcome({"challenge": "c"})
+        assert s.state == states.AUTHENTICATING
+        s._dispatch("helloResponse", {"status": "DELETED"})
+    assert s.state == states.UNREGISTERED and s.identity is None
+    assert outbox_on_disk(tmp_path) == [] and s.jobs.unsettled == []
+    assert s.jobs.job is None           # the print goes on, as a local one
+    s.jobs.queue_final("unregistered", "canceled", 0., 0.)
+    assert s.jobs.outbox == []
+    # Registered again; the cloud gave a new serial
+    s.identity = identity("KL000077")
+    sio = new_link(s)
+    s.state = states.AUTHENTICATING
+    s.authenticated()
+    s.jobs.watch(snapshot(print_state="complete", filename=running,
+                          print_duration=60.))
+    s.jobs.flush()
+    assert job_ids_sent(sio) == []
+    assert outbox_on_disk(tmp_path) == []
+
+
+def test_a_left_over_outbox_of_another_serial_is_dropped(tmp_path):
+    """outbox.json written under a former identity (and kept over an
+    unregistration and a restart) is not sent under the current one."""
+    (tmp_path / jobs_mod.OUTBOX_FILE).write_text(json.dumps([
+        protocol.build_job("KL000001", "theirs", "completed", 1., 1.),
+        protocol.build_job(SERIAL, "mine", "completed", 1., 1.)]))
+    s = make_session(tmp_path)
+    s.jobs.load()
+    s.jobs.flush()
+    assert job_ids_sent(s.link.sio) == ["mine"]
+    assert outbox_on_disk(tmp_path) == []
+
+
+# ------------------------- registration and hello timing
+
+EMAIL, PIN = "maker@school.example.org", "Zq7x91"
+
+
+def simulated_time(monkeypatch, start: float = 1000.) -> list[float]:
+    clock = [start]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    for module in (S, auth_mod, links, ratelog, outage):
+        monkeypatch.setattr(module, "time", fake)
+    return clock
+
+
+def unregistered(tmp_path) -> S.CloudSession:
+    s = make_session(tmp_path)
+    s.drop_connection("test")
+    s.identity = None
+    s.set_state(states.UNREGISTERED, "")
+    return s
+
+
+def registers_sent(sio: FakeSio) -> list[dict]:
+    return [d for e, d in sio.emits if e == "register"]
+
+
+SERVER_ERROR = {"status": "FAILED", "reason": "SERVER_ERROR"}
+
+
+def test_server_error_registration_is_retried_with_backoff(tmp_path,
+                                                           monkeypatch):
+    clock = simulated_time(monkeypatch)
+    s = unregistered(tmp_path)
+    s.auth.start_register(EMAIL, PIN)
+    for attempt in (1, 2, 3):
+        sio = s.sios[-1]
+        assert len(s.sios) == attempt and s.state == states.CONNECTING
+        s.on_welcome({"challenge": "c%d" % (attempt,)})
+        assert [(r["email"], r["pin"]) for r in registers_sent(sio)] == [
+            (EMAIL, PIN)]
+        if attempt == 3:
+            break
+        s._dispatch("registerResponse", SERVER_ERROR)
+        # Retried like a reconnect: the link is closed, the PIN kept in
+        # memory for the next attempt, the console says so
+        assert s.state == states.BACKOFF and not sio.connected
+        assert s.auth.pending_register == (EMAIL, PIN)
+        assert re.match(r"Polar Cloud could not add the printer"
+                        r" \(SERVER_ERROR\); retrying in \d+ s \(attempt"
+                        r" %d of 5\)" % (attempt + 1,),
+                        s.bridge.console_lines[-1])
+        assert s.public["state"] == "backoff" and not s.public["registered"]
+        clock[0] = s.retry_at - .01
+        s._tick(clock[0])
+        assert len(s.sios) == attempt
+        clock[0] = s.retry_at
+        s._tick(clock[0])
+    s._dispatch("registerResponse", {"status": "SUCCESS", "reason": "SUCCESS",
+                                     "serialNumber": "KL000101"})
+    assert s.identity.serial == "KL000101"
+    assert s.auth.pending_register is None          # the PIN is gone
+    assert s.backoff.attempts == 0
+    assert any("registered, serial number KL000101" in line
+               for line in s.bridge.console_lines)
+
+
+def test_registration_gives_up_after_five_server_errors(tmp_path,
+                                                        monkeypatch):
+    clock = simulated_time(monkeypatch)
+    s = unregistered(tmp_path)
+    s.auth.start_register(EMAIL, PIN)
+    while s.state != states.UNREGISTERED:
+        assert s.state == states.CONNECTING
+        s.on_welcome({"challenge": "c"})
+        s._dispatch("registerResponse", SERVER_ERROR)
+        if s.state == states.BACKOFF:
+            clock[0] = s.retry_at
+            s._tick(clock[0])
+    assert len(s.sios) == 5 == sum(len(registers_sent(x)) for x in s.sios)
+    assert s.auth.pending_register is None
+    assert re.search(r"registration failed: Polar Cloud could not add the"
+                     r" printer; try again later \(SERVER_ERROR, 5 attempts"
+                     r" in \d+ s\)", s.bridge.console_lines[-1])
+    assert "SERVER_ERROR" in s.public["last_error"]
+    # Nothing more is tried by itself
+    clock[0] += 3600.
+    s._tick(clock[0])
+    assert len(s.sios) == 5 and s.state == states.UNREGISTERED
+
+
+@pytest.mark.parametrize("reply", [
+    {"status": "FAILED", "reason": "EMAIL_PIN_ERROR"},
+    {"status": "FAILED", "reason": "FORBIDDEN"},
+    {"status": "FAILED", "reason": "SOMETHING_NEW"},
+    {"status": "SUCCESS"}])
+def test_other_registration_failures_end_at_once(tmp_path, monkeypatch,
+                                                 reply):
+    clock = simulated_time(monkeypatch)
+    s = unregistered(tmp_path)
+    s.auth.start_register(EMAIL, PIN)
+    s.on_welcome({"challenge": "c"})
+    s._dispatch("registerResponse", reply)
+    assert s.state == states.UNREGISTERED
+    assert s.auth.pending_register is None
+    assert "registration failed" in s.bridge.console_lines[-1]
+    clock[0] += 3600.
+    s._tick(clock[0])
+    assert len(s.sios) == 1
+
+
+def test_failed_connect_during_server_error_retries_ends_it(tmp_path,
+                                                            monkeypatch):
+    clock = simulated_time(monkeypatch)
+    s = unregistered(tmp_path)
+    s.auth.start_register(EMAIL, PIN)
+    s.on_welcome({"challenge": "c"})
+    s._dispatch("registerResponse", SERVER_ERROR)
+    s.client_factory = lambda inbox, verify, timeout, proxy=None: FakeSio(
+        fail_connect=True)
+    clock[0] = s.retry_at
+    s._tick(clock[0])
+    assert s.state == states.UNREGISTERED
+    assert s.auth.pending_register is None
+    assert "registration failed" in s.bridge.console_lines[-1]
+
+
+def test_hello_connection_waits_two_seconds_after_registering(tmp_path,
+                                                              monkeypatch):
+    clock = simulated_time(monkeypatch)
+    s = unregistered(tmp_path)
+    s.auth.start_register(EMAIL, PIN)
+    s.on_welcome({"challenge": "c"})
+    s._dispatch("registerResponse", {"status": "SUCCESS",
+                                     "serialNumber": "KL000101"})
+    registered_at = clock[0]
+    assert not s.sios[0].connected and s.state == states.CONNECTING
+    # Scheduled, not slept: the supervisor's loop wakes in time for it
+    assert s._wait_time() == pytest.approx(1.)
+    clock[0] = registered_at + 1.5
+    assert s._wait_time() == pytest.approx(.5)
+    s._tick(clock[0])
+    assert len(s.sios) == 1 and s.state == states.CONNECTING
+    clock[0] = registered_at + auth_mod.HELLO_AFTER_REGISTER
+    s._tick(clock[0])
+    assert len(s.sios) == 2 and s.sios[1].connected
+    # The welcome deadline counts from this connection
+    connected = clock[0]
+    clock[0] = connected + S.WELCOME_TIMEOUT - .01
+    s._tick(clock[0])
+    assert s.state == states.CONNECTING
+    clock[0] = connected + S.WELCOME_TIMEOUT
+    s._tick(clock[0])
+    assert s.state == states.BACKOFF
+    assert s.last_error == "no welcome from Polar Cloud"
+
+
+def test_late_welcome_and_camera_wait_never_trip_a_deadline(tmp_path,
+                                                            monkeypatch):
+    """A welcome just before its deadline, with the first camera probe
+    still running: the hello waits HELLO_CAMERA_WAIT, and neither the
+    welcome deadline nor the hello's reply deadline pays for it."""
+    clock = simulated_time(monkeypatch)
+    s = make_session(tmp_path)
+    monkeypatch.setattr(s.camera, "probing", lambda: True)
+    s.connect()
+    connected = clock[0]
+    sio = s.sios[-1]
+    clock[0] = connected + S.WELCOME_TIMEOUT - 1.
+    s.on_welcome({"challenge": "late"})
+    hello_at = clock[0] + S.HELLO_CAMERA_WAIT
+    assert s._wait_time() == pytest.approx(1.)
+    clock[0] = connected + S.WELCOME_TIMEOUT + .5
+    s._tick(clock[0])
+    assert s.state == states.CONNECTING and sio.connected
+    assert [e for e, _ in sio.emits] == []
+    clock[0] = hello_at - .25
+    s._tick(clock[0])
+    assert s.state == states.CONNECTING
+    assert s._wait_time() == pytest.approx(.25)     # wakes for the hello
+    clock[0] = hello_at
+    s._tick(clock[0])
+    assert s.state == states.AUTHENTICATING
+    assert [e for e, _ in sio.emits] == ["hello"]
+    clock[0] = hello_at + auth_mod.REPLY_TIMEOUT - .01
+    s._tick(clock[0])
+    assert s.state == states.AUTHENTICATING
+    s._dispatch("helloResponse", {"status": "SUCCESS"})
+    assert s.state == states.ONLINE

@@ -356,7 +356,7 @@ class FakeSession:
     def __init__(self, state_path, **opts):
         cam = dict(enabled=True, snapshot_url="http://127.0.0.1:9/snap")
         self.options = type("O", (), {
-            "state_path": state_path,
+            "state_path": state_path, "ca_file": "",
             "timelapse": options.TimelapseOptions(**opts),
             "camera": options.CameraOptions(**cam)})()
         self.stop_event = threading.Event()
