@@ -40,7 +40,7 @@ def test_hello_carries_the_camera_hints(k, sim):
     assert hello["rotateImg"] == 1
 
 
-def test_snapshot_is_the_view_the_hello_asks_for(k, sim, camera):
+def test_snapshot_is_the_view_the_hello_asks_for(k, sim, camera_server):
     """Polar shows the live stream transformed as transformImg says (the
     OctoPrint client's meaning: flips, then 90 degrees counter-clockwise);
     the uploaded snapshot must look the same."""
@@ -53,7 +53,7 @@ def test_snapshot_is_the_view_the_hello_asks_for(k, sim, camera):
         view = view.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     if hello["transformImg"] & 4:
         view = view.transpose(Image.Transpose.ROTATE_90)
-    camera.picture = to_jpeg(raw)
+    camera_server.picture = to_jpeg(raw)
     since = sim.now()
     k.gcode("POLAR_SNAPSHOT")
     # (a scheduled snapshot of the previous picture may land first)
