@@ -17,16 +17,29 @@ DEFAULT_WEB = "https://polar3d.com"
 MACHINE_TYPES = {"cartesian": "Cartesian", "delta": "Delta", "belt": "Belt"}
 
 
-def check_server_url(url: str) -> str:
-    """Return an error text for an unusable server_url, '' when fine."""
+NOT_HTTP = "must be an http:// or https:// URL"
+
+
+def check_http_url(url: str) -> str:
+    """An error text unless url is http(s) with a host and no credentials,
+    query or fragment; '' when fine."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "is not a URL"
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "must be an https:// URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return NOT_HTTP
     if parts.username or parts.password or parts.query or parts.fragment:
         return "must not carry credentials, a query or a fragment"
+    return ""
+
+
+def check_server_url(url: str) -> str:
+    """Return an error text for an unusable server_url, '' when fine."""
+    problem = check_http_url(url)
+    if problem:
+        return "must be an https:// URL" if problem == NOT_HTTP else problem
+    parts = urllib.parse.urlsplit(url)
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         return "must use https (http is only for a local test cloud)"
     return ""
@@ -221,18 +234,6 @@ class WebcamOptions:
     moonraker_url: str = DEFAULT_MOONRAKER
 
 
-def check_moonraker_url(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "is not a URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL"
-    if parts.username or parts.password or parts.query or parts.fragment:
-        return "must not carry credentials, a query or a fragment"
-    return ""
-
-
 def read_webcam_options(config) -> WebcamOptions:
     section = config.get_name()
     name = config.get("webcam", "").strip()
@@ -241,7 +242,7 @@ def read_webcam_options(config) -> WebcamOptions:
                            " of a webcam in Mainsail (at most 64 characters)"
                            % (section,))
     url = config.get("moonraker_url", DEFAULT_MOONRAKER).strip().rstrip("/")
-    problem = check_moonraker_url(url)
+    problem = check_http_url(url)
     if problem:
         raise config.error("Option 'moonraker_url' in section '%s' %s"
                            % (section, problem))
