@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, Optional
 
-from . import camera, handoff, protocol
+from . import camera, handoff, inbound, messages, protocol
 from .identity import IdentityError, IdentityStore
 from .ratelog import duration_text
 from .states import (
@@ -94,7 +94,7 @@ class Auth:
     def send_register(self) -> None:
         email, pin = self.pending_register
         machine = self.store.machine()
-        msg = protocol.build_register(
+        msg = messages.build_register(
             self.options.manufacturer, email, pin, self.store.public_pem(),
             machine["mfg_sn"], machine["mac"],
             self.options.machine_type, self.options.printer_make)
@@ -107,13 +107,13 @@ class Auth:
         session = self.session
         if session.state != REGISTERING:
             return
-        result = protocol.parse_register_response(data)
+        result = inbound.parse_register_response(data)
         if not result.ok:
             if result.reason in ("NO_SERIAL", "MALFORMED"):
                 log.warning("polar_cloud: unexpected registerResponse shape"
                             " (%s)", sorted(data) if isinstance(data, dict)
                             else type(data).__name__)
-            if result.reason in protocol.RETRYABLE_REGISTER_REASONS:
+            if result.reason in inbound.RETRYABLE_REGISTER_REASONS:
                 self.retry_register(result)
             else:
                 self.finish_register(False, result.message)
@@ -129,7 +129,7 @@ class Auth:
         # The protocol wants a fresh connection for the hello; both
         # reference clients leave the cloud a moment first
         session.connect_later(HELLO_AFTER_REGISTER)
-    def retry_register(self, result: protocol.RegisterResult) -> None:
+    def retry_register(self, result: inbound.RegisterResult) -> None:
         """The cloud could not add the printer this time (SERVER_ERROR):
         register again after a backoff delay, a few times at most."""
         session = self.session
@@ -260,7 +260,7 @@ class Auth:
         if not self.pending_unregister:
             return
         self.pending_unregister = False
-        ok, message = protocol.parse_status_reply(data, "unregisterResponse")
+        ok, message = inbound.parse_status_reply(data, "unregisterResponse")
         if not ok:
             self.session.console("Polar Cloud refused to unregister: %s"
                                  % (message or "no reason given"), error=True)
@@ -290,7 +290,7 @@ class Auth:
         log.info("polar_cloud: printer %s %s", serial, why)
     def on_delete(self, data: Any) -> None:
         if isinstance(data, dict):
-            protocol.check_serial(data, self.session.serial(), "delete")
+            inbound.check_serial(data, self.session.serial(), "delete")
         self._deleted()
     def _deleted(self) -> None:
         self.forget(DELETED_TEXT)
@@ -300,7 +300,7 @@ class Auth:
     def send_hello(self, challenge: str) -> None:
         session = self.session
         ident = session.identity
-        msg = protocol.build_hello(
+        msg = messages.build_hello(
             ident.serial, self.store.sign(challenge), ident.mac,
             ident.mfg_sn, self.options.printer_make, session.version,
             session.local_ip, camera.camera_hints(
@@ -312,7 +312,7 @@ class Auth:
         session = self.session
         if session.state != AUTHENTICATING:
             return
-        status, message = protocol.parse_hello_response(data)
+        status, message = inbound.parse_hello_response(data)
         if status == "SUCCESS":
             session.authenticated()
             return

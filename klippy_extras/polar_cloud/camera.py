@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import children, imaging, netpolicy, protocol
+from . import children, imaging, messages, netpolicy, protocol
 from .options import MAX_FETCH, CameraOptions
 from .uploads import (  # noqa: F401 (UploadSlot, parse_url_response: API)
     UPLOAD_MARGIN,
@@ -72,15 +72,15 @@ def lan_stream_url(stream_url: str, local_ip: str) -> str:
 
 
 def camera_hints(opts: CameraOptions, local_ip: str,
-                 available: bool) -> protocol.CameraHints:
+                 available: bool) -> messages.CameraHints:
     if opts.enabled is False or (opts.enabled is None and not available):
-        return protocol.CameraHints()
+        return messages.CameraHints()
     # transformImg with the OctoPrint client's meaning, rotateImg with
     # Polar's agent's (docs/protocol.md, section 2.4)
-    return protocol.CameraHints(
+    return messages.CameraHints(
         cam_url=lan_stream_url(opts.stream_url, local_ip), cam_off=0,
-        rotate_img=protocol.rotate_bit(opts.rotation),
-        transform_img=protocol.transform_bits(
+        rotate_img=messages.rotate_bit(opts.rotation),
+        transform_img=messages.transform_bits(
             opts.flip_horizontal, opts.flip_vertical, opts.rotation))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import gcode_policy, protocol
+from . import gcode_policy, inbound, protocol
 from .lab import PLATE_COMMAND
 from .port import CloudPort
 
@@ -57,7 +57,7 @@ class RemoteCommands:
                           "cloud %s: %s", event, decision)
     # temperature
     def temperature(self, data: Any, snap: Optional[dict]) -> None:
-        targets = protocol.parse_temperature(data, self.session.serial())
+        targets = inbound.parse_temperature(data, self.session.serial())
         if not self._ready(snap):
             self._audit("temperature", "refused, printer not ready")
             return
@@ -85,7 +85,7 @@ class RemoteCommands:
     def custom_command(self, data: Any, snap: Optional[dict]) -> None:
         if not isinstance(data, dict):
             raise protocol.ProtocolError("customCommand: not an object")
-        protocol.check_serial(data, self.session.serial(), "customCommand")
+        inbound.check_serial(data, self.session.serial(), "customCommand")
         command = data.get("command")
         if command == PLATE_COMMAND and self.session.lab.command_list():
             self._audit("customCommand", "build plate cleared")
@@ -109,7 +109,7 @@ class RemoteCommands:
             return
         if not isinstance(data, dict):
             raise protocol.ProtocolError("command: not an object")
-        protocol.check_serial(data, self.session.serial(), "command")
+        inbound.check_serial(data, self.session.serial(), "command")
         script = data.get("command")
         if isinstance(script, list) and all(isinstance(x, str)
                                             for x in script):

@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from . import netpolicy, protocol
+from . import cloud_status, inbound, messages, netpolicy, protocol
 from .port import CloudPort
 from .ratelog import LineBudget
 from .statefiles import StateFileError, read_json, write_json
@@ -803,7 +803,7 @@ class JobManager:
             return
         job = data.get("job")
         if isinstance(job, dict) and isinstance(job.get("job_id"), str) \
-                and protocol.read_job_id(job["job_id"]) is not None:
+                and inbound.read_job_id(job["job_id"]) is not None:
             fields = {k: job[k] for k in Job.__dataclass_fields__ if k in job}
             self.job = Job(**fields)
             self.job.start_mono = 0.
@@ -836,7 +836,7 @@ class JobManager:
         except OSError as e:
             log.warning("polar_cloud: cannot save the outbox: %s", e)
     # Views for the status message
-    def view(self, snap: Optional[dict] = None) -> Optional[protocol.JobView]:
+    def view(self, snap: Optional[dict] = None) -> Optional[cloud_status.JobView]:
         job = self.job
         if job is None:
             return None
@@ -844,7 +844,7 @@ class JobManager:
         if phase == "printing" and snap is not None \
                 and snap.get("mono", 0.) < job.start_mono:
             phase = "starting"      # the snapshot predates the start
-        return protocol.JobView(job.job_id, phase, job.filename,
+        return cloud_status.JobView(job.job_id, phase, job.filename,
                                 job.final_code)
     def slicer_estimate(self, snap: dict) -> float:
         path = snap.get("file_path") or ""
@@ -867,7 +867,7 @@ class JobManager:
         (a print without one, or for another printer, raises
         ProtocolError: there is nobody to answer)."""
         serial = self.session.serial()
-        req = protocol.parse_print(data, serial)
+        req = inbound.parse_print(data, serial)
         job = self.job
         if (job is not None and job.job_id == req.job_id) \
                 or req.job_id in self.seen:
@@ -899,7 +899,7 @@ class JobManager:
             ca_file=self.options.ca_file)
         self.download.start()
         self.session.status_now()
-    def _refusal(self, req: protocol.PrintRequest,
+    def _refusal(self, req: inbound.PrintRequest,
                  snap) -> tuple[str, str]:
         """Why the job cannot be printed, and the message field at fault
         ("" when the printer's state is the reason)."""
@@ -973,7 +973,7 @@ class JobManager:
             if not isinstance(data, dict):
                 raise protocol.ProtocolError("%s: payload is not an object"
                                              % (action,))
-            protocol.check_serial(data, self.session.serial(), action)
+            inbound.check_serial(data, self.session.serial(), action)
         state = (snap or {}).get("print_state")
         ready = (snap or {}).get("klippy_state") == "ready"
         if action in ("pause", "resume") and ready:
@@ -1071,7 +1071,7 @@ class JobManager:
             log.info("polar_cloud: job %s %s; not reported (not registered)",
                      shown_id(job_id), state)
             return
-        self.outbox.append(protocol.build_job(serial, job_id, state, seconds,
+        self.outbox.append(messages.build_job(serial, job_id, state, seconds,
                                               filament))
         self.flush()
     def flush(self) -> None:

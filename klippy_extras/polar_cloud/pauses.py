@@ -1,6 +1,6 @@
 # Why a print paused: a filament runout, a filament change or a cold pause
 #
-# The status mapping itself is protocol.pause_code (pure).  Here are the
+# The status mapping itself is cloud_status.pause_code (pure).  Here are the
 # two pieces with state: PauseReasons, on the reactor, notices the user's
 # filament-change macros and remembers, for the whole pause, that it is
 # about filament; PauseNotes, on the session thread, tells the console
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from . import protocol
+from . import cloud_status, protocol
 
 log = logging.getLogger("polar_cloud")
 
@@ -102,10 +102,10 @@ class PauseNotes:
                 or snap.get("klippy_state") != "ready":
             self.noted = False
             return
-        if self.noted or protocol.pause_code(snap) \
+        if self.noted or cloud_status.pause_code(snap) \
                 != protocol.CHANGING_FILAMENT:
             return
         self.noted = True
         why = snap.get("filament_pause") or "filament runout (sensor '%s')" \
-            % (protocol.runout_sensor(snap),)
+            % (cloud_status.runout_sensor(snap),)
         self.console("Polar Cloud: print paused for a %s" % (why,))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import cloud_status, protocol
 from .jobs import JobManager
 from .port import CloudPort
 
@@ -49,10 +49,10 @@ class Reporter:
         if snap is None:
             return None
         job = self.jobs.view(snap)
-        code = self.status_filter(protocol.status_code(
+        code = self.status_filter(cloud_status.status_code(
             snap, job, self.session.lab.plate_clear), job)
-        job_id = protocol.status_job_id(snap, job, code)
-        return protocol.build_status(
+        job_id = cloud_status.status_job_id(snap, job, code)
+        return cloud_status.build_status(
             session.serial(), snap, code, job_id,
             slicer_estimate=self.jobs.slicer_estimate(snap),
             error_text=snap.get("state_message", ""))

@@ -15,8 +15,8 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
+from . import inbound, netpolicy, protocol
 from . import link as links
-from . import netpolicy, protocol
 from .auth import Auth
 from .backoff import Backoff
 from .commands import RemoteCommands
@@ -492,7 +492,7 @@ class CloudSession:
     def on_welcome(self, data: Any) -> None:
         if self.state != CONNECTING or self.link is None:
             return
-        self.challenge = protocol.parse_welcome(data)
+        self.challenge = inbound.parse_welcome(data)
         if self.auth.pending_register is not None:
             self.auth.send_register()
         elif self.identity is not None:

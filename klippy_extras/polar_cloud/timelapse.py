@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import camera, children, protocol, render, uploads
+from . import camera, children, cloud_status, protocol, render, uploads
 from .frames import FrameStore, Stopped, capture
 from .options import TimelapseOptions
 from .worker import Worker, contained
@@ -122,7 +122,7 @@ class Timelapse:
                 self.ready.append(Post(job_id, active=False))
         self.waiting.clear()
     @contained(lambda code, job: code)
-    def status_code(self, code: int, job: Optional[protocol.JobView]) -> int:
+    def status_code(self, code: int, job: Optional[cloud_status.JobView]) -> int:
         """5 (post-processing) instead of 7 while the timelapse of the job
         that just completed is made."""
         cur = self.current
@@ -196,7 +196,7 @@ class Timelapse:
                 self.waiting[job_id] = float(completed)
             else:
                 self.post.submit(self.store.remove, job_id)
-    def _adopt(self, job: Optional[protocol.JobView]) -> None:
+    def _adopt(self, job: Optional[cloud_status.JobView]) -> None:
         """Recordings of the klippy before a RESTART."""
         for job_id in self.orphans:
             if job is not None and job.job_id == job_id and not self.off:
@@ -214,7 +214,7 @@ class Timelapse:
             return False
         return self.opts.enabled is True or self.camera.available() is True
     def _record(self, now: float, snap: Optional[dict],
-                job: Optional[protocol.JobView]) -> None:
+                job: Optional[cloud_status.JobView]) -> None:
         rec = self.rec
         if rec is not None and (job is None or job.job_id != rec.job_id
                                 or job.phase == "done"):

@@ -18,7 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Optional
 
-from . import imaging, netpolicy, protocol
+from . import imaging, inbound, netpolicy, protocol
 from .jobs import check_resolved, check_url
 
 KINDS = ("idle", "printing", "timelapse")
@@ -71,7 +71,7 @@ def parse_url_response(data: Any, serial: Optional[str],
         message = protocol.cloud_text(data.get("message"))
         raise protocol.ProtocolError("%s: %s" % (
             event, message or "status %.20r" % (data.get("status"),)))
-    protocol.check_serial(data, serial, event)
+    inbound.check_serial(data, serial, event)
     kind = data.get("type")
     if kind not in KINDS:
         raise protocol.ProtocolError("%s: unsupported type %.20r"
@@ -105,7 +105,7 @@ def parse_url_response(data: Any, serial: Optional[str],
     if not isinstance(content_type, str) or not pattern.fullmatch(content_type):
         raise protocol.ProtocolError("%s: contentType is not %s" % (
             event, "an MP4 video" if kind == "timelapse" else "a JPEG type"))
-    job_id = protocol.read_job_id(data.get("jobId")) or ""
+    job_id = inbound.read_job_id(data.get("jobId")) or ""
     return UploadSlot(kind, job_id, url, dict(fields),
                       _expiry(data.get("expires"), now), max_size,
                       content_type, received_at=now)

@@ -14,7 +14,7 @@ import time
 import pytest
 from PIL import Image
 
-from klippy_extras.polar_cloud import camera, children, protocol
+from klippy_extras.polar_cloud import camera, children, messages, protocol
 from klippy_extras.polar_cloud import options as cfg
 from tests.testbed.camera_server import (
     BLUE,
@@ -209,18 +209,18 @@ def test_lan_stream_url(stream, ip, expected):
 
 
 def test_camera_hints():
-    off = protocol.CameraHints()
+    off = messages.CameraHints()
     ip = "10.0.0.2"
     assert camera.camera_hints(cfg.CameraOptions(enabled=False), ip, True) == off
     assert camera.camera_hints(cfg.CameraOptions(), ip, False) == off
     hints = camera.camera_hints(cfg.CameraOptions(), ip, True)
-    assert hints == protocol.CameraHints(
+    assert hints == messages.CameraHints(
         "http://10.0.0.2/webcam/?action=stream", 0, 0, 0)
     opts = cfg.CameraOptions(enabled=True, flip_horizontal=True, rotation=90)
     hints = camera.camera_hints(opts, "10.0.0.2", False)
     assert hints.cam_off == 0
-    assert hints.transform_img == protocol.transform_bits(True, False, 90) == 6
-    msg = protocol.build_hello("S", "sig", "MAC", "KL-1", "Make", "1", ip, hints)
+    assert hints.transform_img == messages.transform_bits(True, False, 90) == 6
+    msg = messages.build_hello("S", "sig", "MAC", "KL-1", "Make", "1", ip, hints)
     assert msg["camOff"] == 0 and msg["transformImg"] == 6 and msg["rotateImg"] == 1
     flips = camera.CameraOptions(enabled=True, flip_vertical=True)
     assert camera.camera_hints(flips, ip, True).rotate_img == 0

@@ -29,7 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from klippy_extras.polar_cloud import auth as auth_mod
-from klippy_extras.polar_cloud import dispatch, outage, protocol, ratelog, states
+from klippy_extras.polar_cloud import (
+    dispatch,
+    messages,
+    outage,
+    ratelog,
+    states,
+)
 from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
 from klippy_extras.polar_cloud import session as S
@@ -438,8 +444,8 @@ def test_a_left_over_outbox_of_another_serial_is_dropped(tmp_path):
     """outbox.json written under a former identity (and kept over an
     unregistration and a restart) is not sent under the current one."""
     (tmp_path / jobs_mod.OUTBOX_FILE).write_text(json.dumps([
-        protocol.build_job("KL000001", "theirs", "completed", 1., 1.),
-        protocol.build_job(SERIAL, "mine", "completed", 1., 1.)]))
+        messages.build_job("KL000001", "theirs", "completed", 1., 1.),
+        messages.build_job(SERIAL, "mine", "completed", 1., 1.)]))
     s = make_session(tmp_path)
     s.jobs.load()
     s.jobs.flush()

@@ -19,6 +19,7 @@ from PIL import Image
 from klippy_extras.polar_cloud import (
     camera,
     children,
+    cloud_status,
     frames,
     options,
     protocol,
@@ -394,7 +395,7 @@ def tl(tmp_path, monkeypatch):
 
 
 def printing(job_id="j1", layer=None, duration=5., state="printing"):
-    return protocol.JobView(job_id, "printing", job_id + ".gcode"), {
+    return cloud_status.JobView(job_id, "printing", job_id + ".gcode"), {
         "print_state": state, "filename": job_id + ".gcode",
         "print_duration": duration, "current_layer": layer}
 
@@ -429,12 +430,12 @@ def test_a_completed_job_reports_5_then_uploads(tl):
     job, snap = printing(layer=1)
     tl.session.jobs.job = job
     tl.tick(100., snap)
-    done = protocol.JobView("j1", "done", "j1.gcode", protocol.COMPLETE)
+    done = cloud_status.JobView("j1", "done", "j1.gcode", protocol.COMPLETE)
     tl.session.jobs.job = done
     tl.tick(101., snap)
     assert tl.status_code(protocol.COMPLETE, done) == protocol.POSTPROCESSING
     assert tl.status_code(protocol.IDLE, done) == protocol.IDLE
-    other = protocol.JobView("j2", "done", "j2.gcode", protocol.COMPLETE)
+    other = cloud_status.JobView("j2", "done", "j2.gcode", protocol.COMPLETE)
     assert tl.status_code(protocol.COMPLETE, other) == protocol.COMPLETE
     assert tl.frames.names()[-2:] == ["update_meta", "capture"]  # last frame
     tl.tick(102., snap)
@@ -466,7 +467,7 @@ def test_a_completed_job_reports_5_then_uploads(tl):
 def test_a_failed_upload_waits_for_the_next_hello(tl):
     tl.session.jobs.job = printing()[0]
     tl.tick(100., printing()[1])
-    tl.session.jobs.job = protocol.JobView("j1", "done", "j1.gcode",
+    tl.session.jobs.job = cloud_status.JobView("j1", "done", "j1.gcode",
                                            protocol.COMPLETE)
     tl.tick(101., None)
     tl.session.online = False           # the link is down as it ends
@@ -494,7 +495,7 @@ def test_a_failed_upload_waits_for_the_next_hello(tl):
 def test_a_cancelled_job_leaves_no_frames(tl):
     tl.session.jobs.job = printing()[0]
     tl.tick(100., printing()[1])
-    tl.session.jobs.job = protocol.JobView("j1", "done", "j1.gcode",
+    tl.session.jobs.job = cloud_status.JobView("j1", "done", "j1.gcode",
                                            protocol.IDLE)
     tl.tick(101., None)
     assert tl.frames.names()[-1] == "remove" and tl.current is None
