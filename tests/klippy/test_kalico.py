@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tests.testbed.gcode_files import demo_print
-from tests.testbed.helpers import register, wait_objects, wait_polar, wait_status
+from tests.testbed.helpers import (
+    gcode_then_status,
+    print_local,
+    register,
+    wait_objects,
+    wait_polar,
+    wait_status,
+)
 
 pytestmark = pytest.mark.kalico
 
@@ -28,20 +35,11 @@ def k(polar_klippy, sim):
     return k
 
 
-def status(sim, k, since, predicate, timeout=60.):
-    return sim.wait_for("status", predicate, since=since, serial=k.serial,
-                        timeout=timeout)
-
-
 def test_local_print_status_on_kalico(k, sim):
-    k.write_gcode("local.gcode", demo_print(moves=300, hotend=0, bed=0,
-                                            feedrate=3000))
-    since = sim.now()
-    k.gcode("SDCARD_PRINT_FILE FILENAME=local.gcode")
+    since = print_local(k, sim, "local.gcode", moves=300, hotend=0, bed=0,
+                        feedrate=3000)
     assert wait_status(sim, k, since, lambda d: d["status"] == 1)["jobId"] == "123"
-    t = sim.now()
-    k.gcode("PAUSE")
-    wait_status(sim, k, t, lambda d: d["status"] == 4)
+    gcode_then_status(sim, k, "PAUSE", 4)
     t = sim.now()
     k.gcode("RESUME")
     wait_status(sim, k, t, lambda d: d["status"] == 1)
@@ -51,26 +49,18 @@ def test_local_print_status_on_kalico(k, sim):
 
 def test_filament_pauses_on_kalico(k, sim):
     """Kalico's own filament sensor and a wrapped M600 both give 10."""
-    k.write_gcode("long.gcode", demo_print(moves=2000, hotend=0, bed=0,
-                                           feedrate=600))
-    since = sim.now()
-    k.gcode("SDCARD_PRINT_FILE FILENAME=long.gcode")
-    status(sim, k, since, lambda d: d["status"] == 1)
+    since = print_local(k, sim, "long.gcode", moves=2000, hotend=0, bed=0,
+                        feedrate=600)
+    wait_status(sim, k, since, lambda d: d["status"] == 1)
     t = sim.now()
     k.mcu.set_pin("gpio30", 0)
-    assert status(sim, k, t, lambda d: d["status"] == 10)["jobId"] == "123"
+    assert wait_status(sim, k, t, lambda d: d["status"] == 10)["jobId"] == "123"
     wait_objects(k, {"pause_resume": ["is_paused"]},
                  lambda st: st["pause_resume"]["is_paused"])
     k.mcu.set_pin("gpio30", 1)
-    t = sim.now()
-    k.gcode("RESUME")
-    status(sim, k, t, lambda d: d["status"] == 1)
-    t = sim.now()
-    k.gcode("M600")
-    status(sim, k, t, lambda d: d["status"] == 10)
-    t = sim.now()
-    k.gcode("CANCEL_PRINT")
-    status(sim, k, t, lambda d: d["status"] == 0)
+    gcode_then_status(sim, k, "RESUME", 1)
+    gcode_then_status(sim, k, "M600", 10)
+    gcode_then_status(sim, k, "CANCEL_PRINT", 0)
     assert sim.violations == []
 
 

@@ -17,9 +17,11 @@ import pytest
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (
     polar_status,
+    print_local,
     start_provisioned,
     wait_objects,
     wait_polar,
+    wait_status,
 )
 from tests.testbed.klippy import KlippyError
 
@@ -88,11 +90,6 @@ def send_job(sim, k, job_id, moves=60, hotend=0, feedrate=3000):
     since = sim.now()
     assert sim.push_print(k.serial, job_id, job_name="Lab", gcode_url=url)
     return since
-
-
-def wait_status(sim, k, since, predicate, timeout=90.):
-    return sim.wait_for("status", predicate, since=since, serial=k.serial,
-                        timeout=timeout)
 
 
 def wait_final(sim, k, job_id, since, timeout=90.):
@@ -203,10 +200,8 @@ def test_cancelled_job_closes_the_gate_without_a_next_job(k, sim):
 
 
 def test_local_print_closes_the_gate_and_a_button_opens_it(k, sim):
-    k.write_gcode("local.gcode", demo_print(moves=60, hotend=0, bed=0,
-                                            feedrate=3000))
-    since = sim.now()
-    k.gcode('SDCARD_PRINT_FILE FILENAME="local.gcode"')
+    since = print_local(k, sim, "local.gcode", moves=60, hotend=0, bed=0,
+                        feedrate=3000)
     wait_status(sim, k, since, lambda d: d["status"] == 1)
     wait_status(sim, k, since, lambda d: d["status"] == 15)
     # A physical button (gcode_button) runs POLAR_PLATE_CLEARED
@@ -222,10 +217,8 @@ def test_local_print_closes_the_gate_and_a_button_opens_it(k, sim):
 
 
 def test_the_gate_survives_restart_and_reboot(k, sim):
-    k.write_gcode("local2.gcode", demo_print(moves=30, hotend=0, bed=0,
-                                             feedrate=3000))
-    since = sim.now()
-    k.gcode('SDCARD_PRINT_FILE FILENAME="local2.gcode"')
+    since = print_local(k, sim, "local2.gcode", moves=30, hotend=0, bed=0,
+                        feedrate=3000)
     wait_status(sim, k, since, lambda d: d["status"] == 15)
     for restart in (k.restart, lambda: reboot(k)):
         t = sim.now()

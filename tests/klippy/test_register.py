@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (
     EMAIL,
     PIN,
     polar_status,
+    print_local,
     register,
     wait_objects,
     wait_polar,
@@ -140,9 +140,7 @@ def test_register_happy_path(k, sim):
 
 def test_status_reports_through_a_local_print(k, sim):
     serial = k.serial
-    k.write_gcode("local.gcode", demo_print(moves=400, feedrate=3000))
-    since = sim.now()
-    k.gcode("SDCARD_PRINT_FILE FILENAME=local.gcode")
+    since = print_local(k, sim, "local.gcode", moves=400, feedrate=3000)
     printing = sim.wait_for("status", lambda d: d["status"] == 1,
                             since=since, serial=serial, timeout=60)
     assert printing["jobId"] == "123" and printing["fileSize"] > 0

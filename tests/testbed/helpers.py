@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from tests.testbed.gcode_files import demo_print
 from tests.testbed.klippy import REPO, Klippy, KlippyTimeout, ObjectSubscription
 
 EXTRA = REPO / "klippy_extras" / "polar_cloud"
@@ -379,6 +380,24 @@ def wait_status(sim, k: Klippy, since: float, predicate,
                 timeout: float = 90.) -> dict:
     return sim.wait_for("status", predicate, since=since, serial=k.serial,
                         timeout=timeout)
+
+
+def print_local(k: Klippy, sim, name: str, **print_args) -> float:
+    """Write a demo print (demo_print's arguments) and start it from
+    klippy's console as a local print; the simulator time before it."""
+    k.write_gcode(name, demo_print(**print_args))
+    since = sim.now()
+    k.gcode('SDCARD_PRINT_FILE FILENAME="%s"' % name)
+    return since
+
+
+def gcode_then_status(sim, k: Klippy, script: str, code: int,
+                      timeout: float = 90.) -> dict:
+    """Run a script and wait for the cloud to be told the status code."""
+    since = sim.now()
+    k.gcode(script)
+    return wait_status(sim, k, since, lambda d: d["status"] == code,
+                       timeout=timeout)
 
 
 def tree_digest(path) -> str:

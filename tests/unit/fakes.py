@@ -10,14 +10,17 @@ their own.
 from __future__ import annotations
 
 import configparser
+import math
 import tempfile
 import threading
 from types import SimpleNamespace
 from typing import Any, Optional
 
+import pytest
+
 from klippy_extras.polar_cloud import link as links
+from klippy_extras.polar_cloud import protocol, states
 from klippy_extras.polar_cloud import session as S
-from klippy_extras.polar_cloud import states
 from klippy_extras.polar_cloud.backoff import Backoff
 from klippy_extras.polar_cloud.camera import CameraOptions
 from klippy_extras.polar_cloud.identity import Identity
@@ -521,3 +524,19 @@ class FakePrinter:
 
     def get_state_message(self) -> tuple[str, str]:
         return self.state_message
+
+
+# Numbers no message may carry, and the check that none does
+INF, NAN = float("inf"), float("nan")
+HUGE = float("9" * 309)         # what float() makes of 309 nines: inf
+HUGE_INT = pytest.param(10 ** 400, id="huge-int")
+
+
+def message_numbers(msg):
+    return [v for v in msg.values()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def assert_sendable(msg):
+    for value in message_numbers(msg):
+        assert math.isfinite(value) and abs(value) <= protocol.MAX_COUNT, msg

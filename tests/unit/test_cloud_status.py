@@ -1,10 +1,10 @@
 """The printer's state as Polar Cloud status codes and the status message."""
-import math
 
 import pytest
 
 from klippy_extras.polar_cloud import cloud_status
 from klippy_extras.polar_cloud import protocol as p
+from tests.unit.fakes import HUGE, HUGE_INT, INF, NAN, assert_sendable
 
 
 def snap(**kw):
@@ -141,21 +141,6 @@ def test_build_status_types_and_times():
         "estimatedTime"] == 5000
     idle = cloud_status.build_status("KL1", snap(), p.IDLE, p.NO_JOB_ID)
     assert "startTime" not in idle and idle["jobId"] == "0"
-
-
-INF, NAN = float("inf"), float("nan")
-HUGE = float("9" * 309)         # what float() makes of 309 nines: inf
-HUGE_INT = pytest.param(10 ** 400, id="huge-int")
-
-
-def message_numbers(msg):
-    return [v for v in msg.values()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-def assert_sendable(msg):
-    for value in message_numbers(msg):
-        assert math.isfinite(value) and abs(value) <= p.MAX_COUNT, msg
 
 
 @pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, 1e300, HUGE_INT])

@@ -1,24 +1,10 @@
 """What the printer sends: message shapes and the camera transform bits."""
-import math
 
 import pytest
 
 from klippy_extras.polar_cloud import messages
 from klippy_extras.polar_cloud import protocol as p
-
-INF, NAN = float("inf"), float("nan")
-HUGE = float("9" * 309)         # what float() makes of 309 nines: inf
-HUGE_INT = pytest.param(10 ** 400, id="huge-int")
-
-
-def message_numbers(msg):
-    return [v for v in msg.values()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-def assert_sendable(msg):
-    for value in message_numbers(msg):
-        assert math.isfinite(value) and abs(value) <= p.MAX_COUNT, msg
+from tests.unit.fakes import HUGE, HUGE_INT, INF, NAN, assert_sendable
 
 
 @pytest.mark.parametrize("bad", [INF, -INF, NAN, HUGE, HUGE_INT])
