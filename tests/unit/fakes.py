@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import configparser
 import math
+import os
+import random
 import tempfile
 import threading
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
+from PIL import Image
 
 from klippy_extras.polar_cloud import link as links
-from klippy_extras.polar_cloud import protocol, states
+from klippy_extras.polar_cloud import protocol, render, states
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
 from klippy_extras.polar_cloud.camera import CameraOptions
@@ -463,8 +466,12 @@ class FakeGcode:
         self.fail_with: Optional[Exception] = None
 
     def register_command(self, name, handler, when_not_ready=False,
-                         desc=None) -> None:
+                         desc=None):
+        if handler is None:         # as klippy: removes, returns the old
+            old = self.commands.pop(name, None)
+            return old[0] if old else None
         self.commands[name] = (handler, when_not_ready, desc)
+        return None
 
     def respond_info(self, text: str, log: bool = True) -> None:
         self.info.append(text)
@@ -540,3 +547,30 @@ def message_numbers(msg):
 def assert_sendable(msg):
     for value in message_numbers(msg):
         assert math.isfinite(value) and abs(value) <= protocol.MAX_COUNT, msg
+
+
+# Timelapse frames and ffmpeg
+HAVE_FFMPEG = bool(render.find_ffmpeg())
+needs_ffmpeg = pytest.mark.skipif(not HAVE_FFMPEG, reason="needs ffmpeg")
+
+
+def write_frames(folder, count, size=(1280, 720)):
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(4)
+    for i in range(1, count + 1):
+        img = Image.new("RGB", size, (rng.randrange(256), 90, 160))
+        img.paste((255, 255, 255), (i * 8 % size[0], 10, i * 8 % size[0] + 40,
+                                    50))
+        img.save(os.path.join(folder, "f%08d.jpg" % (i,)), quality=85)
+
+
+# An upload URL response for a timelapse, a field at a time changed
+# (KeyError: left out)
+def timelapse_response(**changes):
+    data = {"status": "SUCCESS", "serialNumber": "KL000001", "type": "timelapse",
+            "jobId": "j-9", "expires": 600, "maxSize": 20_000_000,
+            "contentType": "video/mp4", "method": "post",
+            "url": "https://bucket.s3.amazonaws.com/",
+            "fields": {"key": "a/b.mp4", "Policy": "cG9s"}}
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not KeyError}
