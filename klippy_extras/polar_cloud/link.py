@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from . import netpolicy, protocol
 
-CONNECT_TIMEOUT = 20.
+SOCKET_CONNECT_TIMEOUT = 20.
 WELCOME_WAIT = 10
 MAX_NETWORK_QUEUE = 256
 # The largest message read from the cloud (a print with a 16 KB download
@@ -212,7 +212,7 @@ class Link:
              proxy: Optional[netpolicy.Proxy] = None) -> Link:
         """Connect (blocking: the session thread only), through proxy when
         there is one; raises on failure."""
-        link = cls(factory(inbox, verify, CONNECT_TIMEOUT, proxy=proxy))
+        link = cls(factory(inbox, verify, SOCKET_CONNECT_TIMEOUT, proxy=proxy))
         try:
             link.sio.connect(url, transports=["websocket"],
                              wait_timeout=WELCOME_WAIT)
