@@ -104,7 +104,7 @@ def cloud_down_until(k, sim, retries, timeout, back_timeout):
 
 
 def test_cloud_down_mid_print_backs_off_and_recovers(k, sim):
-    """R2: the cloud refuses connections mid-print, then comes back."""
+    """The cloud refuses connections mid-print, then comes back."""
     fresh_session(k, sim)
     job_since = start_cloud_print(k, sim, "outage-1")
     before = print_duration(k)
@@ -134,7 +134,7 @@ def test_cloud_down_mid_print_backs_off_and_recovers(k, sim):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_long_outage_backs_off_to_the_cap(k, sim):
-    """R2 in full: the cloud stays down until two retries were scheduled at
+    """The cloud stays down until two retries were scheduled at
     the 120 s cap (about six minutes); quiet logs all along."""
     fresh_session(k, sim)
     entries, _t_back, log_at = cloud_down_until(k, sim, 8, 600, 240)
@@ -146,7 +146,7 @@ def test_long_outage_backs_off_to_the_cap(k, sim):
 
 
 def test_half_open_link_is_detected_and_replaced(k, sim):
-    """R3: the cloud goes silent with the TCP link open (no FIN, no RST)."""
+    """The cloud goes silent with the TCP link open (no FIN, no RST)."""
     fresh_session(k, sim)
     hellos = sim.connects(k.serial)
     mark = k.hist.mark()
@@ -166,7 +166,7 @@ def test_half_open_link_is_detected_and_replaced(k, sim):
 
 @pytest.mark.slow
 def test_stalled_proxy_link_is_detected(k, sim, proxy):
-    """R3 seen from the network: a middlebox stops passing anything."""
+    """Seen from the network: a middlebox stops passing anything."""
     fresh_session(k, sim)
     mark = k.hist.mark()
     link = proxy.links_since(proxy.connections()[-1])[0]
@@ -196,7 +196,7 @@ def test_stalled_proxy_link_is_detected(k, sim, proxy):
 ])
 def test_handshake_black_hole_is_cut_at_the_deadline(k, sim, proxy, fault,
                                                       value, error, waiting):
-    """R4: connected but never authenticated -> cut at the deadline."""
+    """Connected but never authenticated -> cut at the deadline."""
     fresh_session(k, sim)
     sim.set_fault(fault, value)
     mark, t0 = k.hist.mark(), sim.now()
@@ -229,7 +229,7 @@ def test_handshake_black_hole_is_cut_at_the_deadline(k, sim, proxy, fault,
 
 
 def test_unresolvable_server_backs_off_and_klippy_answers(make_klippy, sim):
-    """R19: a server name that does not resolve is a normal outage."""
+    """A server name that does not resolve is a normal outage."""
     k = start_provisioned(make_klippy, sim,
                           server_url="https://polar.invalid")
     hist = StateHistory.attach(k)
@@ -250,7 +250,7 @@ def test_unresolvable_server_backs_off_and_klippy_answers(make_klippy, sim):
 
 
 def test_job_report_lost_in_flight_is_sent_again_once(k, sim, proxy):
-    """R31: the final report leaves the printer into a dead link (a stalled
+    """The final report leaves the printer into a dead link (a stalled
     middlebox, then a reset): it goes out again after the reconnect, and
     the cloud gets it exactly once."""
     fresh_session(k, sim)
@@ -277,7 +277,7 @@ def test_job_report_lost_in_flight_is_sent_again_once(k, sim, proxy):
 
 
 def test_slow_link_delivers_the_job_report_once(k, sim, proxy):
-    """R5: 300 ms each way and 4 KB/s: status keeps flowing, the final job
+    """300 ms each way and 4 KB/s: status keeps flowing, the final job
     report is never dropped, klippy is not held up."""
     fresh_session(k, sim)
     hellos = sim.connects(k.serial)
@@ -299,7 +299,7 @@ def test_slow_link_delivers_the_job_report_once(k, sim, proxy):
 
 
 def test_dns_that_never_answers_leaves_klippy_alone(make_klippy, sim):
-    """R19: the resolver hangs (every lookup of the cloud's name blocks
+    """The resolver hangs (every lookup of the cloud's name blocks
     8 s here, then fails).  The session thread waits; klippy does not."""
     env = {"PYTHONPATH": str(REPO / "tests" / "testbed" / "dns_hang"),
            "DNS_HANG_SECONDS": "8"}

@@ -144,7 +144,7 @@ def test_restarts_leave_one_session_and_no_leaks(k, sim, plain, size,
 
 @pytest.mark.slow
 def test_restart_while_the_connect_hangs(k, sim):
-    """R20/R21: RESTART while the session thread is stuck in a connect
+    """RESTART while the session thread is stuck in a connect
     (the cloud accepts TCP but never answers the WebSocket handshake; the
     connect gives up after 20 s).  klippy restarts at once, the old thread
     ends by itself, and exactly one session comes back."""
@@ -465,7 +465,7 @@ def polar_children() -> list[str]:
 
 
 def test_stopping_klippy_leaves_nothing_behind(online_klippy, sim):
-    """R23: Moonraker's [power] (or systemctl) stops klippy, here right
+    """Moonraker's [power] (or systemctl) stops klippy, here right
     after a RESTART, while the new session starts (reads and checks its
     key, connects, signs): the cloud sees the printer go, and no process
     of ours outlives klippy."""

@@ -68,7 +68,7 @@ MALFORMED = [
 
 
 def test_malformed_and_oversized_events_are_dropped_quietly(k, sim):
-    """R6: each malformed kind is dropped and logged at most once."""
+    """Each malformed kind is dropped and logged at most once."""
     hellos = sim.connects(k.serial)
     log_at = log_size(k)
     for _ in range(3):
@@ -108,7 +108,7 @@ def test_malformed_and_oversized_events_are_dropped_quietly(k, sim):
 # reconnect (a race), and runs before the flood test, whose print could
 # still look busy for one 250 ms sample.
 def test_duplicate_print_starts_once_even_across_a_reconnect(k, sim):
-    """R10: the same job 3x in a burst, then again after a reconnect."""
+    """The same job 3x in a burst, then again after a reconnect."""
     text = demo_print(moves=60, hotend=0, bed=0, feedrate=1500)
     url = sim.add_file("dup-1.gcode", text.encode())
     since = sim.now()
@@ -134,7 +134,7 @@ def test_duplicate_print_starts_once_even_across_a_reconnect(k, sim):
 
 
 def test_flood_during_a_print_disturbs_nothing(k, sim):
-    """R6: 1,000 events in a burst while a local print runs."""
+    """1,000 events in a burst while a local print runs."""
     hellos = sim.connects(k.serial)
     k.write_gcode("flood.gcode", demo_print(moves=100, hotend=0, bed=0,
                                             feedrate=1200))
@@ -188,7 +188,7 @@ def status_text(k):
 
 
 def test_rejected_hello_waits_for_the_user(online_klippy, sim):
-    """R7: hello FAILED -> auth_failed with the cloud's words, no retries
+    """Hello FAILED -> auth_failed with the cloud's words, no retries
     (the one automatic retry is 30 minutes later)."""
     k = online_klippy()
     hist = k.hist
@@ -211,7 +211,7 @@ def test_rejected_hello_waits_for_the_user(online_klippy, sim):
 
 def test_deleted_and_refused_registrations_wait_for_the_user(online_klippy,
                                                               sim):
-    """R7: DELETED forgets the identity; EMAIL_PIN_ERROR and FORBIDDEN end a
+    """DELETED forgets the identity; EMAIL_PIN_ERROR and FORBIDDEN end a
     registration; after each, nothing connects until the user acts."""
     k = online_klippy()
     hist = k.hist
@@ -337,7 +337,7 @@ def test_tls_verification_cannot_be_switched_off(tk, sim, tls):
 # -------------------------------------------------------- secrets (R9)
 
 def test_secrets_stay_in_state_path(polar_klippy, sim, camera_server):
-    """R9 after registration, hellos, snapshot uploads, an M112 and a
+    """After registration, hellos, snapshot uploads, an M112 and a
     FIRMWARE_RESTART: no secret outside state_path."""
     k = polar_klippy("klipper", webcam_enabled="True",
                      snapshot_url=camera_server.snapshot_url,

@@ -1,4 +1,4 @@
-"""R27 in short: the soak (tests/testbed/soak.py) for a few minutes.  The
+"""The soak (tests/testbed/soak.py) for a few minutes.  The
 long runs are `scripts/soak.sh --minutes 720`; see docs/testing.md."""
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def max_per_second(times: list[float]) -> int:
 
 
 def test_fleet_comes_back_without_a_stampede():
-    """R28: 1,000 printers lose the cloud at t=0, it returns at t=300 s."""
+    """1,000 printers lose the cloud at t=0, it returns at t=300 s."""
     n, outage = 1000, 300.
     times = fleet_reconnects(n, outage, lambda i: Backoff(
         rand=random.Random(i).random).next_delay)

@@ -240,7 +240,8 @@ def wait(pred, timeout=10.):
                                    "reporter.maybe_send_status"])
 def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
                                                     caplog, where):
-    """R24 for the supervisor: its periodic work raises once."""
+    """The supervisor's periodic work raises once: one traceback, a
+    reconnect, online again."""
     s = make_session(tmp_path)
     s.state = states.STOPPED
     s.identity = None
@@ -283,7 +284,7 @@ def test_supervisor_failure_reconnects_and_recovers(tmp_path, monkeypatch,
 # ------------------------------------------------------------ slow link
 
 def test_slow_link_holds_status_but_never_job_reports(tmp_path, caplog):
-    """R5: python-engineio's send queue is unbounded; the session is not."""
+    """python-engineio's send queue is unbounded; the session is not."""
     s = make_session(tmp_path)
     s.link.sio.eio.queue.size = S.MAX_OUTBOUND_QUEUE
     with caplog.at_level(logging.INFO, logger="polar_cloud"):
@@ -350,7 +351,7 @@ def test_long_outage_logs_a_handful_of_lines(tmp_path, monkeypatch, caplog):
 
 def test_unset_clock_is_named_and_retries_keep_the_schedule(
         tmp_path, monkeypatch):
-    """R18: booted with the clock in 2001 (no RTC, NTP not there yet): the
+    """Booted with the clock in 2001 (no RTC, NTP not there yet): the
     status says so instead of a misleading TLS error, retries follow the
     backoff schedule, and once NTP steps the clock the real error shows."""
     clock, wall = [1000.], [978307200.]
