@@ -259,7 +259,7 @@ def capture(store: FrameStore, kids: children.Children,
         spec = imagingchild.fetch_spec(opts)
         path = store.new_frame(job_id)
         code, _out, err, _fetched = imagingchild.run_imaging(
-            kids, imaging.request(FRAME_LIMIT, opts, spec, out=path))
+            kids, imagingchild.request(FRAME_LIMIT, opts, spec, out=path))
         if code != imaging.EXIT_OK:
             return err or "image processing failed (exit code %d)" % (code,)
         store.added(job_id, path)

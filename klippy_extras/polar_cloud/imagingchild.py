@@ -1,5 +1,5 @@
 # imaging.py run as a child process, from klippy's side: what it fetches,
-# the request on its stdin, and what its answer means
+# the request on its stdin (request), and what its answer means
 #
 # Used by the snapshot worker (snapshot_worker.py) and the timelapse frame
 # worker (frames.py); the child is run at idle priority by children.py.
@@ -7,10 +7,13 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import sys
 import tempfile
+from typing import Any, Optional
 
 from . import children, imaging, netpolicy
 from .options import MAX_FETCH, CameraOptions
@@ -62,6 +65,21 @@ def _input_file(data: bytes):
         raise SnapshotError("cannot hand the snapshot to the image"
                             " processing (%s)" % (e.strerror or e,)) from None
     return f
+
+
+def request(limit: int, opts: Any, fetch: Optional[imaging.Fetch] = None,
+            out: str = "") -> bytes:
+    """The header line for imaging.py's stdin (the JPEG follows it unless
+    the child is to fetch the frame itself)."""
+    header = {
+        "limit": int(limit), "flip_horizontal": bool(opts.flip_horizontal),
+        "flip_vertical": bool(opts.flip_vertical),
+        "rotation": int(opts.rotation)}
+    if fetch is not None:
+        header["fetch"] = dataclasses.asdict(fetch)
+    if out:
+        header["out"] = out
+    return json.dumps(header).encode() + b"\n"
 
 
 def run_imaging(kids: children.Children,

@@ -87,7 +87,7 @@ class SnapshotWorker:
         in a child process."""
         spec = fetch_spec(self.camera.opts)
         code, out, err, result.fetched = self._run_imaging(
-            imaging.request(limit, self.camera.opts, spec))
+            imagingchild.request(limit, self.camera.opts, spec))
         if code == imaging.EXIT_BAD_JPEG:
             raise CameraError(err or "broken JPEG from the camera")
         if code in (imaging.EXIT_OK, imaging.EXIT_CANNOT_SHRINK,

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from klippy_extras.polar_cloud import children, imagingchild
+from klippy_extras.polar_cloud import children, imaging, imagingchild
 from klippy_extras.polar_cloud import options as cfg
 
 
@@ -50,3 +50,14 @@ def test_fetch_spec_takes_the_camera_options():
         "http://127.0.0.1:8080/snap", imagingchild.FETCH_CONNECT_TIMEOUT,
         imagingchild.FETCH_READ_TIMEOUT, imagingchild.FETCH_DEADLINE,
         cfg.MAX_FETCH, "")
+
+
+def test_the_request_is_the_header_imaging_reads():
+    opts = cfg.CameraOptions(flip_vertical=True, rotation=270)
+    spec = imaging.Fetch("http://127.0.0.1:8080/snap", 1., 2., 3., 4)
+    raw = imagingchild.request(5000, opts, spec, out="/tmp/f.jpg")
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    limit, transform, data, fetch = imaging.parse_request(raw)
+    assert (limit, transform, data, fetch) == (
+        5000, imaging.Transform(False, True, 270), b"", spec)
+    assert imaging.output_path(raw) == "/tmp/f.jpg"
