@@ -5,7 +5,8 @@
 # transition, and is the only one that emits.  Klippy is reached only
 # through the bridge (reactor async callbacks).  Collaborators register
 # the cloud events they own with on(); see docs/architecture.md.  The
-# connection itself is connection.py's, the public view status_view.py's.
+# connection itself is connection.py's, the public view status_view.py's,
+# the hand-over at RESTART takeover.py's.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -42,19 +43,11 @@ from .states import (
     WAITING,
 )
 from .status_view import public_view
+from .takeover import take_over
 from .timelapse import Timelapse
 from .webcams import Webcams
 
-# How long a new session waits for the one it replaces (RESTART) to
-# write its last state, on its own thread
-TAKEOVER_WAIT = 5.
-
 log = logging.getLogger("polar_cloud")
-
-# The session that last owned each state folder (RESTART keeps the
-# process, and this module with it)
-_owners: dict[str, CloudSession] = {}
-_owners_lock = threading.Lock()
 
 
 class CloudSession(CloudConnection):
@@ -183,7 +176,7 @@ class CloudSession(CloudConnection):
     # The supervisor
     def _run(self) -> None:
         try:
-            self._take_over()
+            take_over(self)
             self._startup()
         except Exception:
             log.exception("polar_cloud: start-up failed")
@@ -216,20 +209,6 @@ class CloudSession(CloudConnection):
         if item is not None:
             self._handle(*item)
         self._tick(time.monotonic())
-    def _take_over(self) -> None:
-        """Wait for the session this one replaces to write its last
-        state; one still busy after that never writes again."""
-        path = self.options.state_path
-        with _owners_lock:
-            previous = _owners.get(path)
-            _owners[path] = self
-        thread = previous.thread if previous is not None else None
-        if thread is not None and thread.is_alive():
-            thread.join(TAKEOVER_WAIT)
-            if thread.is_alive():
-                previous.abandoned = True
-                log.info("polar_cloud: the old session thread is still"
-                         " busy; it will end by itself")
     def _startup(self) -> None:
         self.lab.load()
         if self.missing:
