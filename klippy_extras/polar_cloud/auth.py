@@ -8,7 +8,8 @@ import logging
 import time
 from typing import Any, Optional
 
-from . import camera, handoff, inbound, messages, protocol
+from . import handoff, inbound, messages, protocol
+from .camera_hints import camera_hints
 from .identity import IdentityError, IdentityStore
 from .ratelog import duration_text
 from .states import (
@@ -303,7 +304,7 @@ class Auth:
         msg = messages.build_hello(
             ident.serial, self.store.sign(challenge), ident.mac,
             ident.mfg_sn, self.options.printer_make, session.version,
-            session.local_ip, camera.camera_hints(
+            session.local_ip, camera_hints(
                 session.camera.opts, session.local_ip,
                 session.camera.available() is True))
         session.wait_reply(AUTHENTICATING, REPLY_TIMEOUT, session.last_error)

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Optional
 
-from . import camera, children, imaging, options, protocol
+from . import children, imaging, imagingchild, options, protocol
 
 log = logging.getLogger("polar_cloud")
 
@@ -256,18 +256,19 @@ def capture(store: FrameStore, kids: children.Children,
     shrunk by the imaging child, which writes the file itself.  An error
     text, or "" when the frame was kept."""
     try:
-        spec = camera.fetch_spec(opts)
+        spec = imagingchild.fetch_spec(opts)
         path = store.new_frame(job_id)
-        code, _out, err, _fetched = camera.run_imaging(
-            kids, imaging.request(FRAME_LIMIT, opts, spec, out=path))
+        code, _out, err, _fetched = imagingchild.run_imaging(
+            kids, imagingchild.request(FRAME_LIMIT, opts, spec, out=path))
         if code != imaging.EXIT_OK:
             return err or "image processing failed (exit code %d)" % (code,)
         store.added(job_id, path)
     except (Stopped, children.ChildStopped):
         return "stopped"
     except children.ChildTimeout:
-        return "the frame took longer than %d s" % (camera.IMAGING_TIMEOUT,)
-    except (children.ChildError, camera.CameraError, camera.SnapshotError,
-            OSError) as e:
+        return "the frame took longer than %d s" % (
+            imagingchild.IMAGING_TIMEOUT,)
+    except (children.ChildError, imagingchild.CameraError,
+            imagingchild.SnapshotError, OSError) as e:
         return str(e)
     return ""

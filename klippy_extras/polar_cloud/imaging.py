@@ -4,13 +4,13 @@
 # Runs as a short-lived child process at idle CPU priority, never inside
 # klippy: Pillow holds the GIL for parts of its work, and reading a 2 MB
 # frame in Python takes it thousands of times, which would make klippy's
-# reactor late.  camera.py starts it as
+# reactor late.  imagingchild.py starts it as
 #
 #     python /path/to/imaging.py
 #
 # with one JSON header line on stdin, either with a "fetch" object (the
 # camera's URL and limits: the child fetches the frame itself) or followed
-# by the JPEG:
+# by the JPEG (imagingchild.request writes it):
 #
 #     {"limit": 150000, "flip_horizontal": false, "flip_vertical": false,
 #      "rotation": 0, "fetch": {"url": ..., ...}}\n
@@ -66,15 +66,15 @@ class Transform:
 
 @dataclass(frozen=True)
 class Fetch:
-    """Where and how the child gets the frame (camera.py's limits)."""
+    """Where and how the child gets the frame (imagingchild.py's limits)."""
     url: str
     connect_timeout: float
     read_timeout: float
     deadline: float             # seconds for the whole answer
     max_bytes: int
     chunk: int = 64 * 1024
-    # The proxy to fetch through (camera.py asks netpolicy; "": directly,
-    # as for a camera on the LAN)
+    # The proxy to fetch through (imagingchild.py asks netpolicy; "":
+    # directly, as for a camera on the LAN)
     proxy: str = dataclasses.field(default="", repr=False)
 
 
@@ -294,21 +294,6 @@ def fetch(spec: Fetch) -> bytes:
 
 
 # The script
-
-def request(limit: int, opts: Any, fetch: Optional[Fetch] = None,
-            out: str = "") -> bytes:
-    """The header line for the script's stdin (the JPEG follows it unless
-    the child is to fetch the frame itself)."""
-    header = {
-        "limit": int(limit), "flip_horizontal": bool(opts.flip_horizontal),
-        "flip_vertical": bool(opts.flip_vertical),
-        "rotation": int(opts.rotation)}
-    if fetch is not None:
-        header["fetch"] = dataclasses.asdict(fetch)
-    if out:
-        header["out"] = out
-    return json.dumps(header).encode() + b"\n"
-
 
 def write_file(path: str, data: bytes) -> None:
     """All of data at path, or nothing there."""

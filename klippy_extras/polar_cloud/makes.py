@@ -16,6 +16,7 @@ import threading
 from typing import Callable, Optional
 
 from . import netpolicy
+from .httpget import get_body
 
 log = logging.getLogger("polar_cloud")
 
@@ -55,17 +56,10 @@ def fetch(url: str, machine_type: str, ca_file: str = "") -> list[str]:
     """On a helper thread: the list, or an exception.  Through the proxy
     netpolicy names, trusting ca_file besides the usual CAs."""
     with netpolicy.requests_session(netpolicy.proxy_for(url),
-                                    ca_file) as http, \
-            http.get(url, params={"filter": machine_type.lower()},
-                     timeout=TIMEOUT, stream=True, allow_redirects=False,
-                     headers={"Accept": "application/json"}) as resp:
-        if resp.status_code != 200:
-            raise ValueError("HTTP %d" % (resp.status_code,))
-        body = b""
-        for chunk in resp.iter_content(64 * 1024):
-            body += chunk
-            if len(body) > MAX_BYTES:
-                raise ValueError("the answer is too large")
+                                    ca_file) as http:
+        body = get_body(http, url, TIMEOUT, MAX_BYTES, "the answer",
+                        params={"filter": machine_type.lower()},
+                        headers={"Accept": "application/json"})
     return parse_makes(json.loads(body.decode("utf-8")))
 
 

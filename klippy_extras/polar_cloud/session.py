@@ -4,7 +4,9 @@
 # order (they arrive through the link's Inbox), owns every state
 # transition, and is the only one that emits.  Klippy is reached only
 # through the bridge (reactor async callbacks).  Collaborators register
-# the cloud events they own with on(); see docs/architecture.md.
+# the cloud events they own with on(); see docs/architecture.md.  The
+# connection itself is connection.py's, the public view status_view.py's,
+# the hand-over at RESTART takeover.py's.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -15,11 +17,11 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from . import inbound, netpolicy, protocol
 from . import link as links
 from .auth import Auth
 from .backoff import Backoff
 from .commands import RemoteCommands
+from .connection import CloudConnection
 from .dispatch import Dispatcher, Handler
 from .gcode_queue import GcodeQueue
 from .identity import Identity, IdentityError, IdentityStore
@@ -40,32 +42,15 @@ from .states import (
     UNREGISTERED,
     WAITING,
 )
+from .status_view import public_view
+from .takeover import take_over
 from .timelapse import Timelapse
 from .webcams import Webcams
 
-WELCOME_TIMEOUT = 15.
-STABLE_AFTER = 60.
-LIVENESS_TIMEOUT = 90.
-HELLO_CAMERA_WAIT = 3.
-# How long a new session waits for the one it replaces (RESTART) to
-# write its last state, on its own thread
-TAKEOVER_WAIT = 5.
-# Outbound packets waiting in python-engineio's (unbounded) send queue; on
-# a slow link status and other refreshable reports stop here.  Job
-# reports always go.
-MAX_OUTBOUND_QUEUE = 100
-MUST_SEND = frozenset({"job", "hello", "register", "unregister"})
-
 log = logging.getLogger("polar_cloud")
 
-# The session that last owned each state folder (RESTART keeps the
-# process, and this module with it)
-_owners: dict[str, CloudSession] = {}
-_owners_lock = threading.Lock()
 
-
-
-class CloudSession:
+class CloudSession(CloudConnection):
     def __init__(self, options, bridge, version: str,
                  client_factory: Optional[Callable] = None,
                  backoff: Optional[Backoff] = None):
@@ -81,35 +66,18 @@ class CloudSession:
         self.rlog = RateLimitedLog()
         self.dispatcher = Dispatcher(self.rlog, options.verbose)
         # Supervisor-thread state
-        self.link: Optional[links.Link] = None
         self.identity: Optional[Identity] = None
         self.state = STOPPED
-        self.deadline = 0.
-        self.retry_at = 0.
-        # A connection scheduled without a failure (after a registration)
-        self.connect_at = 0.
-        self.hello_at = 0.
-        self.challenge = ""
-        self.connected_at = 0.
-        self.online_at = 0.
         self.outage = Outage(self.rlog)
         self.last_error = ""
-        self.local_ip = "127.0.0.1"
         self.dropped_seen = 0
-        self.capabilities: list = []
         self.snapshot_lock = threading.Lock()
         self.latest_sample: Optional[dict] = None
         self.missing: list[str] = []
-        # The proxy to Polar Cloud, from the environment (which does not
-        # change while klippy runs); an unusable one is every connect's
-        # error
-        self.proxy: Optional[netpolicy.Proxy] = None
-        self.proxy_problem = ""
-        try:
-            self.proxy = netpolicy.proxy_for(options.server_url)
-        except netpolicy.ProxyError as e:
-            self.proxy_problem = str(e)
+        self._init_connection(options.server_url)
         # Collaborators; each registers the cloud events it owns
+        self._handlers = {links.CALL: self._call, links.LINK: self._link_news,
+                          links.CLOUD: self._dispatch}
         self.on("welcome", self.on_welcome, online=False)
         self.on("capabilitiesResponse", self.on_capabilities)
         self.gcode = GcodeQueue(bridge.run_gcode,
@@ -127,7 +95,7 @@ class CloudSession:
         self.snapshots.timelapse = self.timelapse
         self.auth = Auth(self, IdentityStore(options.state_path,
                                              options.manufacturer))
-        self.public = self._public_view()
+        self.public = public_view(self)
     @property
     def store(self) -> IdentityStore:
         return self.auth.store
@@ -181,26 +149,6 @@ class CloudSession:
         return self.identity.serial if self.identity else None
     def is_online(self) -> bool:
         return self.state == ONLINE
-    def emit(self, event: str, data: dict, callback=None) -> bool:
-        link = self.link
-        if link is None:
-            return False
-        if event not in MUST_SEND and link.backlog() >= MAX_OUTBOUND_QUEUE:
-            self.rlog("slow", "the link to Polar Cloud is slow; %s not"
-                      " sent", event, level=logging.WARNING)
-            return False
-        try:
-            link.emit(event, data, callback=callback)
-        except Exception as e:
-            self.rlog("emit", "emit %s failed: %s", event, e,
-                      level=logging.WARNING)
-            return False
-        if self.options.verbose and event not in ("status",):
-            log.info("polar_cloud: sent %s", event)
-        return True
-    def last_rx(self) -> float:
-        link = self.link
-        return link.last_rx() if link is not None else 0.
     def console(self, text: str, error: bool = False,
                 log: bool = True) -> None:
         self.bridge.console(text, error=error, log=log)
@@ -228,7 +176,7 @@ class CloudSession:
     # The supervisor
     def _run(self) -> None:
         try:
-            self._take_over()
+            take_over(self)
             self._startup()
         except Exception:
             log.exception("polar_cloud: start-up failed")
@@ -261,20 +209,6 @@ class CloudSession:
         if item is not None:
             self._handle(*item)
         self._tick(time.monotonic())
-    def _take_over(self) -> None:
-        """Wait for the session this one replaces to write its last
-        state; one still busy after that never writes again."""
-        path = self.options.state_path
-        with _owners_lock:
-            previous = _owners.get(path)
-            _owners[path] = self
-        thread = previous.thread if previous is not None else None
-        if thread is not None and thread.is_alive():
-            thread.join(TAKEOVER_WAIT)
-            if thread.is_alive():
-                previous.abandoned = True
-                log.info("polar_cloud: the old session thread is still"
-                         " busy; it will end by itself")
     def _startup(self) -> None:
         self.lab.load()
         if self.missing:
@@ -356,161 +290,14 @@ class CloudSession:
         self.lab.online_work()
         self.snapshots.work(now)
         self.timelapse.online_work(now)
-    def _check_link(self, now: float) -> None:
-        link = self.link
-        if link is None or not link.connected:
-            self._fail("connection lost")
-            return
-        last_rx = link.last_rx()
-        if last_rx and now - last_rx > LIVENESS_TIMEOUT:
-            self._fail("no traffic from Polar Cloud for %d s"
-                       % (LIVENESS_TIMEOUT,))
-            return
-        if self.online_at and now - self.online_at > STABLE_AFTER:
-            self.backoff.reset()
-    # Connection management
-    def connect(self) -> None:
-        if self.stop_event.is_set():
-            return
-        self.webcams.refresh()
-        self.drop_connection("reconnect")
-        self.connect_at = 0.
-        self.set_state(CONNECTING, self.last_error)
-        self.challenge = ""
-        self.hello_at = 0.
-        if self.proxy_problem:
-            self._schedule_retry(self.proxy_problem)
-            return
-        proxy = self.proxy
-        try:
-            link = links.Link.open(self.client_factory, self.inbox,
-                                   self.options.server_url,
-                                   self.options.ca_file or True, proxy)
-        except Exception as e:
-            self._schedule_retry(links.connect_error_text(
-                e, self.options.server_url, proxy))
-            return
-        self.link = link
-        if self.stop_event.is_set():
-            self.drop_connection("stopped")
-            return
-        self.connected_at = time.monotonic()
-        self.deadline = self.connected_at + WELCOME_TIMEOUT
-        self.local_ip = links.local_ip(self.options.server_url, proxy)
-        self.rlog("connected", "connected to %s%s", self.options.server_url,
-                  " through proxy " + proxy.shown if proxy else "")
-    def connect_later(self, delay: float) -> None:
-        """Connect in delay seconds, from the supervisor's loop (the inbox
-        keeps flowing meanwhile).  The state says connecting; the welcome
-        deadline counts from the connection itself."""
-        self.drop_connection("reconnect")
-        self.challenge = ""
-        self.hello_at = 0.
-        self.set_state(CONNECTING, "")
-        self.connect_at = time.monotonic() + delay
-    def wait_reply(self, state: str, timeout: float, error: str = "") -> None:
-        """Enter a state that waits for the cloud's answer."""
-        self.set_state(state, error)
-        self.deadline = time.monotonic() + timeout
-    def drop_connection(self, why: str) -> None:
-        link, self.link = self.link, None
-        if link is not None:
-            link.close()
-        self.online_at = 0.
-        # Closing aborts the socket at once, so a report still in
-        # python-engineio's send queue (or unacknowledged) goes out again
-        self.jobs.link_lost()
-    def _fail(self, why: str) -> None:
-        """A connection attempt or live session ended; retry later."""
-        was_online = self.state == ONLINE
-        self.drop_connection(why)
-        if self.auth.pending_register is not None:
-            self.auth.finish_register(False, "registration failed: %s"
-                                      % (why,))
-            return
-        if was_online:
-            self.console("Polar Cloud: connection lost (%s); reconnecting"
-                         % (why,), log=False)
-        self._schedule_retry(why)
-    def _schedule_retry(self, why: str) -> None:
-        if self.auth.pending_register is not None:
-            # Only a SERVER_ERROR reply is tried again (auth.retry_register)
-            self.auth.finish_register(False, why)
-            return
-        if self.identity is None:
-            self.set_state(UNREGISTERED, why)
-            return
-        delay = self.backoff.next_delay()
-        self.retry_at = time.monotonic() + delay
-        self.set_state(BACKOFF, why)
-        self.outage.retry(why, delay)
-    def authenticated(self) -> None:
-        """The cloud accepted the hello."""
-        self.online_at = time.monotonic()
-        self.set_state(ONLINE, "")
-        serial = self.identity.serial
-        self.outage.over(serial)
-        self.console("Polar Cloud: online as %s" % (serial,), log=False)
-        self.reporter.online(self.online_at)
-        self.emit("capabilities", {"serialNumber": serial})
-        if self.commands.command_list():
-            self.emit("customCommandList", {
-                "serialNumber": serial,
-                "commandList": self.commands.command_list()})
-        self.jobs.flush()
-        self.timelapse.hello_done()
     # Inbox entries: calls, link news and cloud events
     def _handle(self, kind: str, name, data) -> None:
-        if kind == links.CALL:
-            name(*data)
-        elif kind == links.LINK:
-            self._link_news(name, data)
-        else:
-            self._dispatch(name, data)
-    def _link_news(self, name: str, data: Any) -> None:
-        if name == "disconnect":
-            if self.link is not None and not self.link.connected:
-                self._fail("disconnected by Polar Cloud")
-        elif name == "oversized":
-            self._oversized(*data)
-        elif name == "undecodable":
-            self.rlog("undecodable", "dropped a message from the cloud that"
-                      " cannot be decoded (%s)", data, level=logging.WARNING)
-    def _oversized(self, size: int, head: str) -> None:
-        event = links.OVERSIZED_EVENT_RE.match(head)
-        name = event.group(1) if event else "?"
-        self.rlog("oversized", "dropped a %d-byte '%s' message from the"
-                  " cloud (the limit is %d bytes)", size, name,
-                  links.MAX_INBOUND_BYTES, level=logging.WARNING)
-        job = links.OVERSIZED_JOB_RE.search(head)
-        if name == "print" and job and self.state == ONLINE:
-            # Still answer the job, so it does not hang in the cloud
-            self.jobs.refuse_unread(job.group(1) or job.group(2),
-                                    "the print message is too large")
+        self._handlers[kind](name, data)
+    def _call(self, fn: Callable, args: tuple) -> None:
+        fn(*args)
     def _dispatch(self, name: str, data: Any) -> None:
         self.dispatcher.dispatch(name, data, self.state == ONLINE)
-    def on_welcome(self, data: Any) -> None:
-        if self.state != CONNECTING or self.link is None:
-            return
-        self.challenge = inbound.parse_welcome(data)
-        if self.auth.pending_register is not None:
-            self.auth.send_register()
-        elif self.identity is not None:
-            if self.camera.probing():
-                # Let the hello say whether there is a camera
-                self.hello_at = time.monotonic() + HELLO_CAMERA_WAIT
-            else:
-                self.auth.send_hello(self.challenge)
-        else:
-            self.drop_connection("unregistered")
-            self.set_state(UNREGISTERED, "")
-    def on_capabilities(self, data: Any) -> None:
-        if isinstance(data, dict) and isinstance(data.get("capabilities"),
-                                                 list):
-            self.capabilities = [c for c in data["capabilities"][:32]
-                                 if isinstance(c, str)]
-            self.lab.capabilities(self.capabilities)
-    # Public view for get_status / POLAR_STATUS
+    # The state, and what get_status shows of it (status_view.py)
     def set_state(self, state: str, error: str) -> None:
         changed = state != self.state or error != self.last_error
         if state != CONNECTING:
@@ -533,32 +320,8 @@ class CloudSession:
                 self.rlog("state:" + state, "%s", state)
         else:
             log.info("polar_cloud: %s", state)
-    def _public_view(self) -> dict:
-        ident = self.identity
-        online = self.state == ONLINE
-        last = (self.reporter.last_status or {}) if online else {}
-        return {
-            "state": self.state,
-            "connected": online,
-            "registered": ident is not None,
-            "serial_number": ident.serial if ident else "",
-            "server": self.options.server_url,
-            "proxy": self.proxy.address if self.proxy else "",
-            "online_since": (protocol.utc_iso(time.time() - (
-                time.monotonic() - self.online_at)) if self.online_at
-                else ""),
-            "last_error": self.last_error,
-            "job_id": last.get("jobId", protocol.NO_JOB_ID),
-            "status_code": last.get("status", -1),
-            "retry_in": self.retry_in(),
-            "retries": self.backoff.attempts if not online else 0,
-            "camera": self.webcams.describe(),
-            "timelapse": self.timelapse.describe(),
-            "plate_clear": self.lab.plate_clear,
-            "next_print": self.lab.next_print,
-        }
     def publish(self) -> None:
-        self.public = self._public_view()
+        self.public = public_view(self)
     def retry_in(self) -> int:
         """Seconds to the next attempt while in backoff (any thread)."""
         if self.state != BACKOFF:

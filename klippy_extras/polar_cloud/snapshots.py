@@ -1,6 +1,6 @@
 # When to take webcam snapshots, and where their results go.  The camera
-# module does the work (in a helper child); this decides when, on the
-# session thread.
+# (camera.py) keeps the schedule and its worker does the work
+# (snapshot_worker.py); this decides when, on the session thread.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, Optional
 from . import camera, protocol
 from .jobs import JobManager
 from .port import CloudPort
+from .snapshot_worker import SnapshotResult
 
 
 class Snapshots:
@@ -22,7 +23,7 @@ class Snapshots:
             session.stop_event,
             lambda result: session.post(self.done, result),
             ca_file=session.options.ca_file)
-        self.last: Optional[camera.SnapshotResult] = None
+        self.last: Optional[SnapshotResult] = None
         # Where timelapse upload URLs go (timelapse.py, set by the session)
         self.timelapse = None
         session.on("getUrlResponse", self.on_url_response)
@@ -58,7 +59,7 @@ class Snapshots:
             time.monotonic())
         owner = self.timelapse if slot.type == "timelapse" else self.camera
         owner.set_slot(slot)
-    def done(self, result: camera.SnapshotResult) -> None:
+    def done(self, result: SnapshotResult) -> None:
         self.last = result
         self.session.publish()  # the camera may answer now, or no more
         if not result.manual:

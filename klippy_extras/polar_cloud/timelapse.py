@@ -10,7 +10,7 @@
 #
 # The scheduling below runs on the session thread and does no I/O beyond
 # reading a few small files at start-up.  Frames are fetched and written
-# by the imaging child (camera.run_imaging) on the frame worker; the
+# by the imaging child (imagingchild.run_imaging) on the frame worker; the
 # render (render.py) and the upload (uploads.py) run on the post worker.
 # Nothing here can fail or delay a job or its report.
 #

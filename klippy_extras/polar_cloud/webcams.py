@@ -20,6 +20,7 @@ import time
 from typing import Any, Optional, Union
 
 from . import protocol
+from .httpget import get_body
 from .options import (
     ROTATIONS,
     CameraOptions,
@@ -48,19 +49,14 @@ def fetch_list(moonraker_url: str) -> list:
     try:
         with requests.Session() as http:
             http.trust_env = False
-            with http.get(moonraker_url + LIST_PATH, timeout=TIMEOUT,
-                          stream=True, allow_redirects=False) as resp:
-                if resp.status_code != 200:
-                    raise LookupError("HTTP %d" % (resp.status_code,))
-                body = b""
-                for chunk in resp.iter_content(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_BYTES:
-                        raise LookupError("the webcam list is too large")
+            body = get_body(http, moonraker_url + LIST_PATH, TIMEOUT,
+                            MAX_BYTES, "the webcam list")
     except requests.ConnectionError:
         raise LookupError("Moonraker does not answer") from None
     except requests.RequestException as e:
         raise LookupError(e.__class__.__name__) from None
+    except ValueError as e:
+        raise LookupError(str(e)) from None
     try:
         webcams = json.loads(body)["result"]["webcams"]
     except (ValueError, KeyError, TypeError):

@@ -15,14 +15,24 @@ import os
 import random
 import tempfile
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
 from PIL import Image
 
+from klippy_extras.polar_cloud import (
+    auth,
+    connection,
+    outage,
+    protocol,
+    ratelog,
+    render,
+    states,
+    status_view,
+)
 from klippy_extras.polar_cloud import link as links
-from klippy_extras.polar_cloud import protocol, render, states
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
 from klippy_extras.polar_cloud.camera import CameraOptions
@@ -190,6 +200,18 @@ def snapshot(**kw) -> dict:
                     "min": 0., "max": 120.}}}}
     snap.update(kw)
     return snap
+
+
+# Every module of the session that reads the clock (simulated_time)
+CLOCKED = (S, connection, status_view, auth, links, ratelog, outage)
+
+
+def simulated_time(monkeypatch, start: float = 1000.) -> list[float]:
+    clock = [start]
+    fake = SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    for module in CLOCKED:
+        monkeypatch.setattr(module, "time", fake)
+    return clock
 
 
 def make_session(tmp_path, monkeypatch=None, **opts) -> S.CloudSession:

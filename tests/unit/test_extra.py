@@ -11,6 +11,7 @@ import pytest
 
 from klippy_extras import polar_cloud
 from klippy_extras.polar_cloud import extra, states
+from klippy_extras.polar_cloud.status_view import public_view
 from tests.unit.fakes import (
     SERIAL,
     CommandError,
@@ -88,7 +89,7 @@ def publish(pc, state, error="", registered=True, **fields):
     session = pc.session
     session.identity = identity() if registered else None
     session.state, session.last_error = state, error
-    session.public = dict(session._public_view(), **fields)
+    session.public = dict(public_view(session), **fields)
 
 
 # -------------------------------------------------------- what it registers

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from klippy_extras.polar_cloud import imaging
+from klippy_extras.polar_cloud import imaging, imagingchild
 from tests.testbed.camera_server import (
     BLUE,
     GREEN,
@@ -57,10 +57,10 @@ def test_process_jpeg_fits_or_refuses(width, height, noise, quality, limit,
         assert abs(img.width / img.height - w / h) < .05 + 2. / min(img.size)
 
 
-# imaging.py run as a script, as camera.py runs it
+# imaging.py run as a script, as imagingchild.py runs it
 
 def run_imaging(data, limit=150000, env=None, cwd=None, **transform):
-    header = imaging.request(limit, imaging.Transform(**transform))
+    header = imagingchild.request(limit, imaging.Transform(**transform))
     return subprocess.run([sys.executable, imaging.SCRIPT], input=header + data,
                           capture_output=True, timeout=60, env=env, cwd=cwd)
 

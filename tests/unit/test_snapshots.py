@@ -1,7 +1,7 @@
 """When to take webcam snapshots (snapshots.py), with a fake session and a
 camera that starts nothing: upload URLs asked for in time, the kind of
 snapshot following the job, and what POLAR_SNAPSHOT says afterwards.
-The camera's own work: test_camera.py."""
+The camera's own work: test_camera.py and test_snapshot_worker.py."""
 from __future__ import annotations
 
 import time
