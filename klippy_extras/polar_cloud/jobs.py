@@ -10,7 +10,6 @@ import collections
 import errno
 import functools
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -82,84 +81,11 @@ def job_id_from_filename(filename: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-# Not public although Python's ipaddress does not call them private
-SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
-#                                                         Tailscale
-
-
 def shown_id(job_id: str) -> str:
     """A job id for a console or log line: no control characters, not
     longer than a line should be."""
     text = "".join(c if c.isprintable() else "?" for c in job_id)
     return text if len(text) <= 64 else text[:61] + "..."
-
-
-def _address_is_public(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    if ip.version == 4 and any(ip in net for net in SHARED_NETS):
-        return False
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local
-                or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def check_url(url: str, allow_loopback_http: bool) -> str:
-    """Return an error text for a download URL the policy refuses."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        _port = parts.port             # raises for a port out of range
-    except ValueError:
-        return "not a URL"
-    host = parts.hostname or ""
-    if not host or parts.username or parts.password:
-        return "not an acceptable URL"
-    loopback = host == "localhost"
-    try:
-        loopback = loopback or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if parts.scheme == "http" and not (allow_loopback_http and loopback):
-        return "plain http is not allowed"
-    if parts.scheme not in ("http", "https"):
-        return "only https downloads are allowed"
-    if loopback and not allow_loopback_http:
-        return "the address is not public"
-    try:
-        if not loopback and not _address_is_public(host):
-            return "the address is not public"
-    except ValueError:
-        pass
-    return ""
-
-
-Address = tuple[int, tuple]        # (family, sockaddr)
-
-
-def resolve(host: str, port: int) -> list[Address]:
-    """Every address of host, from one lookup."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
-
-
-def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
-    """Error text when any of a name's addresses is not allowed."""
-    if not addresses:
-        return "the name has no address"
-    for _family, sockaddr in addresses:
-        addr = sockaddr[0]
-        if allow_loopback and ipaddress.ip_address(addr).is_loopback:
-            continue
-        if not _address_is_public(addr):
-            return "the address is not public"
-    return ""
-
-
-def check_resolved(host: str, allow_loopback: bool) -> str:
-    """After DNS: refuse names that resolve to private addresses."""
-    try:
-        addresses = resolve(host, 0)
-    except OSError as e:
-        return "cannot resolve %s: %s" % (host, e)
-    return refused_address(addresses, allow_loopback)
 
 
 # What Klipper runs from a file (klippy/gcode.py): a letter and a number
@@ -377,36 +303,6 @@ class DownloadError(Exception):
 
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
-URL_QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
-URLLIB3_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
-                   "urllib3.poolmanager", "urllib3.response",
-                   "urllib3.util.retry")
-
-
-class HideUrlQueries(logging.Filter):
-    """A signed URL carries its secret in the query: urllib3's debug lines
-    (verbose) keep the path only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:
-            return True
-        if "?" in text:
-            record.msg = URL_QUERY_RE.sub("?...", text)
-            record.args = None
-        return True
-
-
-def hide_url_queries() -> None:
-    """Install HideUrlQueries on urllib3's loggers (a logger's filter sees
-    only its own records, not its children's)."""
-    for name in URLLIB3_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, HideUrlQueries) for f in logger.filters):
-            logger.addFilter(HideUrlQueries())
-
-
 class Connections:
     """A download's sockets.  They connect only to the addresses checked
     for the download, and another thread can interrupt whatever they wait
@@ -417,7 +313,7 @@ class Connections:
         # Duplicates: ssl's wrap_socket() detaches the original socket
         self.handles: list[socket.socket] = []
         self.aborted = False
-    def connect(self, addresses: list[Address],
+    def connect(self, addresses: list[netpolicy.Address],
                 timeout: float) -> socket.socket:
         error = OSError("no address to connect to")
         for family, sockaddr in addresses:
@@ -562,7 +458,7 @@ class Download:
         if reason:
             raise DownloadError(reason)
     def _run(self) -> None:
-        hide_url_queries()
+        netpolicy.hide_url_queries()
         error = ""
         size = 0
         try:
@@ -592,27 +488,29 @@ class Download:
             return str(e)
         log.exception("polar_cloud: download failed")
         return "download failed: %s" % (e.__class__.__name__,)
-    def _checked_addresses(self, host: str, port: int) -> list[Address]:
+    def _checked_addresses(self, host: str,
+                           port: int) -> list[netpolicy.Address]:
         """One lookup, every address checked: the download connects to
         these only, never to a second lookup's answer (DNS rebinding)."""
         try:
-            addresses = resolve(host, port)
+            addresses = netpolicy.resolve(host, port)
         except OSError as e:
             raise DownloadError("cannot resolve %s: %s" % (host, e)) from e
-        problem = refused_address(addresses, self.allow_loopback)
+        problem = netpolicy.refused_address(addresses, self.allow_loopback)
         if problem:
             raise DownloadError("refused download URL: %s" % (problem,))
         return addresses
     def _proxy_addresses(self, host: str,
-                         proxy: netpolicy.Proxy) -> list[Address]:
+                         proxy: netpolicy.Proxy) -> list[netpolicy.Address]:
         """The proxy's addresses (the administrator's choice: a LAN address
         is fine), from one lookup."""
         try:
-            return resolve(proxy.host, proxy.port)
+            return netpolicy.resolve(proxy.host, proxy.port)
         except OSError as e:
             raise DownloadError(netpolicy.proxy_failure(host, proxy, e)) \
                 from e
-    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address],
+    def _pool(self, parts: urllib.parse.SplitResult,
+              addresses: list[netpolicy.Address],
               proxy: Optional[netpolicy.Proxy] = None):
         from urllib3.util import Timeout, make_headers, parse_url
         options = {"port": parts.port or DEFAULT_PORTS[parts.scheme],
@@ -633,7 +531,7 @@ class Download:
         """One GET, to an address checked for the URL's host or through
         the proxy for the URL."""
         from urllib3.exceptions import HTTPError, ProxyError
-        problem = check_url(url, self.allow_loopback)
+        problem = netpolicy.check_url(url, self.allow_loopback)
         if problem:
             raise DownloadError("refused download URL: %s" % (problem,))
         self._check_aborted()
@@ -917,7 +815,8 @@ class JobManager:
             return "the printer is busy printing", ""
         if self.session.lab.refusal():
             return self.session.lab.refusal(), ""
-        problem = check_url(req.url, self.session.loopback_test_server())
+        problem = netpolicy.check_url(req.url,
+                                      self.session.loopback_test_server())
         if problem:
             return "refused download URL: %s" % (problem,), req.kind
         return "", ""

@@ -1,4 +1,4 @@
-"""Cloud print jobs (jobs.py) without klippy: file names, URL policy,
+"""Cloud print jobs (jobs.py) without klippy: file names,
 content sniffing, estimates; the job manager's answers to cloud prints (a
 fake session).  The download worker: test_jobs_download.py."""
 import os
@@ -37,50 +37,6 @@ def test_safe_job_filename(name, job_id, expected):
     "Benchy_polar-77.gcode.bak", "Benchy_polar-.gcode"])
 def test_job_id_from_other_file_names(filename):
     assert jobs.job_id_from_filename(filename) is None
-
-
-@pytest.mark.parametrize("url,loopback_ok,ok", [
-    ("https://s3.amazonaws.com/bucket/x.gcode", False, True),
-    ("http://s3.amazonaws.com/x.gcode", False, False),
-    ("file:///etc/passwd", False, False),
-    ("ftp://example.com/x", False, False),
-    ("https://127.0.0.1:7125/printer", False, False),
-    ("https://169.254.169.254/latest", False, False),
-    ("https://192.168.1.1/admin", False, False),
-    ("https://10.0.0.2/x", False, False),
-    ("https://[::1]/x", False, False),
-    ("https://100.64.0.1/x", False, False),          # carrier-grade NAT
-    ("https://100.100.100.100/x", False, False),     # (Tailscale's too)
-    ("https://100.127.255.254/x", False, False),
-    ("https://[::ffff:10.0.0.1]/x", False, False),
-    ("https://example.com:99999/x", False, False),
-    ("https://user:pw@example.com/x", False, False),
-    ("http://127.0.0.1:8000/files/x.gcode", True, True),
-    ("http://192.168.1.1/x.gcode", True, False),
-])
-def test_check_url(url, loopback_ok, ok):
-    assert (jobs.check_url(url, loopback_ok) == "") is ok
-
-
-@pytest.mark.parametrize("addr,public", [
-    ("8.8.8.8", True),
-    ("100.63.255.255", True),
-    ("100.64.0.0", False),
-    ("100.100.100.100", False),
-    ("100.127.255.255", False),
-    ("100.128.0.0", True),
-    ("10.1.2.3", False),
-    ("172.16.0.1", False),
-    ("192.168.1.1", False),
-    ("127.0.0.1", False),
-    ("169.254.169.254", False),
-    ("2001:4860:4860::8888", True),
-    ("2001:4860::6440:1", True),       # IPv6, whatever its low 32 bits
-    ("fd00::1", False),
-    ("fe80::1%eth0", False),
-])
-def test_address_is_public(addr, public):
-    assert jobs._address_is_public(addr) is public
 
 
 @pytest.mark.parametrize("head,ok", [
