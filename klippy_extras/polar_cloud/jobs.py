@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from . import netpolicy, protocol
 from .gcodefile import UTF8_BOM, GcodeSniffer, read_slicer_estimate
 from .jobnames import safe_job_filename, shown_id
+from .outbox import Outbox
 from .port import CloudPort
 from .ratelog import LineBudget
 from .statefiles import StateFileError, read_json, write_json
@@ -30,7 +31,6 @@ from .statefiles import StateFileError, read_json, write_json
 log = logging.getLogger("polar_cloud")
 
 JOB_FILE = "job.json"
-OUTBOX_FILE = "outbox.json"
 SEEN_LIMIT = 100
 CHUNK = 64 * 1024
 # A download flat out (LAN, loopback: hundreds of MB/s) loads the host
@@ -44,7 +44,6 @@ TOTAL_TIMEOUT = 3600.
 MAX_REDIRECTS = 3
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
-OUTBOX_SETTLE = 5.
 PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
 
 
@@ -425,12 +424,9 @@ class JobManager:
         self.options = session.options
         state_dir = session.options.state_path
         self.job_path = os.path.join(state_dir, JOB_FILE)
-        self.outbox_path = os.path.join(state_dir, OUTBOX_FILE)
         self.job: Optional[Job] = None
         self.seen: collections.deque = collections.deque(maxlen=SEEN_LIMIT)
-        self.outbox: list[dict] = []
-        self.saved_outbox: list[dict] = []      # as on disk
-        self.unsettled: list[tuple[float, dict]] = []
+        self.outbox = Outbox(session)
         self.download: Optional[Download] = None
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
@@ -438,7 +434,6 @@ class JobManager:
         # A flood of refused prints is answered in full, but not written
         # out in full
         self.refusal_lines = LineBudget(60, 60.)
-        self.report_lines = LineBudget(60, 60.)
         session.on("print", lambda data: self.handle_print(
             data, session.snapshot()))
         for action in ("pause", "resume", "cancel"):
@@ -448,7 +443,7 @@ class JobManager:
     def load(self) -> None:
         try:
             data = read_json(self.job_path) or {}
-            outbox = read_json(self.outbox_path) or []
+            self.outbox.load()
         except StateFileError as e:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
@@ -459,9 +454,6 @@ class JobManager:
             self.job = Job(**fields)
             self.job.start_mono = 0.
         self.seen.extend(i for i in data.get("seen", []) if isinstance(i, str))
-        self.outbox = [m for m in outbox if isinstance(m, dict)
-                       and m.get("state") in ("completed", "canceled")]
-        self.saved_outbox = list(self.outbox)
         if self.job is not None and self.job.phase in ("downloading",
                                                        "starting"):
             # Its download (or start) died with the previous klippy and
@@ -478,14 +470,6 @@ class JobManager:
                 "seen": list(self.seen)})
         except OSError as e:
             log.warning("polar_cloud: cannot save job state: %s", e)
-    def save_outbox(self) -> None:
-        if self.session.abandoned or self.outbox == self.saved_outbox:
-            return
-        try:
-            write_json(self.outbox_path, self.outbox)
-            self.saved_outbox = list(self.outbox)
-        except OSError as e:
-            log.warning("polar_cloud: cannot save the outbox: %s", e)
     # Views for the status message
     def view(self, snap: Optional[dict] = None) -> Optional[protocol.JobView]:
         job = self.job
@@ -714,69 +698,19 @@ class JobManager:
             self.session.console("Polar Cloud: job '%s' completed"
                                  % (job.filename,))
         self.session.status_now()
-    # Outbox: final job reports survive disconnects and restarts
+    # Final reports (the outbox)
     def queue_final(self, job_id: str, state: str, seconds: float,
                     filament: float) -> None:
-        serial = self.session.serial()
-        if serial is None:
-            # Unregistered: the job's printer is gone, nobody to tell
-            log.info("polar_cloud: job %s %s; not reported (not registered)",
-                     shown_id(job_id), state)
-            return
-        self.outbox.append(protocol.build_job(serial, job_id, state, seconds,
-                                              filament))
-        self.flush()
+        self.outbox.queue(job_id, state, seconds, filament)
     def flush(self) -> None:
-        """Send what is pending.  A sent report leaves the durable outbox at
-        once (a clean disconnect still delivers it) but stays in memory
-        until it is settled: acknowledged by the cloud (a Socket.IO ack),
-        or followed by traffic from the cloud a few seconds later.  If the
-        link drops before that, it goes out again."""
-        now = time.monotonic()
-        last_rx = self.session.last_rx()
-        self.unsettled = [(t, m) for t, m in self.unsettled
-                          if not (last_rx > t and now - t >= OUTBOX_SETTLE)]
-        if not self.outbox or not self.session.is_online():
-            self.save_outbox()
-            return
-        serial = self.session.serial()
-        pending, self.outbox = self.outbox, []
-        for msg in pending:
-            if msg.get("serialNumber") != serial:
-                # Made for another identity (deleted, unregistered, or
-                # registered again since): never sent under this one
-                log.info("polar_cloud: job %s report of printer %s dropped",
-                         shown_id(str(msg.get("jobId"))),
-                         protocol.cloud_text(msg.get("serialNumber"), 64)
-                         or "(none)")
-                continue
-            if self.session.emit("job", msg, callback=self._ack(msg)):
-                if self.report_lines.allow():
-                    log.info("polar_cloud: job %s reported %s",
-                             shown_id(msg["jobId"]), msg["state"])
-                self.unsettled.append((now, msg))
-            else:
-                self.outbox.append(msg)
-        self.save_outbox()
-    def _ack(self, msg: dict):
-        def ack(*args) -> None:     # on the Socket.IO read thread
-            self.session.post(self.acknowledged, msg)
-        return ack
-    def acknowledged(self, msg: dict) -> None:
-        self.unsettled = [(t, m) for t, m in self.unsettled if m is not msg]
+        self.outbox.flush()
     def link_lost(self) -> None:
-        """Reports sent just before the link dropped go out again."""
-        if self.unsettled:
-            self.outbox = [m for _t, m in self.unsettled] + self.outbox
-            self.unsettled = []
-            self.save_outbox()
+        self.outbox.link_lost()
     def forget_identity(self) -> None:
         """The printer was deleted or unregistered: its pending reports and
         its cloud job belong to that serial and never go out under another
         one.  A print keeps running, as a local print."""
-        dropped = len(self.outbox) + len(self.unsettled)
-        self.outbox, self.unsettled = [], []
-        self.save_outbox()
+        dropped = self.outbox.forget()
         job, self.job = self.job, None
         if job is not None:
             if self.download is not None:
