@@ -1,4 +1,4 @@
-"""The Download worker (jobs.py) against hostile file servers: cancel and
+"""The Download worker (download.py) against hostile file servers: cancel and
 the total timeout end it whatever the server does, it connects only to
 the address it checked (and still verifies the certificate for the name),
 no signed URL reaches the log, and its own failure ends the job (R24)."""
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from klippy_extras.polar_cloud import jobs
+from klippy_extras.polar_cloud import download
 from tests.testbed.fileserver import FileServer
 from tests.testbed.helpers import poll_until
 from tests.testbed.tlsproxy import make_certs
@@ -27,7 +27,7 @@ def certs(tmp_path_factory):
 
 def start_download(url, dest, allow_loopback=True, **kw):
     results: list[tuple[str, int]] = []
-    dl = jobs.Download(url, str(dest), "x_polar-j1.gcode", 1 << 30,
+    dl = download.Download(url, str(dest), "x_polar-j1.gcode", 1 << 30,
                        allow_loopback, threading.Event(),
                        lambda err, size: results.append((err, size)), **kw)
     dl.start()
@@ -108,7 +108,7 @@ def test_cancel_ends_a_connect_the_server_never_accepts(tmp_path):
 @pytest.mark.parametrize("behaviour", ["drip_body", "drip_headers"])
 def test_total_timeout_ends_a_dripping_download(tmp_path, monkeypatch,
                                                 behaviour):
-    monkeypatch.setattr(jobs, "TOTAL_TIMEOUT", 1.)
+    monkeypatch.setattr(download, "TOTAL_TIMEOUT", 1.)
     with FileServer(BODY, behaviour, interval=0.1) as srv:
         dl, results = start_download(srv.url(), tmp_path)
         dl.join(30.)
@@ -205,7 +205,7 @@ def test_download_worker_exception_cancels_the_job(tmp_path, monkeypatch):
     """R24 for the download worker: the thread's own failure ends the job
     with a report, and no partial file stays."""
     results = []
-    dl = jobs.Download("http://127.0.0.1:1/x.gcode", str(tmp_path),
+    dl = download.Download("http://127.0.0.1:1/x.gcode", str(tmp_path),
                            "x_polar-j1.gcode", 1 << 20, True,
                            threading.Event(),
                            lambda err, size: results.append((err, size)))
