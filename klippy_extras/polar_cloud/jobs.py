@@ -1,8 +1,9 @@
 # Cloud print jobs: validation, start, tracking, the final report
 #
 # The JobManager runs on the cloud session's thread; the download runs
-# apart (download.py); printer actions go through the reactor bridge;
-# final reports wait in the outbox (outbox.py).
+# in a helper child process (download.py, fetcher.py); printer actions go
+# through the reactor bridge; final reports wait in the outbox
+# (outbox.py).
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -353,8 +354,7 @@ class JobManager:
             log.info("polar_cloud: %d job report(s) of the old printer"
                      " dropped", dropped)
     def stop(self) -> None:
-        """Any thread: the download ends by itself (it watches the
-        session's stop event)."""
+        """Any thread; never blocks: the download's child is killed."""
         download = self.download
         if download is not None:
             download.cancel()
