@@ -16,7 +16,8 @@
 #     {"ok": false, "error": "<for the console>"[, "detail": "<for the log>"]}
 #
 # It never renames the file: the parent does, once it knows the download
-# is still wanted.  A cancel, a stop and the total timeout kill it.
+# is still wanted.  A cancel, a stop and the total timeout kill it, and
+# it dies with the klippy thread that waits for it.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -38,6 +39,16 @@ if __name__ == "__main__" and not __package__:
     __package__ = _package.__name__
     from . import pacing
     PACER = pacing.start()
+    _parent = os.getppid()
+    try:
+        # Dies with the klippy thread waiting for it, even a klippy that
+        # crashed: no download goes on that nobody will rename or remove
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)   # PDEATHSIG, SIGKILL
+    except (OSError, AttributeError, ImportError):
+        pass
+    if os.getppid() != _parent:
+        sys.exit(1)
 else:
     PACER = None
 
