@@ -9,6 +9,8 @@ import pytest
 
 from tests.testbed.gcode_files import demo_print, overflowing_numbers_print
 from tests.testbed.helpers import (
+    children_running,
+    fd_targets,
     final_reports,
     polar_status,
     poll_until,
@@ -173,49 +175,21 @@ def test_stalled_download_times_out(k, sim):
     assert gcode_files(k) == before
 
 
-def helper_children(pid: int, script: str) -> list[int]:
-    """The pids of pid's children running script."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % (entry,)) as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            with open("/proc/%s/cmdline" % (entry,), "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and script.encode() in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def open_files(pid: int) -> list[str]:
-    paths = []
-    for fd in os.listdir("/proc/%d/fd" % (pid,)):
-        try:
-            paths.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
-        except OSError:
-            pass
-    return paths
-
-
 def test_the_download_runs_in_a_child_not_in_klippy(k, sim):
     """Issue #14: a helper child downloads the job; klippy's process
     never opens the file it streams into; a cancel kills the child."""
     before = gcode_files(k)
     since = send_job(sim, k, "in-child", mode="stall")
-    [child] = poll_until(lambda: helper_children(k.pid, "fetcher.py"), 30,
+    [child] = poll_until(lambda: children_running(k.pid, "fetcher.py"), 30,
                          "the download child")
-    part = poll_until(lambda: [p for p in open_files(child)
+    part = poll_until(lambda: [p for p in fd_targets(child)
                                if p.endswith(".part")], 30, "its part file")
     assert os.path.dirname(part[0]) == str(k.gcodes_dir)
-    assert not [p for p in open_files(k.pid) if p.endswith(".part")]
+    assert not [p for p in fd_targets(k.pid) if p.endswith(".part")]
     sim.cancel(k.serial)
     final = wait_final(sim, k, "in-child", since)
     assert final["state"] == "canceled"
-    poll_until(lambda: not helper_children(k.pid, "fetcher.py"), 30,
+    poll_until(lambda: not children_running(k.pid, "fetcher.py"), 30,
                "the child killed")
     poll_until(lambda: gcode_files(k) == before, 30, "the part file gone")
 
