@@ -52,7 +52,7 @@ if __name__ == "__main__" and not __package__:
 else:
     PACER = None
 
-import functools  # noqa: E402
+import base64  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
@@ -75,6 +75,9 @@ CONNECT_TIMEOUT = 15.
 READ_TIMEOUT = 30.
 MAX_REDIRECTS = 3
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
+# Written back to the disk, and the free space checked, every this many
+# bytes
+SYNC_EVERY = 16 * CHUNK
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 Address = netpolicy.Address
@@ -131,34 +134,32 @@ def connect(addresses: list[Address], timeout: float) -> socket.socket:
     raise error
 
 
-@functools.cache
-def _pool_classes() -> dict:
-    """urllib3 pools whose connections go to the checked addresses only."""
-    from urllib3 import connection, connectionpool
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+def _connection_class(https: bool):
+    """http.client connections to the checked addresses only: the
+    destination's, or the proxy's with a CONNECT tunnel through it
+    (imported late: klippy loads this module too, for its types)."""
+    import http.client
 
-    def pinned(base):
-        class PinnedConnection(base):
-            # self.host stays the name: the Host header, SNI and the
-            # certificate check use it; only the peer address is pinned
-            def __init__(self, *args, addresses=(), **kw):
-                super().__init__(*args, **kw)
-                self.addresses = addresses
-            def _new_conn(self):
-                try:
-                    return connect(self.addresses, CONNECT_TIMEOUT)
-                except socket.timeout as e:
-                    raise ConnectTimeoutError(self, "timed out") from e
-                except OSError as e:
-                    raise NewConnectionError(self, str(e)) from e
-        return PinnedConnection
+    base = http.client.HTTPSConnection if https else http.client.HTTPConnection
 
-    class HTTPPool(connectionpool.HTTPConnectionPool):
-        ConnectionCls = pinned(connection.HTTPConnection)
-
-    class HTTPSPool(connectionpool.HTTPSConnectionPool):
-        ConnectionCls = pinned(connection.HTTPSConnection)
-    return {"http": HTTPPool, "https": HTTPSPool}
+    class PinnedConnection(base):
+        # The name stays the host (directly) or the tunnel's host: the
+        # Host header, SNI and the certificate check use it; only the
+        # peer address is pinned
+        def __init__(self, host, port, addresses, **kw):
+            super().__init__(host, port, timeout=CONNECT_TIMEOUT, **kw)
+            self.addresses = addresses
+            self.reached = False        # the destination, not the proxy
+        def connect(self):
+            self.sock = connect(self.addresses, CONNECT_TIMEOUT)
+            if self._tunnel_host:
+                self._tunnel()
+            self.reached = True
+            if https:
+                self.sock = self._context.wrap_socket(
+                    self.sock, server_hostname=self._tunnel_host or self.host)
+            self.sock.settimeout(READ_TIMEOUT)
+    return PinnedConnection
 
 
 def _request_target(parts: urllib.parse.SplitResult) -> str:
@@ -173,8 +174,8 @@ class Fetch:
         self.req = req
         self.pace = pace            # called after each piece of work
         self.tmp_path = os.path.join(req.dest_dir, req.part)
+        self.synced = 0
     def run(self) -> int:
-        netpolicy.hide_url_queries()
         try:
             return self._download()
         except BaseException:
@@ -203,32 +204,33 @@ class Fetch:
         except OSError as e:
             raise DownloadError(netpolicy.proxy_failure(host, proxy, e)) \
                 from e
-    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address],
-              proxy: Optional[netpolicy.Proxy] = None):
-        from urllib3.util import Timeout, make_headers, parse_url
-        options = {"port": parts.port or DEFAULT_PORTS[parts.scheme],
-                   "maxsize": 1, "retries": False,
-                   "timeout": Timeout(connect=CONNECT_TIMEOUT,
-                                      read=READ_TIMEOUT),
-                   "addresses": addresses}
-        if parts.scheme == "https":
-            options.update(cert_reqs="CERT_REQUIRED",
-                           ssl_context=netpolicy.tls_context(self.req.ca_file))
-        if proxy is not None:
-            # The pool's connections go to the proxy and tunnel through it
-            auth = proxy.basic_auth()
-            options.update(_proxy=parse_url(proxy.shown), _proxy_headers=(
-                make_headers(proxy_basic_auth=auth) if auth else {}))
-        return _pool_classes()[parts.scheme](parts.hostname, **options)
+    def _connection(self, parts: urllib.parse.SplitResult,
+                    proxy: Optional[netpolicy.Proxy]):
+        https = parts.scheme == "https"
+        options = {}
+        if https:
+            options["context"] = netpolicy.tls_context(self.req.ca_file)
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+        if proxy is None:
+            return _connection_class(https)(
+                parts.hostname, port,
+                self._checked_addresses(parts.hostname, port), **options)
+        conn = _connection_class(https)(
+            proxy.host, proxy.port,
+            self._proxy_addresses(parts.hostname, proxy), **options)
+        auth = proxy.basic_auth()
+        conn.set_tunnel(parts.hostname, port, headers={
+            "Proxy-Authorization": "Basic " + base64.b64encode(
+                auth.encode("utf-8")).decode("ascii")} if auth else None)
+        return conn
     def _request(self, url: str):
         """One GET, to an address checked for the URL's host or through
         the proxy for the URL."""
-        from urllib3.exceptions import HTTPError, ProxyError
+        import http.client
         problem = netpolicy.check_url(url, self.req.allow_loopback)
         if problem:
             raise DownloadError("refused download URL: %s" % (problem,))
         parts = urllib.parse.urlsplit(url)
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
         try:
             proxy = netpolicy.proxy_for(url)
         except netpolicy.ProxyError as e:
@@ -237,35 +239,30 @@ class Fetch:
             # Only loopback test servers use http, and never a proxy
             raise DownloadError("refused download URL: plain http through"
                                 " a proxy")
-        if proxy is None:
-            pool = self._pool(parts, self._checked_addresses(parts.hostname,
-                                                             port))
-        else:
-            pool = self._pool(parts, self._proxy_addresses(parts.hostname,
-                                                           proxy), proxy)
+        conn = self._connection(parts, proxy)
         try:
-            resp = pool.urlopen("GET", _request_target(parts),
-                                redirect=False, retries=False,
-                                preload_content=False)
+            conn.request("GET", _request_target(parts),
+                         headers={"Accept-Encoding": "identity"})
+            resp = conn.getresponse()
         except BaseException as e:
-            pool.close()
-            if proxy is not None and isinstance(e, ProxyError):
+            conn.close()
+            if proxy is not None and not conn.reached \
+                    and isinstance(e, OSError):
                 raise DownloadError(netpolicy.proxy_failure(
                     parts.hostname, proxy, e)) from e
-            if isinstance(e, (HTTPError, OSError)):
+            if isinstance(e, (http.client.HTTPException, OSError)):
                 raise DownloadError("download failed: %s"
                                     % (e.__class__.__name__,)) from e
             raise
-        return pool, resp
+        return conn, resp
     def _open(self):
         url = self.req.url
         for _ in range(MAX_REDIRECTS + 1):
-            pool, resp = self._request(url)
-            location = resp.headers.get("location")
+            conn, resp = self._request(url)
+            location = resp.getheader("location")
             if resp.status not in REDIRECT_CODES or not location:
-                return pool, resp
-            resp.close()
-            pool.close()
+                return conn, resp
+            conn.close()
             url = urllib.parse.urljoin(url, location)
             self.pace()
         raise DownloadError("too many redirects")
@@ -273,26 +270,25 @@ class Fetch:
         free = shutil.disk_usage(self.req.dest_dir).free
         if free < FREE_SPACE_MARGIN:
             raise DownloadError("insufficient disk space")
-        pool, resp = self._open()
+        conn, resp = self._open()
         try:
             self._check_headers(resp, free)
             return self._stream(resp)
         finally:
-            resp.close()
-            pool.close()
+            conn.close()
     def _check_headers(self, resp, free: int) -> None:
         if resp.status != 200:
             raise DownloadError("download failed: HTTP %d" % (resp.status,))
-        length = resp.headers.get("content-length")
+        length = resp.getheader("content-length")
         if length is not None and length.isdigit():
             if int(length) > self.req.max_bytes:
                 raise DownloadError("the file is larger than max_job_size")
             if int(length) + FREE_SPACE_MARGIN > free:
                 raise DownloadError("insufficient disk space")
-        if "text/html" in resp.headers.get("content-type", ""):
+        if "text/html" in (resp.getheader("content-type") or ""):
             raise DownloadError("not a G-code file (an HTML page)")
     def _stream(self, resp) -> int:
-        from urllib3.exceptions import HTTPError
+        import http.client
         size = 0
         sniffer = GcodeSniffer()
         # O_EXCL: the name is the child's own; nothing is there to follow
@@ -301,7 +297,14 @@ class Fetch:
         paced_from = time.monotonic()
         with os.fdopen(fd, "wb") as f:
             try:
-                for chunk in resp.stream(CHUNK):
+                while True:
+                    try:
+                        chunk = resp.read(CHUNK)
+                    except (http.client.HTTPException, OSError) as e:
+                        raise DownloadError("download interrupted: %s" % (
+                            e.__class__.__name__,)) from e
+                    if not chunk:
+                        break
                     if not sniffer.decided:
                         problem = sniffer.feed(chunk)
                         if problem:
@@ -317,26 +320,36 @@ class Fetch:
                     ahead = paced_from + size / MAX_RATE - time.monotonic()
                     if ahead > 0.:
                         time.sleep(ahead)
-                    if size % (16 * CHUNK) < len(chunk) and \
-                            shutil.disk_usage(self.req.dest_dir).free \
-                            < FREE_SPACE_MARGIN:
-                        raise DownloadError("insufficient disk space")
+                    if size % SYNC_EVERY < len(chunk):
+                        self._write_back(f)
+                        if shutil.disk_usage(self.req.dest_dir).free \
+                                < FREE_SPACE_MARGIN:
+                            raise DownloadError("insufficient disk space")
                     self.pace()
-            except HTTPError as e:
-                raise DownloadError("download interrupted: %s"
-                                    % (e.__class__.__name__,)) from e
             except OSError as e:
                 raise DownloadError("cannot write the file: %s"
                                     % (e.strerror,)) from e
             problem = sniffer.finish()
             if problem:
                 raise DownloadError(problem)
-            length = resp.headers.get("content-length")
+            length = resp.getheader("content-length")
             if length is not None and length.isdigit() and int(length) != size:
                 raise DownloadError("download interrupted (truncated)")
             f.flush()
             os.fsync(f.fileno())
         return size
+    def _write_back(self, f) -> None:
+        """Start writing what is written so far to the disk, a piece at a
+        time (paced like the rest), not all of it in the final fsync; the
+        pages go from the cache."""
+        f.flush()
+        end = f.tell()
+        try:
+            os.posix_fadvise(f.fileno(), self.synced, end - self.synced,
+                             os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+        self.synced = end
 
 
 def answer(raw: bytes, pace: Callable[[], None]) -> dict:
