@@ -4,10 +4,19 @@ reacts.  Run `bench/run.sh` (or `.venv/bin/python -m bench`) from the repo.
     bench/run.sh            full run, 5 minute CPU windows (about 20 min)
     bench/run.sh --quick    60 s windows, fewer samples (about 6 min)
     bench/run.sh --only download,storm    just some measurements
+    bench/run.sh --cpu-budget 30          also under a CPU budget
 
 Prints a table: each figure with the module, without it (the same
 printer.cfg and workload, no [polar_cloud]), the difference, the target and
 PASS/MISS.  Not part of the test suite: nothing here fails a build.
+
+--cpu-budget P runs everything twice in the same run: unconstrained, then
+with each klippy (and the processes it starts) in its own cgroup limited
+to P % of one core in 5 ms periods (bench/cgroup.py; needs root), the way
+a Raspberry Pi-class CPU shared with Moonraker, a front-end and a camera
+streamer leaves klippy a slice of its time.  The simulated MCU, the cloud
+simulator, the webcam and the baseline's own file copy stay outside it.
+Two tables: unconstrained and under the budget.
 
 Everything is real: klippy from the project venv on the simulated MCU, the
 local Polar Cloud simulator, the loopback webcam.  Two modelling choices:
@@ -27,9 +36,18 @@ import sys
 import time
 
 from bench import report
+from bench.cgroup import BudgetError
 from bench.harness import Bed, machine, median, percentile
 from bench.report import Row, mb, ms, pct, secs
-from bench.scenarios import Bench, Plan, Results, say
+from bench.scenarios import (
+    PACED_RATE,
+    PACED_SIZE,
+    PACED_TARGET,
+    Bench,
+    Plan,
+    Results,
+    say,
+)
 
 SECTIONS = ("startup", "idle", "printing", "latency", "download", "snapshot",
             "storm", "memory")
@@ -37,6 +55,7 @@ LATENCY_SCENARIOS = [
     ("idle", "idle, connected"),
     ("printing", "printing, connected"),
     ("download", "200 MB job download"),
+    ("paced", "50 MB job at 12.5 MB/s"),
     ("snapshot", "1080p snapshot processing"),
     ("storm", "reconnect storm (%d connection attempts)"),
 ]
@@ -181,6 +200,20 @@ def download_rows(r: Results) -> list[Row]:
     ]
 
 
+def paced_rows(r: Results) -> list[Row]:
+    if not r.paced:
+        return []
+    slowest = max(p["push_to_start"] for p in r.paced)
+    transfer = PACED_SIZE / PACED_RATE
+    return [Row("job download", "%d MB at %.1f MB/s (%.1f s on the wire):"
+                " cloud's print -> printing (slowest of %d; median %s)"
+                % (PACED_SIZE // 1000000, PACED_RATE / 1e6, transfer,
+                   len(r.paced), secs(median(
+                       [p["push_to_start"] for p in r.paced]))),
+                secs(slowest), "", "", "< %g s" % (PACED_TARGET,),
+                slowest < PACED_TARGET)]
+
+
 def startup_rows(r: Results) -> list[Row]:
     polar, base = r.startup["polar"], r.startup["base"]
     if not polar or not base:
@@ -202,7 +235,8 @@ def startup_rows(r: Results) -> list[Row]:
 
 def build_rows(r: Results, plan: Plan) -> list[Row]:
     return (lateness_rows(r) + status_rows(r) + cpu_rows(r, plan)
-            + memory_rows(r) + download_rows(r) + startup_rows(r))
+            + memory_rows(r) + download_rows(r) + paced_rows(r)
+            + startup_rows(r))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (klippy logs)")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--cpu-budget", type=float, default=0., metavar="P",
+                        help="also measure each klippy confined to P %% of"
+                        " one core (5 ms periods; a cgroup, needs root)")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or None
     if only and only - set(SECTIONS):
@@ -224,8 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     bed = Bed(keep=args.keep)
     say("work directory %s" % (bed.root,))
+    passes: list[tuple[str, Results, dict]] = []
     try:
         results = Bench(bed, plan, only).run()
+        passes.append(("unconstrained", results, {}))
+        if args.cpu_budget:
+            try:
+                label = bed.constrain(args.cpu_budget)
+            except BudgetError as e:
+                parser.error(str(e))
+            say("CPU budget: %s" % (label,))
+            results = Bench(bed, plan, only, tag="cpu").run()
+            passes.append(("CPU budget: each klippy and its children "
+                           + label, results, bed.throttled()))
     finally:
         bed.close()
     after = machine()
@@ -238,11 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         " %s before, %s after" % (before["nproc"], before["cpu"],
                                   platform.python_version(), "klipper",
                                   before["load"], after["load"]),
-        "",
-        report.table(build_rows(results, plan)),
     ]
-    if results.notes:
-        lines += [""] + ["- " + n for n in results.notes]
+    for label, results, throttled in passes:
+        lines += ["", "### " + label if len(passes) > 1 else "", "",
+                  report.table(build_rows(results, plan))]
+        notes = list(results.notes)
+        for who, (periods, seconds) in sorted(throttled.items()):
+            notes.append("%s klippy's cgroup: throttled in %d periods, %.1f s"
+                         " in all" % (who, periods, seconds))
+        if notes:
+            lines += [""] + ["- " + n for n in notes]
     text = "\n".join(lines)
     print(text)
     if args.out:

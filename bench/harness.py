@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cgroup import CpuBudget
 from tests.testbed.camera_server import CameraServer
 from tests.testbed.klippy import REPO, Klippy, link_extra
 from tests.testbed.polarsim import PolarSim
@@ -313,6 +314,27 @@ class Bed:
         self.polar = Klippy(self.root / "polar", FLAVOUR, "", KLIPPY_ENV)
         self.polar.serial = ""
         self.use_camera(False)
+        # Each klippy's own CPU budget, while one is set (constrain())
+        self.budgets: dict[str, CpuBudget] = {}
+
+    def constrain(self, percent: float) -> str:
+        """From the next start on, each klippy (and whatever it starts)
+        runs in its own cgroup limited to `percent` of one core."""
+        self.unconstrain()
+        for who in ("polar", "base"):
+            self.budgets[who] = CpuBudget(who, percent)
+        return self.budgets["polar"].describe()
+
+    def unconstrain(self) -> None:
+        for budget in self.budgets.values():
+            budget.close()
+        self.budgets = {}
+
+    def who(self, k: Klippy) -> str:
+        return "polar" if k is self.polar else "base"
+
+    def throttled(self) -> dict[str, tuple[int, float]]:
+        return {who: b.throttled() for who, b in self.budgets.items()}
 
     def use_camera(self, on: bool) -> None:
         """The polar klippy's config (takes effect at its next start)."""
@@ -324,6 +346,9 @@ class Bed:
         k._start_simmcu(60)
         t0 = time.monotonic()
         k.start(wait_ready=False)
+        budget = self.budgets.get(self.who(k))
+        if budget is not None:
+            budget.add(k.pid)
         renice(k.pid)
         k.wait_state("ready", 60)
         renice(k.pid)
@@ -349,6 +374,7 @@ class Bed:
     def close(self) -> None:
         for k in (self.base, self.polar):
             k.stop()
+        self.unconstrain()
         self.cam.stop()
         self.sim.stop()
         if not self.keep:

@@ -4,9 +4,10 @@ in the same run.
 
 Order: start-ups (the two klippys alternating); idle and printing, both
 klippys measured side by side over the same windows; then, with both
-running, the polar klippy's status latency, 200 MB downloads and reconnect
-storm (the baseline measured over the same storm window; after each
-download an idle window of the baseline as long, alternating); then both
+running, the polar klippy's status latency, 200 MB downloads, 50 MB jobs
+paced at 12.5 MB/s and the reconnect storm (the baseline measured over the
+same storm window; after each download an idle window of the baseline as
+long, alternating); then both
 fresh again with a webcam: memory cycles of each, snapshot rounds
 alternating with baseline windows.  The same downloads and snapshots done
 by a separate process are measured on the baseline for context.
@@ -46,6 +47,12 @@ from tests.testbed.gcode_files import demo_print
 from tests.testbed.klippy import FLAVOURS, REPO, Klippy
 
 MB = 1024 * 1024
+# A cloud-sized job over a good home link: 50 MB at 12.5 MB/s (100 Mbit/s),
+# paced by the simulator; on the printer it should be printing within
+# PACED_TARGET seconds of the cloud's print
+PACED_SIZE = 50 * 1000 * 1000
+PACED_RATE = 12.5e6
+PACED_TARGET = 10.
 SNAPSHOT_RATE = 2.      # per second, in the snapshot window
 SNAPSHOT_ROUNDS = 3
 OUTSIDE_SNAPSHOTS = """
@@ -83,6 +90,7 @@ class Plan:
     startups: int               # per klippy
     downloads: int              # 200 MB downloads
     download_size: int
+    paced_downloads: int        # 50 MB jobs at 12.5 MB/s
     memory_cycles: int
     snapshots_per_cycle: int
     heater_changes: int         # per memory cycle, a multiple of 4 (ends at 0)
@@ -90,8 +98,8 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 60., 20., 10, 3, 1, 200 * MB, 3, 8, 12)
-        return cls(False, 300., 60., 24, 7, 3, 200 * MB, 10, 30, 28)
+            return cls(True, 60., 20., 10, 3, 1, 200 * MB, 2, 3, 8, 12)
+        return cls(False, 300., 60., 24, 7, 3, 200 * MB, 4, 10, 30, 28)
 
 
 @dataclass
@@ -104,6 +112,7 @@ class Results:
     status_latency: dict = field(default_factory=dict)
     status_from_call: dict = field(default_factory=dict)
     download: list = field(default_factory=list)
+    paced: list = field(default_factory=list)
     rss_cycles: dict = field(default_factory=lambda: {"base": [],
                                                       "polar": []})
     rss_start: dict = field(default_factory=dict)
@@ -128,8 +137,11 @@ def pause(low: float = .3, high: float = .6) -> None:
 
 
 class Bench:
-    def __init__(self, bed: Bed, plan: Plan, only: set[str] | None = None):
+    def __init__(self, bed: Bed, plan: Plan, only: set[str] | None = None,
+                 tag: str = ""):
         self.bed = bed
+        # Prefixes the job ids: the module ignores a job id it has seen
+        self.tag = tag
         self.sim = bed.sim
         self.plan = plan
         self.only = only
@@ -271,6 +283,7 @@ class Bench:
                 self.status_latency(k)
             if self.want("download"):
                 self.downloads(k, base)
+                self.paced_downloads(k, base)
                 self.outside_download(base)
             if self.want("storm"):
                 self.storm(k, base)
@@ -324,14 +337,14 @@ class Bench:
         self.end_print(k)
         # Completion of cloud jobs: no command to time, only the change
         for i in range(n):
-            job_id = "done-%d" % (i,)
+            job_id = "%sdone-%d" % (self.tag, i)
             url = self.sim.add_file(job_id + ".gcode", dwell_gcode())
             pause()
             t0 = time.monotonic()
             self.sim.push_print(k.serial, job_id, job_name="bench",
                                 gcode_url=url)
             ev = self.wait_status(k, t0, lambda d, j=job_id: d["status"] == 7
-                                  and d["jobId"] == j)
+                                  and d["jobId"] == j, 90.)
             samples.append(("complete", "print_state",
                             r"^complete .*_polar-%s\.gcode$" % (job_id,),
                             0., ev.t))
@@ -354,7 +367,7 @@ class Bench:
         content = big_gcode(size)
         total = Lateness()
         for i in range(self.plan.downloads):
-            job_id = "big-%d" % (i,)
+            job_id = "%sbig-%d" % (self.tag, i)
             name = job_id + ".gcode"
             url = self.sim.add_file(name, content)
             sub = k.subscribe_objects({"print_stats": ["state", "filename"]})
@@ -395,6 +408,50 @@ class Bench:
                 self.sim.http.files.pop(name, None)
             self.base_window(base, "download", lat.seconds)
         self.r.lateness[("download", "polar")] = total
+
+    def paced_downloads(self, k: Klippy, base: Klippy) -> None:
+        """A 50 MB job the simulator sends at 12.5 MB/s: the cloud's print
+        -> printing, and the reactor's lateness meanwhile (each followed by
+        an idle window of the baseline as long)."""
+        n = self.plan.paced_downloads
+        say("paced downloads: %d x %d MB at %.1f MB/s"
+            % (n, PACED_SIZE // 1000000, PACED_RATE / 1e6))
+        content = big_gcode(PACED_SIZE)
+        total = Lateness()
+        for i in range(n):
+            job_id = "%spaced-%d" % (self.tag, i)
+            name = job_id + ".gcode"
+            url = self.sim.add_file(name, content, "slow", rate=PACED_RATE)
+            sub = k.subscribe_objects({"print_stats": ["state", "filename"]})
+            pause()
+            probe_reset(k)
+            t_push = time.monotonic()
+            self.sim.push_print(k.serial, job_id, job_name="bench",
+                                gcode_url=url)
+            sub.wait_for(lambda s, j=job_id: s["print_stats"]["state"]
+                         == "printing" and s["print_stats"][
+                             "filename"].endswith("_polar-%s.gcode" % j), 120)
+            lat, transitions, _ready = probe_stats(k)
+            sub.close()
+            t_req = min(t for t, n in self.bed.file_hits if n == name)
+            t_start = transition_time(transitions, "print_state",
+                                      r"^printing .*_polar-%s\.gcode$"
+                                      % job_id)
+            total.add(lat)
+            self.r.paced.append({"push_to_start": t_start - t_push,
+                                 "req_to_start": t_start - t_req})
+            say("paced download %d: printing %.2f s after the print"
+                % (i, t_start - t_push))
+            since = time.monotonic()
+            k.gcode("CANCEL_PRINT")
+            self.sim.wait_for("job", lambda d, j=job_id: d["jobId"] == j,
+                              since=since - 1, serial=k.serial, timeout=60)
+            for f in k.gcodes_dir.glob("*_polar-%s.gcode" % (job_id,)):
+                f.unlink()
+            with self.sim.rec.lock:
+                self.sim.http.files.pop(name, None)
+            self.base_window(base, "paced", lat.seconds)
+        self.r.lateness[("paced", "polar")] = total
 
     def outside_download(self, k: Klippy) -> None:
         """Context for the download figures: the baseline klippy while a
@@ -591,7 +648,7 @@ class Bench:
             # A print with a pause and a resume: a cloud job with the
             # module, the same file printed locally without it
             if who == "polar":
-                job_id = "mem-%d" % (c,)
+                job_id = "%smem-%d" % (self.tag, c)
                 url = self.sim.add_file(job_id + ".gcode", job_text)
                 t0 = time.monotonic()
                 self.sim.push_print(k.serial, job_id, job_name="bench",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from . import messages, protocol
+from . import messages, netpolicy
 from .options import CameraOptions
 
 
@@ -18,7 +18,7 @@ def lan_stream_url(stream_url: str, local_ip: str) -> str:
     if stream_url.startswith("/"):
         return "http://%s%s" % (host, stream_url)
     parts = urllib.parse.urlsplit(stream_url)
-    if parts.hostname and protocol.is_loopback_host(parts.hostname):
+    if parts.hostname and netpolicy.is_loopback_host(parts.hostname):
         netloc = host if parts.port is None else "%s:%d" % (host, parts.port)
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return stream_url

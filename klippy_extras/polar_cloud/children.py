@@ -1,5 +1,6 @@
 # Child processes at idle CPU priority: the snapshot image work
-# (imaging.py) and the timelapse render (ffmpeg)
+# (imaging.py), the timelapse render (ffmpeg) and the job download
+# (fetcher.py)
 #
 # A child runs under `chrt --idle 0` from its first instruction (or, where
 # SCHED_IDLE is refused, at nice 19 set on it at once), so it only gets
@@ -11,8 +12,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -49,6 +52,24 @@ def _idle_prefix() -> list[str]:
 def _last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1][:200] if lines else ""
+
+
+def input_file(data: bytes):
+    """A child's stdin as a file in memory: one write, where a pipe would
+    take many from the waiting thread, or block once it is full.  The
+    caller closes it (with ... as)."""
+    try:
+        f = open(os.memfd_create("polar_cloud-child"), "w+b")  # noqa: SIM115
+    except (AttributeError, OSError):
+        f = tempfile.TemporaryFile()  # noqa: SIM115
+    try:
+        f.write(data)
+        f.seek(0)
+    except OSError as e:
+        f.close()
+        raise ChildError("cannot hand the request to the child (%s)"
+                         % (e.strerror or e,)) from None
+    return f
 
 
 class Children:

@@ -18,8 +18,8 @@ import threading
 from typing import Callable
 
 from . import lab, protocol
-from .jobs import hide_url_queries
 from .makes import PrinterMakes
+from .netpolicy import hide_url_queries
 from .options import read_options
 from .pauses import PauseReasons
 from .printer_state import PrinterSampler

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from . import children
 from .keyhelper import BAD_KEY_EXIT
 from .statefiles import StateFileError as IdentityError
 from .statefiles import ensure_state_dir, read_json, write_json, write_private_file
@@ -26,8 +27,8 @@ IDENTITY_FILE = "identity.json"
 # generation holds the GIL for tens of milliseconds (seconds on a Raspberry
 # Pi), enough to starve klippy's reactor, and importing cryptography would
 # add megabytes to klippy for one signature per connection.  The private
-# key travels on pipes only.  -I: the child imports nothing from klippy's
-# working directory or the user's site-packages.
+# key travels on pipes and in memory only.  -I: the child imports nothing
+# from klippy's working directory or the user's site-packages.
 KEY_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "keyhelper.py")
 CRYPTO_TIMEOUT = 300.
@@ -38,20 +39,27 @@ class BadKey(Exception):
 
 
 def run_crypto(op: str, data: bytes) -> dict:
+    """One RSA operation in the key helper, started like every helper
+    child (children.py: idle priority, stdin from memory, killed on its
+    time limit)."""
+    kids = children.Children(threading.Event())
     try:
-        proc = subprocess.run(
-            [sys.executable, "-I", KEY_HELPER, op], input=data,
-            capture_output=True, timeout=CRYPTO_TIMEOUT)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise IdentityError("cannot run the key helper: %s" % (e,)) from e
-    if proc.returncode == BAD_KEY_EXIT:
+        with children.input_file(data) as stdin:
+            code, out, err = kids.run(
+                [sys.executable, "-I", KEY_HELPER, op], CRYPTO_TIMEOUT,
+                "the key helper", stdin=stdin)
+    except children.ChildTimeout:
+        raise IdentityError("the key helper took too long") from None
+    except (children.ChildError, children.ChildStopped) as e:
+        raise IdentityError("cannot run the key helper: %s" % (e,)) from None
+    if code == BAD_KEY_EXIT:
         raise BadKey()
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if code != 0:
+        lines = err.strip().splitlines()
         raise IdentityError("the key helper failed: %s"
-                            % (err[-1] if err else proc.returncode,))
+                            % (lines[-1] if lines else code,))
     try:
-        return json.loads(proc.stdout)
+        return json.loads(out)
     except ValueError as e:
         raise IdentityError("the key helper answered garbage") from e
 

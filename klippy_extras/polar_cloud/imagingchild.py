@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
-import tempfile
 from typing import Any, Optional
 
 from . import children, imaging, netpolicy
@@ -49,24 +47,6 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def _input_file(data: bytes):
-    """The child's stdin as a file: one write, where a pipe would take
-    thousands of 512-byte writes from this thread for a 2 MB frame."""
-    # The caller closes it (with ... as)
-    try:
-        f = open(os.memfd_create("polar_cloud-snapshot"), "w+b")  # noqa: SIM115
-    except (AttributeError, OSError):
-        f = tempfile.TemporaryFile()  # noqa: SIM115
-    try:
-        f.write(data)
-        f.seek(0)
-    except OSError as e:
-        f.close()
-        raise SnapshotError("cannot hand the snapshot to the image"
-                            " processing (%s)" % (e.strerror or e,)) from None
-    return f
-
-
 def request(limit: int, opts: Any, fetch: Optional[imaging.Fetch] = None,
             out: str = "") -> bytes:
     """The header line for imaging.py's stdin (the JPEG follows it unless
@@ -89,7 +69,7 @@ def run_imaging(kids: children.Children,
     the session stops (children.ChildTimeout, ChildStopped)."""
     if not sys.executable:
         raise children.ChildError("no Python interpreter to run it")
-    with _input_file(request) as stdin:
+    with children.input_file(request) as stdin:
         code, out, err = kids.run([sys.executable, IMAGING_SCRIPT],
                                   IMAGING_TIMEOUT, "image work", stdin=stdin)
     fetched = FETCHED_RE.search(err)

@@ -1,31 +1,25 @@
-# Cloud print jobs: validation, download, start, tracking, final report
+# Cloud print jobs: validation, start, tracking, the final report
 #
-# The JobManager runs on the cloud session's thread; downloads run on
-# their own thread; printer actions go through the reactor bridge.
+# The JobManager runs on the cloud session's thread; the download runs
+# in a helper child process (download.py, fetcher.py); printer actions go
+# through the reactor bridge; final reports wait in the outbox
+# (outbox.py).
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
 import collections
-import errno
-import functools
-import hashlib
-import ipaddress
 import logging
 import os
-import re
-import select
-import shlex
-import shutil
-import socket
-import threading
 import time
-import unicodedata
-import urllib.parse
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from . import cloud_status, inbound, messages, netpolicy, protocol
+from . import cloud_status, inbound, netpolicy, protocol
+from .download import Download
+from .gcodefile import read_slicer_estimate
+from .jobnames import safe_job_filename, shown_id
+from .outbox import Outbox
 from .port import CloudPort
 from .ratelog import LineBudget
 from .statefiles import StateFileError, read_json, write_json
@@ -33,721 +27,9 @@ from .statefiles import StateFileError, read_json, write_json
 log = logging.getLogger("polar_cloud")
 
 JOB_FILE = "job.json"
-OUTBOX_FILE = "outbox.json"
 SEEN_LIMIT = 100
-CHUNK = 64 * 1024
-# A download flat out (LAN, loopback: hundreds of MB/s) loads the host
-# enough to make klippy's reactor late by milliseconds; no cloud download
-# needs more than this (bench/: 200 MB at 300 MB/s added 2-3 ms to the
-# reactor's p99 lateness, at 64 MB/s nothing measurable)
-MAX_RATE = 64 * 1024 * 1024
-CONNECT_TIMEOUT = 15.
-READ_TIMEOUT = 30.
-TOTAL_TIMEOUT = 3600.
-MAX_REDIRECTS = 3
-FREE_SPACE_MARGIN = 64 * 1024 * 1024
 FINAL_REPORTS = 3
-OUTBOX_SETTLE = 5.
 PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
-JOB_FILE_RE = re.compile(r"_polar-([A-Za-z0-9_-]{1,64})\.gcode\Z")
-
-
-# Pure helpers
-
-def job_file_token(job_id: str) -> str:
-    """The job's part of its file name: '-' and the id when the id is a
-    safe token, else '.' and a short hash of it (the id itself is kept in
-    the job state, see Job)."""
-    if protocol.JOB_ID_RE.fullmatch(job_id):
-        return "-" + job_id
-    raw = job_id.encode("utf-8", "surrogatepass")
-    return "." + hashlib.sha256(raw).hexdigest()[:16]
-
-
-def safe_job_filename(job_name: str, job_id: str) -> str:
-    """A file name readable in Mainsail/Fluidd, never taken raw from the
-    cloud: ASCII letters, digits, '_', '-' and '.' only, no leading dot."""
-    text = unicodedata.normalize("NFKD", job_name or "")
-    text = text.encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"\.(gcode|gco|g|stl|3mf)\Z", "", text, flags=re.I)
-    text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
-    text = re.sub(r"\.{2,}", ".", text)[:60].strip("._-") or "polar_job"
-    return "%s_polar%s.gcode" % (text, job_file_token(job_id))
-
-
-def job_id_from_filename(filename: str) -> Optional[str]:
-    """The job id in a file name made from a safe id; None for others
-    (a hashed name: the id is in the job state)."""
-    match = JOB_FILE_RE.search(filename or "")
-    return match.group(1) if match else None
-
-
-# Not public although Python's ipaddress does not call them private
-SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
-#                                                         Tailscale
-
-
-def shown_id(job_id: str) -> str:
-    """A job id for a console or log line: no control characters, not
-    longer than a line should be."""
-    text = "".join(c if c.isprintable() else "?" for c in job_id)
-    return text if len(text) <= 64 else text[:61] + "..."
-
-
-def _address_is_public(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    if ip.version == 4 and any(ip in net for net in SHARED_NETS):
-        return False
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local
-                or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def check_url(url: str, allow_loopback_http: bool) -> str:
-    """Return an error text for a download URL the policy refuses."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        _port = parts.port             # raises for a port out of range
-    except ValueError:
-        return "not a URL"
-    host = parts.hostname or ""
-    if not host or parts.username or parts.password:
-        return "not an acceptable URL"
-    loopback = host == "localhost"
-    try:
-        loopback = loopback or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if parts.scheme == "http" and not (allow_loopback_http and loopback):
-        return "plain http is not allowed"
-    if parts.scheme not in ("http", "https"):
-        return "only https downloads are allowed"
-    if loopback and not allow_loopback_http:
-        return "the address is not public"
-    try:
-        if not loopback and not _address_is_public(host):
-            return "the address is not public"
-    except ValueError:
-        pass
-    return ""
-
-
-Address = tuple[int, tuple]        # (family, sockaddr)
-
-
-def resolve(host: str, port: int) -> list[Address]:
-    """Every address of host, from one lookup."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
-
-
-def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
-    """Error text when any of a name's addresses is not allowed."""
-    if not addresses:
-        return "the name has no address"
-    for _family, sockaddr in addresses:
-        addr = sockaddr[0]
-        if allow_loopback and ipaddress.ip_address(addr).is_loopback:
-            continue
-        if not _address_is_public(addr):
-            return "the address is not public"
-    return ""
-
-
-def check_resolved(host: str, allow_loopback: bool) -> str:
-    """After DNS: refuse names that resolve to private addresses."""
-    try:
-        addresses = resolve(host, 0)
-    except OSError as e:
-        return "cannot resolve %s: %s" % (host, e)
-    return refused_address(addresses, allow_loopback)
-
-
-# What Klipper runs from a file (klippy/gcode.py): a letter and a number
-# ("G1", "m104", "M862.3"), or an extended command, case-insensitive, that
-# may start with '_' and takes KEY=value arguments ("print_start BED=60",
-# "_HEAT_SOAK").  Both may follow a line number; ';' starts a comment.
-TRADITIONAL_RE = re.compile(
-    rb"(?:[Nn]\d+\s*)?[A-Za-z]\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
-    rb"(?:[\s*;A-Za-z]|$)")
-EXTENDED_RE = re.compile(
-    rb"(?:[Nn]\d+\s*)?[A-Za-z_][A-Za-z0-9_]{1,127}(?:\s+(?P<args>[^#*;]*))?"
-    rb"(?:[#*;].*)?")
-UTF8_BOM = b"\xef\xbb\xbf"
-# Bytes never found in a G-code text file (tab, CR, FF, VT and DOS's ^Z
-# end-of-file mark are)
-CONTROL_RE = re.compile(rb"[\x00-\x08\x0e-\x19\x1b-\x1f\x7f]")
-# The first line that is neither blank nor a comment
-COMMAND_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^;\s]", re.M)
-# Wrong downloads, by their first bytes (after a BOM and blank space)
-NOT_GCODE_MAGIC = [
-    (b"PK\x03\x04", "a ZIP or 3MF archive"),
-    (b"GCDE", "binary G-code (.bgcode): export plain-text G-code for"
-              " Klipper"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"\x7fELF", "a program"),
-    (b"%PDF", "a PDF document"),
-    (b"\x89PNG", "an image"),
-    (b"\xff\xd8\xff", "an image"),
-    (b"<", "an HTML or XML page"),
-    (b"{", "JSON"),
-    (b"[", "JSON"),
-]
-SNIFF_LINES = 20            # command lines judged
-SNIFF_MAX_LINE = 64 * 1024  # a longer line without a newline is junk
-
-
-def gcode_command_line(line: bytes) -> bool:
-    """Would Klipper run this line (not a comment, not blank) as a
-    command?  Mirrors klippy/gcode.py's parsing."""
-    line = line.strip()
-    if CONTROL_RE.search(line):
-        return False
-    if TRADITIONAL_RE.match(line):
-        return True
-    match = EXTENDED_RE.fullmatch(line)
-    if match is None:
-        return False
-    args = (match.group("args") or b"").strip()
-    if not args:
-        return True
-    try:
-        words = shlex.split(args.decode("utf-8", "replace"))
-    except ValueError:
-        return False
-    return all("=" in w and not w.startswith("=") for w in words)
-
-
-class GcodeSniffer:
-    """Tell early whether a download is a G-code file Klipper can print.
-
-    Fed the file in pieces; judges the first bytes (archives, binary
-    G-code, web pages, JSON) and then the first few command lines, however
-    many comment lines come before them (thumbnails are thousands).
-    feed() returns "" while undecided or fine and an error text once the
-    file is refused; finish() at the end of the file gives the verdict."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.head_checked = False
-        self.in_long_comment = False
-        self.commands = 0
-        self.any_text = False
-        self.verdict: Optional[str] = None
-    @property
-    def decided(self) -> bool:
-        return self.verdict is not None
-    def feed(self, data: bytes) -> str:
-        if self.verdict is not None:
-            return self.verdict
-        if self.head_checked and b"\0" in data:
-            return self._decide("not a G-code file (binary data)")
-        if self.in_long_comment:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return ""
-            self.in_long_comment = False
-            data = data[nl + 1:]
-        self.buf += data
-        if not self.head_checked:
-            view = self.buf[3:] if self.buf.startswith(UTF8_BOM) \
-                else self.buf
-            if len(view.lstrip()) < 8 and len(self.buf) < 4096:
-                return ""           # too little to judge yet
-            if self._check_head():
-                return self.verdict or ""
-        return self._scan(final=False)
-    def finish(self) -> str:
-        if self.verdict is None and not self.head_checked:
-            self._check_head()
-        if self.verdict is None:
-            self._scan(final=True)
-        if self.verdict is None:
-            self._decide("" if self.commands else
-                         "not a G-code file (only comments)"
-                         if self.any_text else "the file is empty")
-        return self.verdict or ""
-    def _decide(self, verdict: str) -> str:
-        self.verdict = verdict
-        self.buf = b""
-        return verdict
-    def _check_head(self) -> bool:
-        self.head_checked = True
-        if self.buf.startswith(UTF8_BOM):
-            self.buf = self.buf[len(UTF8_BOM):]
-        head = self.buf.lstrip()
-        for magic, what in NOT_GCODE_MAGIC:
-            if head.startswith(magic):
-                self._decide("not a G-code file (%s)" % (what,))
-                return True
-        if b"\0" in self.buf:
-            self._decide("not a G-code file (binary data)")
-            return True
-        return False
-    def _scan(self, final: bool) -> str:
-        buf = self.buf
-        end = len(buf) if final else buf.rfind(b"\n") + 1
-        if not self.any_text and buf[:end].strip():
-            self.any_text = True
-        pos = 0
-        while pos < end:
-            match = COMMAND_LINE_RE.search(buf, pos, end)
-            if match is None:
-                break
-            nl = buf.find(b"\n", match.start(), end)
-            stop = end if nl < 0 else nl
-            line = buf[match.start():stop]
-            pos = stop + 1
-            if line.strip() == b"%":        # a tape mark: Klipper skips it
-                continue
-            if not gcode_command_line(line):
-                return self._decide("not a G-code file")
-            self.commands += 1
-            if self.commands >= SNIFF_LINES:
-                return self._decide("")
-        self.buf = buf[end:]
-        if len(self.buf) > SNIFF_MAX_LINE:
-            # One endless line: a comment (skipped to its end) or junk
-            if not self.buf.lstrip().startswith(b";"):
-                return self._decide("not a G-code file")
-            self.buf = b""
-            self.any_text = self.in_long_comment = True
-        return ""
-
-
-def sniff_gcode(data: bytes) -> str:
-    """Return an error when data (a whole file) is not G-code."""
-    sniffer = GcodeSniffer()
-    return sniffer.feed(data) or sniffer.finish()
-
-
-ESTIMATE_PATTERNS = [
-    re.compile(r"^;TIME:(\d+(?:\.\d+)?)", re.M),                      # Cura
-    re.compile(r"^; estimated printing time(?: \(normal mode\))? = (.+)$",
-               re.M),                                   # Prusa/SuperSlicer
-    re.compile(r"^; total estimated time: ([^;\n]+)", re.M),        # Orca
-    re.compile(r"^;\s*Build time: (.+)$", re.M),                # Simplify3D
-]
-
-
-def _duration(text: str) -> float:
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    total = 0.
-    units = {"d": 86400., "day": 86400., "days": 86400., "h": 3600.,
-             "hour": 3600., "hours": 3600., "m": 60., "minute": 60.,
-             "minutes": 60., "s": 1., "second": 1., "seconds": 1.}
-    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", text):
-        total += float(number) * units.get(unit, 0.)
-    return total
-
-
-def parse_slicer_estimate(text: str) -> float:
-    """The slicer's estimate in seconds; 0 when absent or implausible."""
-    for pattern in ESTIMATE_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            seconds = _duration(match.group(1))
-            return seconds if protocol.usable_estimate(seconds) else 0.
-    return 0.
-
-
-def read_slicer_estimate(path: str) -> float:
-    """Slicers write the estimate in the first or last few KB."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64 * 1024)
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            tail = f.read()
-    except OSError:
-        return 0.
-    text = (head + b"\n" + tail).decode("utf-8", "replace")
-    return parse_slicer_estimate(text)
-
-
-# Download
-
-class DownloadError(Exception):
-    pass
-
-
-REDIRECT_CODES = (301, 302, 303, 307, 308)
-DEFAULT_PORTS = {"http": 80, "https": 443}
-URL_QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
-URLLIB3_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
-                   "urllib3.poolmanager", "urllib3.response",
-                   "urllib3.util.retry")
-
-
-class HideUrlQueries(logging.Filter):
-    """A signed URL carries its secret in the query: urllib3's debug lines
-    (verbose) keep the path only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:
-            return True
-        if "?" in text:
-            record.msg = URL_QUERY_RE.sub("?...", text)
-            record.args = None
-        return True
-
-
-def hide_url_queries() -> None:
-    """Install HideUrlQueries on urllib3's loggers (a logger's filter sees
-    only its own records, not its children's)."""
-    for name in URLLIB3_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, HideUrlQueries) for f in logger.filters):
-            logger.addFilter(HideUrlQueries())
-
-
-class Connections:
-    """A download's sockets.  They connect only to the addresses checked
-    for the download, and another thread can interrupt whatever they wait
-    for (a connect, a TLS handshake, a read): shutdown() wakes it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        # Duplicates: ssl's wrap_socket() detaches the original socket
-        self.handles: list[socket.socket] = []
-        self.aborted = False
-    def connect(self, addresses: list[Address],
-                timeout: float) -> socket.socket:
-        error = OSError("no address to connect to")
-        for family, sockaddr in addresses:
-            try:
-                return self._connect(family, sockaddr, timeout)
-            except OSError as e:
-                error = e
-        raise error
-    def _connect(self, family: int, sockaddr: tuple,
-                 timeout: float) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self._start_connect(sock, sockaddr)
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT)
-            if not poller.poll(int(timeout * 1000)):
-                raise socket.timeout("connect timed out")
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not err and self.aborted:
-                err = errno.ECONNABORTED
-            if err:
-                raise OSError(err, os.strerror(err))
-            sock.settimeout(timeout)
-            return sock
-        except BaseException:
-            sock.close()
-            raise
-    def _start_connect(self, sock: socket.socket, sockaddr: tuple) -> None:
-        # Under the lock: abort() comes either before (no connect at all)
-        # or after the socket is connecting (its shutdown ends the connect)
-        with self.lock:
-            if self.aborted:
-                raise ConnectionAbortedError(errno.ECONNABORTED, "aborted")
-            self.handles.append(sock.dup())
-            sock.setblocking(False)
-            err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, os.strerror(err))
-    def abort(self) -> None:
-        """Any thread; never blocks."""
-        with self.lock:
-            self.aborted = True
-            for handle in self.handles:
-                try:
-                    handle.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-    def close(self) -> None:
-        with self.lock:
-            handles, self.handles = self.handles, []
-        for handle in handles:
-            handle.close()
-
-
-@functools.cache
-def _pool_classes() -> dict:
-    """urllib3 pools whose connections go through Connections (imported
-    late: klippy loads this module even when urllib3 is missing)."""
-    from urllib3 import connection, connectionpool
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-
-    def pinned(base):
-        class PinnedConnection(base):
-            # self.host stays the name: the Host header, SNI and the
-            # certificate check use it; only the peer address is pinned
-            def __init__(self, *args, addresses=(), connections=None, **kw):
-                super().__init__(*args, **kw)
-                self.addresses = addresses
-                self.connections = connections
-            def _new_conn(self):
-                try:
-                    return self.connections.connect(self.addresses,
-                                                    CONNECT_TIMEOUT)
-                except socket.timeout as e:
-                    raise ConnectTimeoutError(self, "timed out") from e
-                except OSError as e:
-                    raise NewConnectionError(self, str(e)) from e
-        return PinnedConnection
-
-    class HTTPPool(connectionpool.HTTPConnectionPool):
-        ConnectionCls = pinned(connection.HTTPConnection)
-
-    class HTTPSPool(connectionpool.HTTPSConnectionPool):
-        ConnectionCls = pinned(connection.HTTPSConnection)
-    return {"http": HTTPPool, "https": HTTPSPool}
-
-
-def _request_target(parts: urllib.parse.SplitResult) -> str:
-    return (parts.path or "/") + ("?" + parts.query if parts.query else "")
-
-
-class Download:
-    """Stream a G-code URL into a hidden temp file, then rename it.
-
-    cancel(), a stop and the total timeout end it within moments whatever
-    the server does: they shut its socket down under any blocking call.
-    Directly, it connects only to the addresses it checked for the URL's
-    name; through a proxy (netpolicy.proxy_for) it connects to the proxy,
-    which resolves the name, and asks it for a CONNECT tunnel.  Either
-    way the certificate is verified for the name, against the usual CAs
-    and ca_file's."""
-
-    def __init__(self, url: str, dest_dir: str, filename: str, max_bytes: int,
-                 allow_loopback: bool, stop: threading.Event,
-                 on_done: Callable[[str, int], None], ca_file: str = ""):
-        self.url = url
-        self.dest_dir = dest_dir
-        self.filename = filename
-        self.max_bytes = max_bytes
-        self.allow_loopback = allow_loopback
-        self.stop = stop
-        self.on_done = on_done
-        self.ca_file = ca_file
-        self.cancelled = threading.Event()
-        self.expired = threading.Event()
-        self.connections = Connections()
-        self.tmp_path = os.path.join(dest_dir, ".%s.part" % (filename,))
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name="polar_cloud-download")
-        self.deadline = threading.Timer(TOTAL_TIMEOUT, self._expire)
-        self.deadline.daemon = True
-        self.deadline.name = "polar_cloud-download-deadline"
-    def start(self) -> None:
-        self.thread.start()
-    def cancel(self) -> None:
-        """Any thread; never blocks."""
-        self.cancelled.set()
-        self.connections.abort()
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-    def _expire(self) -> None:
-        self.expired.set()
-        self.connections.abort()
-    def _abort_reason(self) -> str:
-        if self.expired.is_set():
-            return "download took too long"
-        if self.cancelled.is_set() or self.stop.is_set():
-            return "download aborted"
-        return ""
-    def _check_aborted(self) -> None:
-        reason = self._abort_reason()
-        if reason:
-            raise DownloadError(reason)
-    def _run(self) -> None:
-        hide_url_queries()
-        error = ""
-        size = 0
-        try:
-            self.deadline.start()
-            size = self._download()
-        except Exception as e:
-            error = self._failure(e)
-        finally:
-            self._stop_deadline()
-            self.connections.close()
-            try:
-                os.unlink(self.tmp_path)
-            except OSError:
-                pass
-        self.on_done(error, size)
-    def _stop_deadline(self) -> None:
-        self.deadline.cancel()
-        if self.deadline.ident is not None:
-            self.deadline.join()        # wakes at once: it waits on an Event
-    def _failure(self, e: Exception) -> str:
-        # An aborted download fails in whatever way the shut socket made
-        # it fail: report why it was aborted instead
-        reason = self._abort_reason()
-        if reason:
-            return reason
-        if isinstance(e, DownloadError):
-            return str(e)
-        log.exception("polar_cloud: download failed")
-        return "download failed: %s" % (e.__class__.__name__,)
-    def _checked_addresses(self, host: str, port: int) -> list[Address]:
-        """One lookup, every address checked: the download connects to
-        these only, never to a second lookup's answer (DNS rebinding)."""
-        try:
-            addresses = resolve(host, port)
-        except OSError as e:
-            raise DownloadError("cannot resolve %s: %s" % (host, e)) from e
-        problem = refused_address(addresses, self.allow_loopback)
-        if problem:
-            raise DownloadError("refused download URL: %s" % (problem,))
-        return addresses
-    def _proxy_addresses(self, host: str,
-                         proxy: netpolicy.Proxy) -> list[Address]:
-        """The proxy's addresses (the administrator's choice: a LAN address
-        is fine), from one lookup."""
-        try:
-            return resolve(proxy.host, proxy.port)
-        except OSError as e:
-            raise DownloadError(netpolicy.proxy_failure(host, proxy, e)) \
-                from e
-    def _pool(self, parts: urllib.parse.SplitResult, addresses: list[Address],
-              proxy: Optional[netpolicy.Proxy] = None):
-        from urllib3.util import Timeout, make_headers, parse_url
-        options = {"port": parts.port or DEFAULT_PORTS[parts.scheme],
-                   "maxsize": 1, "retries": False,
-                   "timeout": Timeout(connect=CONNECT_TIMEOUT,
-                                      read=READ_TIMEOUT),
-                   "addresses": addresses, "connections": self.connections}
-        if parts.scheme == "https":
-            options.update(cert_reqs="CERT_REQUIRED",
-                           ssl_context=netpolicy.tls_context(self.ca_file))
-        if proxy is not None:
-            # The pool's connections go to the proxy and tunnel through it
-            auth = proxy.basic_auth()
-            options.update(_proxy=parse_url(proxy.shown), _proxy_headers=(
-                make_headers(proxy_basic_auth=auth) if auth else {}))
-        return _pool_classes()[parts.scheme](parts.hostname, **options)
-    def _request(self, url: str):
-        """One GET, to an address checked for the URL's host or through
-        the proxy for the URL."""
-        from urllib3.exceptions import HTTPError, ProxyError
-        problem = check_url(url, self.allow_loopback)
-        if problem:
-            raise DownloadError("refused download URL: %s" % (problem,))
-        self._check_aborted()
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-        try:
-            proxy = netpolicy.proxy_for(url)
-        except netpolicy.ProxyError as e:
-            raise DownloadError(str(e)) from None
-        if proxy is not None and parts.scheme != "https":
-            # Only loopback test servers use http, and never a proxy
-            raise DownloadError("refused download URL: plain http through"
-                                " a proxy")
-        if proxy is None:
-            pool = self._pool(parts, self._checked_addresses(parts.hostname,
-                                                             port))
-        else:
-            pool = self._pool(parts, self._proxy_addresses(parts.hostname,
-                                                           proxy), proxy)
-        try:
-            resp = pool.urlopen("GET", _request_target(parts),
-                                redirect=False, retries=False,
-                                preload_content=False)
-        except BaseException as e:
-            pool.close()
-            if proxy is not None and isinstance(e, ProxyError):
-                raise DownloadError(netpolicy.proxy_failure(
-                    parts.hostname, proxy, e)) from e
-            if isinstance(e, (HTTPError, OSError)):
-                raise DownloadError("download failed: %s"
-                                    % (e.__class__.__name__,)) from e
-            raise
-        return pool, resp
-    def _open(self):
-        url = self.url
-        for _ in range(MAX_REDIRECTS + 1):
-            pool, resp = self._request(url)
-            location = resp.headers.get("location")
-            if resp.status not in REDIRECT_CODES or not location:
-                return pool, resp
-            resp.close()
-            pool.close()
-            url = urllib.parse.urljoin(url, location)
-        raise DownloadError("too many redirects")
-    def _download(self) -> int:
-        free = shutil.disk_usage(self.dest_dir).free
-        if free < FREE_SPACE_MARGIN:
-            raise DownloadError("insufficient disk space")
-        pool, resp = self._open()
-        try:
-            self._check_headers(resp, free)
-            return self._stream(resp)
-        finally:
-            resp.close()
-            pool.close()
-    def _check_headers(self, resp, free: int) -> None:
-        if resp.status != 200:
-            raise DownloadError("download failed: HTTP %d" % (resp.status,))
-        length = resp.headers.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) > self.max_bytes:
-                raise DownloadError("the file is larger than max_job_size")
-            if int(length) + FREE_SPACE_MARGIN > free:
-                raise DownloadError("insufficient disk space")
-        if "text/html" in resp.headers.get("content-type", ""):
-            raise DownloadError("not a G-code file (an HTML page)")
-    def _stream(self, resp) -> int:
-        from urllib3.exceptions import HTTPError
-        self._check_aborted()
-        size = 0
-        sniffer = GcodeSniffer()
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                     0o644)
-        paced_from = time.monotonic()
-        with os.fdopen(fd, "wb") as f:
-            try:
-                for chunk in resp.stream(CHUNK):
-                    self._check_aborted()
-                    if not sniffer.decided:
-                        problem = sniffer.feed(chunk)
-                        if problem:
-                            raise DownloadError(problem)
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise DownloadError("the file is larger than"
-                                            " max_job_size")
-                    if size == len(chunk) and chunk.startswith(UTF8_BOM):
-                        # klippy does not skip a BOM: "Malformed command"
-                        chunk = chunk[len(UTF8_BOM):]
-                    f.write(chunk)
-                    ahead = paced_from + size / MAX_RATE - time.monotonic()
-                    if ahead > 0.:
-                        self.cancelled.wait(ahead)
-                    if size % (16 * CHUNK) < len(chunk) and \
-                            shutil.disk_usage(self.dest_dir).free \
-                            < FREE_SPACE_MARGIN:
-                        raise DownloadError("insufficient disk space")
-            except HTTPError as e:
-                raise DownloadError("download interrupted: %s"
-                                    % (e.__class__.__name__,)) from e
-            except OSError as e:
-                raise DownloadError("cannot write the file: %s"
-                                    % (e.strerror,)) from e
-            problem = sniffer.finish()
-            if problem:
-                raise DownloadError(problem)
-            length = resp.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) != size:
-                raise DownloadError("download interrupted (truncated)")
-            f.flush()
-            os.fsync(f.fileno())
-        self._check_aborted()
-        os.replace(self.tmp_path, os.path.join(self.dest_dir, self.filename))
-        return size
 
 
 # Job tracking
@@ -774,12 +56,9 @@ class JobManager:
         self.options = session.options
         state_dir = session.options.state_path
         self.job_path = os.path.join(state_dir, JOB_FILE)
-        self.outbox_path = os.path.join(state_dir, OUTBOX_FILE)
         self.job: Optional[Job] = None
         self.seen: collections.deque = collections.deque(maxlen=SEEN_LIMIT)
-        self.outbox: list[dict] = []
-        self.saved_outbox: list[dict] = []      # as on disk
-        self.unsettled: list[tuple[float, dict]] = []
+        self.outbox = Outbox(session)
         self.download: Optional[Download] = None
         self.last_print: dict[str, float] = {}
         self.estimate_path = ""
@@ -787,7 +66,6 @@ class JobManager:
         # A flood of refused prints is answered in full, but not written
         # out in full
         self.refusal_lines = LineBudget(60, 60.)
-        self.report_lines = LineBudget(60, 60.)
         session.on("print", lambda data: self.handle_print(
             data, session.snapshot()))
         for action in ("pause", "resume", "cancel"):
@@ -797,7 +75,7 @@ class JobManager:
     def load(self) -> None:
         try:
             data = read_json(self.job_path) or {}
-            outbox = read_json(self.outbox_path) or []
+            self.outbox.load()
         except StateFileError as e:
             log.warning("polar_cloud: ignoring job state: %s", e)
             return
@@ -808,9 +86,6 @@ class JobManager:
             self.job = Job(**fields)
             self.job.start_mono = 0.
         self.seen.extend(i for i in data.get("seen", []) if isinstance(i, str))
-        self.outbox = [m for m in outbox if isinstance(m, dict)
-                       and m.get("state") in ("completed", "canceled")]
-        self.saved_outbox = list(self.outbox)
         if self.job is not None and self.job.phase in ("downloading",
                                                        "starting"):
             # Its download (or start) died with the previous klippy and
@@ -827,14 +102,6 @@ class JobManager:
                 "seen": list(self.seen)})
         except OSError as e:
             log.warning("polar_cloud: cannot save job state: %s", e)
-    def save_outbox(self) -> None:
-        if self.session.abandoned or self.outbox == self.saved_outbox:
-            return
-        try:
-            write_json(self.outbox_path, self.outbox)
-            self.saved_outbox = list(self.outbox)
-        except OSError as e:
-            log.warning("polar_cloud: cannot save the outbox: %s", e)
     # Views for the status message
     def view(self, snap: Optional[dict] = None) -> Optional[cloud_status.JobView]:
         job = self.job
@@ -917,7 +184,8 @@ class JobManager:
             return "the printer is busy printing", ""
         if self.session.lab.refusal():
             return self.session.lab.refusal(), ""
-        problem = check_url(req.url, self.session.loopback_test_server())
+        problem = netpolicy.check_url(req.url,
+                                      self.session.loopback_test_server())
         if problem:
             return "refused download URL: %s" % (problem,), req.kind
         return "", ""
@@ -1062,69 +330,19 @@ class JobManager:
             self.session.console("Polar Cloud: job '%s' completed"
                                  % (job.filename,))
         self.session.status_now()
-    # Outbox: final job reports survive disconnects and restarts
+    # Final reports (the outbox)
     def queue_final(self, job_id: str, state: str, seconds: float,
                     filament: float) -> None:
-        serial = self.session.serial()
-        if serial is None:
-            # Unregistered: the job's printer is gone, nobody to tell
-            log.info("polar_cloud: job %s %s; not reported (not registered)",
-                     shown_id(job_id), state)
-            return
-        self.outbox.append(messages.build_job(serial, job_id, state, seconds,
-                                              filament))
-        self.flush()
+        self.outbox.queue(job_id, state, seconds, filament)
     def flush(self) -> None:
-        """Send what is pending.  A sent report leaves the durable outbox at
-        once (a clean disconnect still delivers it) but stays in memory
-        until it is settled: acknowledged by the cloud (a Socket.IO ack),
-        or followed by traffic from the cloud a few seconds later.  If the
-        link drops before that, it goes out again."""
-        now = time.monotonic()
-        last_rx = self.session.last_rx()
-        self.unsettled = [(t, m) for t, m in self.unsettled
-                          if not (last_rx > t and now - t >= OUTBOX_SETTLE)]
-        if not self.outbox or not self.session.is_online():
-            self.save_outbox()
-            return
-        serial = self.session.serial()
-        pending, self.outbox = self.outbox, []
-        for msg in pending:
-            if msg.get("serialNumber") != serial:
-                # Made for another identity (deleted, unregistered, or
-                # registered again since): never sent under this one
-                log.info("polar_cloud: job %s report of printer %s dropped",
-                         shown_id(str(msg.get("jobId"))),
-                         protocol.cloud_text(msg.get("serialNumber"), 64)
-                         or "(none)")
-                continue
-            if self.session.emit("job", msg, callback=self._ack(msg)):
-                if self.report_lines.allow():
-                    log.info("polar_cloud: job %s reported %s",
-                             shown_id(msg["jobId"]), msg["state"])
-                self.unsettled.append((now, msg))
-            else:
-                self.outbox.append(msg)
-        self.save_outbox()
-    def _ack(self, msg: dict):
-        def ack(*args) -> None:     # on the Socket.IO read thread
-            self.session.post(self.acknowledged, msg)
-        return ack
-    def acknowledged(self, msg: dict) -> None:
-        self.unsettled = [(t, m) for t, m in self.unsettled if m is not msg]
+        self.outbox.flush()
     def link_lost(self) -> None:
-        """Reports sent just before the link dropped go out again."""
-        if self.unsettled:
-            self.outbox = [m for _t, m in self.unsettled] + self.outbox
-            self.unsettled = []
-            self.save_outbox()
+        self.outbox.link_lost()
     def forget_identity(self) -> None:
         """The printer was deleted or unregistered: its pending reports and
         its cloud job belong to that serial and never go out under another
         one.  A print keeps running, as a local print."""
-        dropped = len(self.outbox) + len(self.unsettled)
-        self.outbox, self.unsettled = [], []
-        self.save_outbox()
+        dropped = self.outbox.forget()
         job, self.job = self.job, None
         if job is not None:
             if self.download is not None:
@@ -1136,8 +354,7 @@ class JobManager:
             log.info("polar_cloud: %d job report(s) of the old printer"
                      " dropped", dropped)
     def stop(self) -> None:
-        """Any thread: the download ends by itself (it watches the
-        session's stop event)."""
+        """Any thread; never blocks: the download's child is killed."""
         download = self.download
         if download is not None:
             download.cancel()

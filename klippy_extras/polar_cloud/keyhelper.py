@@ -6,6 +6,8 @@
 #   public  (PEM in)  -> {"public": PEM}
 #   sign    ({"pem", "data"} in) -> {"signature": base64 of PKCS#1 v1.5 SHA-256}
 # A PEM that is not a usable RSA private key exits with BAD_KEY_EXIT.
+# identity.run_crypto starts it through children.py (idle priority); it
+# paces its own CPU time (pacing.py), cryptography's imports included.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -55,11 +57,25 @@ def run(op: str, data: bytes) -> dict:
     return {"signature": base64.b64encode(sig).decode("ascii")}
 
 
+def paced() -> None:
+    """Pace this child's CPU time from here on, its imports too
+    (pacing.py, loaded by its path: this script's folder is not a
+    package here)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "polar_cloud_pacing", os.path.join(os.path.dirname(
+            os.path.abspath(__file__)), "pacing.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.start()
+
+
 def main() -> None:
     try:
         os.nice(10)
     except OSError:
         pass
+    paced()
     sys.stdout.write(json.dumps(run(sys.argv[1], sys.stdin.buffer.read())))
 
 

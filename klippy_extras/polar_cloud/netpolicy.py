@@ -6,8 +6,11 @@
 # urllib reads them).  Every outbound connection asks proxy_for() here:
 # the Socket.IO link (link.py), job downloads (jobs.py), snapshot uploads
 # and the webcam fetch (camera.py, imaging.py).  Loopback and LAN
-# addresses never go through a proxy.  Through a proxy the proxy resolves
-# the destination's name; the module does no lookup of its own for it.
+# addresses never go through a proxy.  The URLs the cloud sends for
+# downloads and uploads must name public addresses (check_url,
+# check_resolved), and a direct connection goes to the address checked.
+# Through a proxy the proxy resolves the destination's name; the module
+# does no lookup of its own for it.
 #
 # A proxy's credentials are secrets: logs, the console and get_status
 # only ever show Proxy.shown (scheme, host and port).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import http
 import ipaddress
+import logging
 import re
 import socket
 import ssl
@@ -34,6 +38,11 @@ TUNNEL_STATUS_RES = (
     # websocket-client: "failed CONNECT via proxy status: 403"
     re.compile(r"CONNECT via proxy status: (\d{3})()"),
 )
+
+
+# Not public although Python's ipaddress does not call them private
+SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)  # carrier-grade NAT,
+#                                                         Tailscale
 
 
 class ProxyError(ValueError):
@@ -246,3 +255,110 @@ def requests_session(proxy: Optional[Proxy], ca_file: str = ""):
     if ca_file:
         http_session.mount("https://", TrustingAdapter())
     return http_session
+
+
+# URLs the cloud sends: downloads and uploads
+
+def _address_is_public(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4 and any(ip in net for net in SHARED_NETS):
+        return False
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local
+                or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, allow_loopback_http: bool) -> str:
+    """Return an error text for a download URL the policy refuses."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _port = parts.port             # raises for a port out of range
+    except ValueError:
+        return "not a URL"
+    host = parts.hostname or ""
+    if not host or parts.username or parts.password:
+        return "not an acceptable URL"
+    loopback = is_loopback_host(host)
+    if parts.scheme == "http" and not (allow_loopback_http and loopback):
+        return "plain http is not allowed"
+    if parts.scheme not in ("http", "https"):
+        return "only https downloads are allowed"
+    if loopback and not allow_loopback_http:
+        return "the address is not public"
+    try:
+        if not loopback and not _address_is_public(host):
+            return "the address is not public"
+    except ValueError:
+        pass
+    return ""
+
+
+Address = tuple[int, tuple]        # (family, sockaddr)
+
+
+def resolve(host: str, port: int) -> list[Address]:
+    """Every address of host, from one lookup."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, sockaddr) for family, _t, _p, _c, sockaddr in infos]
+
+
+def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
+    """Error text when any of a name's addresses is not allowed."""
+    if not addresses:
+        return "the name has no address"
+    for _family, sockaddr in addresses:
+        addr = sockaddr[0]
+        if allow_loopback and ipaddress.ip_address(addr).is_loopback:
+            continue
+        if not _address_is_public(addr):
+            return "the address is not public"
+    return ""
+
+
+def check_resolved(host: str, allow_loopback: bool) -> str:
+    """After DNS: refuse names that resolve to private addresses."""
+    try:
+        addresses = resolve(host, 0)
+    except OSError as e:
+        return "cannot resolve %s: %s" % (host, e)
+    return refused_address(addresses, allow_loopback)
+
+
+# Signed URLs carry a secret in their query
+
+URL_QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
+URLLIB3_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection",
+                   "urllib3.poolmanager", "urllib3.response",
+                   "urllib3.util.retry")
+
+
+class HideUrlQueries(logging.Filter):
+    """A signed URL carries its secret in the query: urllib3's debug lines
+    (verbose) keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        if "?" in text:
+            record.msg = URL_QUERY_RE.sub("?...", text)
+            record.args = None
+        return True
+
+
+def hide_url_queries() -> None:
+    """Install HideUrlQueries on urllib3's loggers (a logger's filter sees
+    only its own records, not its children's)."""
+    for name in URLLIB3_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideUrlQueries) for f in logger.filters):
+            logger.addFilter(HideUrlQueries())

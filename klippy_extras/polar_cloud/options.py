@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import imaging
-from .protocol import is_loopback_host
+from .netpolicy import is_loopback_host
 
 DEFAULT_SERVER = "https://printer4.polar3d.com"
 DEFAULT_WEB = "https://polar3d.com"

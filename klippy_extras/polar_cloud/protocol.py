@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import math
 import re
 import unicodedata
@@ -52,15 +51,6 @@ MAX_TEMP = 9999.
 
 class ProtocolError(ValueError):
     """An inbound message that does not match the protocol."""
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def finite_number(value: Any) -> bool:

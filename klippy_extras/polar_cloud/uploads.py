@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Optional
 
 from . import imaging, inbound, netpolicy, protocol
-from .jobs import check_resolved, check_url
+from .netpolicy import check_resolved, check_url
 
 KINDS = ("idle", "printing", "timelapse")
 # What each kind of upload carries, and its default

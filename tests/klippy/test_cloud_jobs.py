@@ -9,8 +9,11 @@ import pytest
 
 from tests.testbed.gcode_files import demo_print, overflowing_numbers_print
 from tests.testbed.helpers import (
+    children_running,
+    fd_targets,
     final_reports,
     polar_status,
+    poll_until,
     tree_digest,
     wait_final,
     wait_objects,
@@ -172,6 +175,25 @@ def test_stalled_download_times_out(k, sim):
     assert gcode_files(k) == before
 
 
+def test_the_download_runs_in_a_child_not_in_klippy(k, sim):
+    """Issue #14: a helper child downloads the job; klippy's process
+    never opens the file it streams into; a cancel kills the child."""
+    before = gcode_files(k)
+    since = send_job(sim, k, "in-child", mode="stall")
+    [child] = poll_until(lambda: children_running(k.pid, "fetcher.py"), 30,
+                         "the download child")
+    part = poll_until(lambda: [p for p in fd_targets(child)
+                               if p.endswith(".part")], 30, "its part file")
+    assert os.path.dirname(part[0]) == str(k.gcodes_dir)
+    assert not [p for p in fd_targets(k.pid) if p.endswith(".part")]
+    sim.cancel(k.serial)
+    final = wait_final(sim, k, "in-child", since)
+    assert final["state"] == "canceled"
+    poll_until(lambda: not children_running(k.pid, "fetcher.py"), 30,
+               "the child killed")
+    poll_until(lambda: gcode_files(k) == before, 30, "the part file gone")
+
+
 @pytest.mark.parametrize("payload", [
     {"jobId": "../../etc/x", "gcodeFile": "http://127.0.0.1:1/x.gcode"},
     {"jobId": "a/b", "gcodeFile": "http://127.0.0.1:1/x.gcode"},
@@ -301,3 +323,4 @@ def test_delete_from_cloud_leaves_the_print_alone(k, sim):
     assert not (k.state_path / "key.pem").exists()
     assert k.query("print_stats")["print_stats"]["state"] == "printing"
     k.gcode("CANCEL_PRINT")
+

@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from klippy_extras.polar_cloud import jobs, link, netpolicy
+from klippy_extras.polar_cloud import download as downloads
+from klippy_extras.polar_cloud import link, netpolicy
 from tests.testbed.camera_server import CameraServer, noisy_jpeg
 from tests.testbed.fileserver import FileServer
 from tests.testbed.gcode_files import demo_print
@@ -179,10 +180,10 @@ def squid(files):
 
 def download(url, dest, ca_file):
     results: list[tuple[str, int]] = []
-    dl = jobs.Download(url, str(dest), "x_polar-j1.gcode", 1 << 20, False,
-                       threading.Event(),
-                       lambda err, size: results.append((err, size)),
-                       ca_file=ca_file)
+    dl = downloads.Download(url, str(dest), "x_polar-j1.gcode", 1 << 20,
+                            False, threading.Event(),
+                            lambda err, size: results.append((err, size)),
+                            ca_file=ca_file)
     dl.start()
     dl.join(60.)
     assert not dl.thread.is_alive()

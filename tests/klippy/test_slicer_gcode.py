@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 
-from klippy_extras.polar_cloud.jobs import shown_id
+from klippy_extras.polar_cloud.jobnames import shown_id
 from tests.testbed import slicers
 from tests.testbed.gcode_files import demo_print
 from tests.testbed.helpers import (

@@ -132,6 +132,25 @@ def fd_targets(pid: int) -> list[str]:
     return targets
 
 
+def children_running(pid: int, script: str) -> list[int]:
+    """The pids of the process's children whose command line names
+    script (the module's helper children: fetcher.py, imaging.py...)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % (entry,)) as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open("/proc/%s/cmdline" % (entry,), "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and script.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
 class StateHistory(ObjectSubscription):
     """objects/subscribe on polar_cloud that keeps every update, in order."""
 

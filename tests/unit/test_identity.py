@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
+from klippy_extras.polar_cloud import identity
 from klippy_extras.polar_cloud.identity import IdentityError, IdentityStore
 
 
@@ -247,3 +248,28 @@ def test_recorded_mac_is_kept(tmp_path, host):
     with open(second.identity_path, "w") as f:
         json.dump({"serial": "KL000002"}, f)
     assert second.machine()["mac"] == HOST_MAC
+
+
+IDLE_HELPER = """import json, os, sys
+sys.stdin.read()
+print(json.dumps({"policy": os.sched_getscheduler(0),
+                  "nice": os.getpriority(os.PRIO_PROCESS, 0)}))
+"""
+
+
+def test_the_key_helper_runs_like_every_helper_child(tmp_path, monkeypatch):
+    """One runner (children.py) for crypto and imaging: idle priority."""
+    script = tmp_path / "helper.py"
+    script.write_text(IDLE_HELPER)
+    monkeypatch.setattr(identity, "KEY_HELPER", str(script))
+    got = identity.run_crypto("public", b"pem")
+    assert got["policy"] == getattr(os, "SCHED_IDLE", -1) or got["nice"] == 19
+
+
+def test_a_key_helper_past_its_time_is_killed(tmp_path, monkeypatch):
+    script = tmp_path / "helper.py"
+    script.write_text("import time\nwhile True: time.sleep(1)\n")
+    monkeypatch.setattr(identity, "KEY_HELPER", str(script))
+    monkeypatch.setattr(identity, "CRYPTO_TIMEOUT", .5)
+    with pytest.raises(IdentityError, match="took too long"):
+        identity.run_crypto("keygen", b"")

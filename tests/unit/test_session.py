@@ -32,6 +32,7 @@ from klippy_extras.polar_cloud import connection as C
 from klippy_extras.polar_cloud import dispatch, messages, states
 from klippy_extras.polar_cloud import jobs as jobs_mod
 from klippy_extras.polar_cloud import link as links
+from klippy_extras.polar_cloud import outbox as outbox_mod
 from klippy_extras.polar_cloud import session as S
 from klippy_extras.polar_cloud.backoff import Backoff
 from tests.unit.fakes import (
@@ -364,7 +365,7 @@ def job_ids_sent(sio: FakeSio) -> list[str]:
 
 
 def outbox_on_disk(state_dir) -> list[dict]:
-    path = state_dir / jobs_mod.OUTBOX_FILE
+    path = state_dir / outbox_mod.OUTBOX_FILE
     return json.loads(path.read_text()) if path.exists() else []
 
 
@@ -404,10 +405,10 @@ def test_reports_of_the_old_printer_never_go_out_under_a_new_serial(
         assert s.state == states.AUTHENTICATING
         s._dispatch("helloResponse", {"status": "DELETED"})
     assert s.state == states.UNREGISTERED and s.identity is None
-    assert outbox_on_disk(tmp_path) == [] and s.jobs.unsettled == []
+    assert outbox_on_disk(tmp_path) == [] and s.jobs.outbox.unsettled == []
     assert s.jobs.job is None           # the print goes on, as a local one
     s.jobs.queue_final("unregistered", "canceled", 0., 0.)
-    assert s.jobs.outbox == []
+    assert s.jobs.outbox.pending == []
     # Registered again; the cloud gave a new serial
     s.identity = identity("KL000077")
     sio = new_link(s)
@@ -423,7 +424,7 @@ def test_reports_of_the_old_printer_never_go_out_under_a_new_serial(
 def test_a_left_over_outbox_of_another_serial_is_dropped(tmp_path):
     """outbox.json written under a former identity (and kept over an
     unregistration and a restart) is not sent under the current one."""
-    (tmp_path / jobs_mod.OUTBOX_FILE).write_text(json.dumps([
+    (tmp_path / outbox_mod.OUTBOX_FILE).write_text(json.dumps([
         messages.build_job("KL000001", "theirs", "completed", 1., 1.),
         messages.build_job(SERIAL, "mine", "completed", 1., 1.)]))
     s = make_session(tmp_path)

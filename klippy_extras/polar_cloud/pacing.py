@@ -1,0 +1,135 @@
+# CPU pacing for a helper child process (fetcher.py)
+#
+# A child at idle priority (SCHED_IDLE) never delays klippy while the
+# CPU has time to spare.  Where klippy and the processes it starts share a
+# CPU quota (a cgroup: systemd's CPUQuota= on klipper.service, or a
+# container), that is not enough: every millisecond the child burns while
+# klippy sleeps is one klippy may not have when its next timer is due,
+# and the whole group waits for the next period.  Measured with a 30 %
+# quota in 5 ms periods: a plain Python start-up (100 ms of imports) at
+# idle priority made klippy's reactor 8 ms late at the 99th percentile;
+# the same CPU time spread out at 10 % in slices of 0.5 ms, not at all.
+#
+# So a helper child (fetcher.py, keyhelper.py) keeps its
+# CPU time (user and system) to a share of one core, in short slices: a
+# quarter of its group's quota when there is one (half a core when there
+# is none), measured after each piece of work and before each module it
+# imports.  A single long call into C (an RSA signature) is not cut, only
+# followed by a pause as long as it asks for.  It imports nothing from its
+# package: a child loads it before anything else.
+#
+# This file may be distributed under the terms of the GNU GPLv3 license.
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+QUOTA_SHARE = .25       # of the cgroup's quota, when it has one
+MAX_SHARE = .5          # of one core, without a quota
+MAX_BURST = .002        # the most CPU time spent at once, seconds
+CGROUP_ROOTS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu",
+                "/sys/fs/cgroup")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _quota(directory: str) -> Optional[tuple[float, float]]:
+    """(quota, period) in seconds of one cgroup directory; None without."""
+    text = _read(os.path.join(directory, "cpu.max"))            # v2
+    if text:
+        quota, _, period = text.partition(" ")
+        if quota != "max" and quota.isdigit() and period.isdigit():
+            return int(quota) / 1e6, int(period) / 1e6
+        return None
+    quota = _read(os.path.join(directory, "cpu.cfs_quota_us"))  # v1
+    period = _read(os.path.join(directory, "cpu.cfs_period_us"))
+    if quota.isdigit() and period.isdigit():
+        return int(quota) / 1e6, int(period) / 1e6
+    return None
+
+
+def cgroup_quota() -> Optional[tuple[float, float]]:
+    """The tightest CPU quota over this process's cgroup and its parents,
+    as (cores, period in seconds); None when there is none."""
+    best: Optional[tuple[float, float]] = None
+    for line in _read("/proc/self/cgroup").splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy != "0" and "cpu" not in controllers.split(","):
+            continue
+        for root in CGROUP_ROOTS:
+            if not os.path.isdir(root):
+                continue
+            directory = os.path.join(root, path.lstrip("/"))
+            while directory.startswith(root) and os.path.isdir(directory):
+                found = _quota(directory)
+                if found is not None and found[1] > 0 and (
+                        best is None or found[0] / found[1] < best[0]):
+                    best = (found[0] / found[1], found[1])
+                if directory == root:
+                    break
+                directory = os.path.dirname(directory)
+            break
+    return best
+
+
+class CpuPacer:
+    """Keep this process's CPU time below `share` of one core: a bucket of
+    at most `burst` seconds, refilled at `share`; when it runs dry, sleep
+    until it is even again.  Call it after each piece of work."""
+
+    def __init__(self, share: float, burst: float):
+        self.share = share
+        self.burst = burst
+        self.tokens = burst
+        self.wall = time.monotonic()
+        self.cpu = time.process_time()
+        self.slept = 0.
+    @classmethod
+    def for_this_process(cls) -> CpuPacer:
+        quota = cgroup_quota()
+        if quota is None:
+            return cls(MAX_SHARE, MAX_BURST)
+        cores, period = quota
+        share = min(MAX_SHARE, cores * QUOTA_SHARE)
+        return cls(share, min(MAX_BURST, share * period))
+    def __call__(self) -> None:
+        wall, cpu = time.monotonic(), time.process_time()
+        self.tokens = min(self.burst, self.tokens + (wall - self.wall)
+                          * self.share) - (cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        if self.tokens < 0.:
+            pause = -self.tokens / self.share
+            self.slept += pause
+            time.sleep(pause)
+
+
+class PacedImports:
+    """A meta path entry that finds nothing: it paces before every import
+    (a module's import is a few milliseconds of CPU at most; a package's
+    imports are a hundred together)."""
+
+    def __init__(self, pacer: CpuPacer):
+        self.pacer = pacer
+    def find_spec(self, _name, _path=None, _target=None):
+        self.pacer()
+        return None
+
+
+def pace_imports(pacer: CpuPacer) -> None:
+    sys.meta_path.insert(0, PacedImports(pacer))
+
+
+def start() -> CpuPacer:
+    """Pace this process from now on: its imports, and every call of the
+    pacer returned."""
+    pacer = CpuPacer.for_this_process()
+    pace_imports(pacer)
+    return pacer

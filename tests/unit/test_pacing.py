@@ -1,0 +1,110 @@
+"""pacing.py, the download child's CPU pacer: its arithmetic on a fake
+clock (no timing here), and the quota it finds in a cgroup tree."""
+from __future__ import annotations
+
+import pytest
+
+from klippy_extras.polar_cloud import pacing
+
+
+class Clock:
+    def __init__(self):
+        self.wall = 100.
+        self.cpu = 5.
+        self.sleeps: list[float] = []
+    def monotonic(self):
+        return self.wall
+    def process_time(self):
+        return self.cpu
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.wall += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(pacing.time, "monotonic", c.monotonic)
+    monkeypatch.setattr(pacing.time, "process_time", c.process_time)
+    monkeypatch.setattr(pacing.time, "sleep", c.sleep)
+    return c
+
+
+def test_the_pacer_keeps_to_its_share(clock):
+    pacer = pacing.CpuPacer(share=.1, burst=.001)
+    # Within the burst: no pause
+    clock.cpu += .0008
+    clock.wall += .0008
+    pacer()
+    assert clock.sleeps == []
+    # 5 ms of CPU at once: what is left of the bucket (0.2 ms, refilled up
+    # to its size) is spent, the rest paid for by a pause ten times as long
+    clock.cpu += .005
+    clock.wall += .005
+    pacer()
+    assert clock.sleeps == [pytest.approx((.005 - .0007) / .1)]
+    # Over a long run, CPU time / wall time stays at the share
+    start_wall, start_cpu = clock.wall, clock.cpu
+    for _ in range(1000):
+        clock.cpu += .0003
+        clock.wall += .0003
+        pacer()
+    share = (clock.cpu - start_cpu) / (clock.wall - start_wall)
+    assert share == pytest.approx(.1, rel=.02)
+
+
+def test_idle_time_does_not_save_up_a_burst(clock):
+    pacer = pacing.CpuPacer(share=.1, burst=.001)
+    clock.wall += 60.           # a minute waiting for the network
+    pacer()
+    clock.cpu += .003
+    clock.wall += .003
+    pacer()
+    # only the burst was free: the rest is paid for at once
+    assert clock.sleeps == [pytest.approx((.003 - .001) / .1)]
+
+
+def test_imports_are_paced(clock):
+    pacer = pacing.CpuPacer(share=.1, burst=.001)
+    finder = pacing.PacedImports(pacer)
+    clock.cpu += .01
+    clock.wall += .01
+    assert finder.find_spec("json") is None
+    assert clock.sleeps
+
+
+def fake_cgroup(tmp_path, monkeypatch, proc_self: str, files: dict) -> None:
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    real = pacing._read
+    monkeypatch.setattr(pacing, "CGROUP_ROOTS", (str(root),))
+    monkeypatch.setattr(pacing, "_read", lambda p: proc_self if
+                        p == "/proc/self/cgroup" else real(p))
+
+
+def test_a_v1_quota_is_found_in_a_parent(tmp_path, monkeypatch):
+    fake_cgroup(tmp_path, monkeypatch, "4:cpu,cpuacct:/klipper/child\n", {
+        "cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000",
+        "klipper/cpu.cfs_quota_us": "1500",
+        "klipper/cpu.cfs_period_us": "5000",
+        "klipper/child/cpu.cfs_quota_us": "-1",
+        "klipper/child/cpu.cfs_period_us": "100000"})
+    assert pacing.cgroup_quota() == (pytest.approx(.3), .005)
+    pacer = pacing.CpuPacer.for_this_process()
+    assert pacer.share == pytest.approx(.3 * pacing.QUOTA_SHARE)
+    assert pacer.burst == pytest.approx(.3 * pacing.QUOTA_SHARE * .005)
+
+
+def test_a_v2_quota_and_none(tmp_path, monkeypatch):
+    fake_cgroup(tmp_path, monkeypatch, "0::/system.slice/klipper.service\n",
+                {"system.slice/cpu.max": "max 100000",
+                 "system.slice/klipper.service/cpu.max": "50000 100000"})
+    assert pacing.cgroup_quota() == (pytest.approx(.5), .1)
+    fake_cgroup(tmp_path, monkeypatch, "0::/user.slice\n",
+                {"user.slice/cpu.max": "max 100000"})
+    assert pacing.cgroup_quota() is None
+    pacer = pacing.CpuPacer.for_this_process()
+    assert (pacer.share, pacer.burst) == (pacing.MAX_SHARE, pacing.MAX_BURST)
