@@ -398,16 +398,20 @@ class Bench:
             say("download %d: %.2f s, %.0f MB/s, peak RSS +%d kB"
                 % (i, t_start - t_req, size / 1e6 / (t_start - t_req),
                    peak - rss0))
-            since = time.monotonic()
-            k.gcode("CANCEL_PRINT")
-            self.sim.wait_for("job", lambda d, j=job_id: d["jobId"] == j,
-                              since=since - 1, serial=k.serial, timeout=60)
-            for f in k.gcodes_dir.glob("*_polar-%s.gcode" % (job_id,)):
-                f.unlink()
-            with self.sim.rec.lock:
-                self.sim.http.files.pop(name, None)
+            self.cancel_job(k, job_id, name)
             self.base_window(base, "download", lat.seconds)
         self.r.lateness[("download", "polar")] = total
+
+    def cancel_job(self, k: Klippy, job_id: str, name: str) -> None:
+        """Cancel a cloud job, wait for its report, forget its files."""
+        since = time.monotonic()
+        k.gcode("CANCEL_PRINT")
+        self.sim.wait_for("job", lambda d: d["jobId"] == job_id,
+                          since=since - 1, serial=k.serial, timeout=60)
+        for f in k.gcodes_dir.glob("*_polar-%s.gcode" % (job_id,)):
+            f.unlink()
+        with self.sim.rec.lock:
+            self.sim.http.files.pop(name, None)
 
     def paced_downloads(self, k: Klippy, base: Klippy) -> None:
         """A 50 MB job the simulator sends at 12.5 MB/s: the cloud's print
@@ -442,14 +446,7 @@ class Bench:
                                  "req_to_start": t_start - t_req})
             say("paced download %d: printing %.2f s after the print"
                 % (i, t_start - t_push))
-            since = time.monotonic()
-            k.gcode("CANCEL_PRINT")
-            self.sim.wait_for("job", lambda d, j=job_id: d["jobId"] == j,
-                              since=since - 1, serial=k.serial, timeout=60)
-            for f in k.gcodes_dir.glob("*_polar-%s.gcode" % (job_id,)):
-                f.unlink()
-            with self.sim.rec.lock:
-                self.sim.http.files.pop(name, None)
+            self.cancel_job(k, job_id, name)
             self.base_window(base, "paced", lat.seconds)
         self.r.lateness[("paced", "polar")] = total
 
