@@ -1,4 +1,5 @@
-# CPU pacing for a helper child process (fetcher.py)
+# CPU pacing for a helper child process (fetcher.py, keyhelper.py,
+# imaging.py)
 #
 # A child at idle priority (SCHED_IDLE) never delays klippy while the
 # CPU has time to spare.  Where klippy and the processes it starts share a
@@ -10,13 +11,14 @@
 # idle priority made klippy's reactor 8 ms late at the 99th percentile;
 # the same CPU time spread out at 10 % in slices of 0.5 ms, not at all.
 #
-# So a helper child (fetcher.py, keyhelper.py) keeps its
+# So a helper child (fetcher.py, keyhelper.py, imaging.py) keeps its
 # CPU time (user and system) to a share of one core, in short slices: a
 # quarter of its group's quota when there is one (half a core when there
 # is none), measured after each piece of work and before each module it
 # imports.  A single long call into C (an RSA signature) is not cut, only
-# followed by a pause as long as it asks for.  It imports nothing from its
-# package: a child loads it before anything else.
+# followed by a pause as long as it asks for; Pillow's decoders and
+# encoders are fed in small blocks, paced after each (pace_pillow).  It
+# imports nothing from its package: a child loads it before anything else.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
@@ -92,6 +94,7 @@ class CpuPacer:
         self.wall = time.monotonic()
         self.cpu = time.process_time()
         self.slept = 0.
+        self.calls = 0
     @classmethod
     def for_this_process(cls) -> CpuPacer:
         quota = cgroup_quota()
@@ -101,6 +104,7 @@ class CpuPacer:
         share = min(MAX_SHARE, cores * QUOTA_SHARE)
         return cls(share, min(MAX_BURST, share * period))
     def __call__(self) -> None:
+        self.calls += 1
         wall, cpu = time.monotonic(), time.process_time()
         self.tokens = min(self.burst, self.tokens + (wall - self.wall)
                           * self.share) - (cpu - self.cpu)
@@ -133,3 +137,66 @@ def start() -> CpuPacer:
     pacer = CpuPacer.for_this_process()
     pace_imports(pacer)
     return pacer
+
+
+# Pillow (the imaging child): its decoders and encoders work in a Python
+# loop over calls into C, one per block of compressed bytes; in blocks of
+# 4 kB each call is a fraction of a millisecond (a 1080p frame's decode is
+# tens of milliseconds in one 64 kB block's calls otherwise)
+PILLOW_BLOCK = 4096
+
+
+class PacedCodec:
+    """A Pillow decoder or encoder that calls the pacer after each block."""
+
+    def __init__(self, codec, pacer):
+        self._codec = codec
+        self._pacer = pacer
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+    def decode(self, data):
+        try:
+            return self._codec.decode(data)
+        finally:
+            self._pacer()
+    def encode(self, bufsize):
+        try:
+            return self._codec.encode(bufsize)
+        finally:
+            self._pacer()
+
+
+def pace_pillow(Image, ImageFile, pacer, block: int = PILLOW_BLOCK) -> None:
+    """Every image Pillow opens or saves from now on, decoded and encoded
+    block by block with the pacer between blocks (saved to a file object
+    without a file descriptor: the blocks go through Python)."""
+    if getattr(Image._getdecoder, "paced", False):
+        return
+    getdecoder, getencoder = Image._getdecoder, Image._getencoder
+
+    def paced_decoder(*args, **kwargs):
+        return PacedCodec(getdecoder(*args, **kwargs), pacer)
+
+    def paced_encoder(*args, **kwargs):
+        return PacedCodec(getencoder(*args, **kwargs), pacer)
+    paced_decoder.paced = paced_encoder.paced = True
+    Image._getdecoder, Image._getencoder = paced_decoder, paced_encoder
+    ImageFile.MAXBLOCK = block      # also each new image's decodermaxblock
+
+
+RESIZE_ROWS = 16        # output rows per call into C
+
+
+def resize(img, size: tuple[int, int], resample, Image,
+           pacer: Optional[CpuPacer] = None):
+    """img.resize in strips of rows, paced between them: at once, a 1080p
+    frame's resize is milliseconds of CPU in one call."""
+    out = Image.new(img.mode, size)
+    scale = img.height / size[1]
+    for top in range(0, size[1], RESIZE_ROWS):
+        rows = min(RESIZE_ROWS, size[1] - top)
+        out.paste(img.resize((size[0], rows), resample, box=(
+            0, top * scale, img.width, (top + rows) * scale)), (0, top))
+        if pacer is not None:
+            pacer()
+    return out

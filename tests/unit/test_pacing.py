@@ -2,6 +2,8 @@
 clock (no timing here), and the quota it finds in a cgroup tree."""
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from klippy_extras.polar_cloud import pacing
@@ -108,3 +110,40 @@ def test_a_v2_quota_and_none(tmp_path, monkeypatch):
     assert pacing.cgroup_quota() is None
     pacer = pacing.CpuPacer.for_this_process()
     assert (pacer.share, pacer.burst) == (pacing.MAX_SHARE, pacing.MAX_BURST)
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+    def __call__(self):
+        self.calls += 1
+
+
+def test_pillow_decodes_and_encodes_block_by_block(monkeypatch):
+    """The imaging child's Pillow: the pacer runs after every block of a
+    1080p frame's decode and encode, and the pictures are the same."""
+    from PIL import Image, ImageFile
+
+    from tests.testbed.camera_server import noisy_jpeg
+    data = noisy_jpeg((1920, 1080))
+    plain = Image.open(io.BytesIO(data))
+    plain.load()
+    expected = io.BytesIO()
+    plain.save(expected, "JPEG", quality=85)
+    # restored after the test: pace_pillow replaces them
+    for name in ("_getdecoder", "_getencoder"):
+        monkeypatch.setattr(Image, name, getattr(Image, name))
+    monkeypatch.setattr(ImageFile, "MAXBLOCK", ImageFile.MAXBLOCK)
+    pacer = Counter()
+    pacing.pace_pillow(Image, ImageFile, pacer)
+    pacing.pace_pillow(Image, ImageFile, pacer)         # once is enough
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert pacer.calls >= len(data) // pacing.PILLOW_BLOCK
+    assert img.tobytes() == plain.tobytes()
+    decoded, out = pacer.calls, io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    # an encoder's block is at least 4 bytes per pixel of a row
+    assert pacer.calls - decoded >= len(out.getvalue()) // (4 * 1920)
+    assert pacer.calls - decoded > 10
+    assert out.getvalue() == expected.getvalue()
