@@ -130,13 +130,12 @@ def needs_transform(opts: Any) -> bool:
 def _transform(img, Image, opts: Any):
     ops = getattr(Image, "Transpose", Image)
     if opts.flip_horizontal:
-        img = img.transpose(ops.FLIP_LEFT_RIGHT)
+        img = pacing.transpose(img, ops.FLIP_LEFT_RIGHT, Image, PACER)
     if opts.flip_vertical:
-        img = img.transpose(ops.FLIP_TOP_BOTTOM)
-    if opts.rotation:
-        # Pillow's ROTATE_* turn counter-clockwise
-        img = img.transpose({90: ops.ROTATE_270, 180: ops.ROTATE_180,
-                             270: ops.ROTATE_90}[opts.rotation])
+        img = pacing.transpose(img, ops.FLIP_TOP_BOTTOM, Image, PACER)
+    if opts.rotation:   # Pillow's ROTATE_* turn counter-clockwise
+        img = pacing.transpose(img, {90: ops.ROTATE_270, 180: ops.ROTATE_180,
+                                     270: ops.ROTATE_90}[opts.rotation], Image, PACER)
     return img
 
 

@@ -200,3 +200,25 @@ def resize(img, size: tuple[int, int], resample, Image,
         if pacer is not None:
             pacer()
     return out
+
+
+TRANSPOSE_ROWS = 32     # source rows per call into C
+
+
+def transpose(img, method, Image, pacer: Optional[CpuPacer] = None):
+    """img.transpose(method) in strips of rows, paced between them (the
+    same pixels: each strip lands where the whole picture's rows would)."""
+    ops = getattr(Image, "Transpose", Image)
+    width, height = img.size
+    turned = method in (ops.ROTATE_90, ops.ROTATE_270)
+    out = Image.new(img.mode, (height, width) if turned else img.size)
+    for top in range(0, height, TRANSPOSE_ROWS):
+        bottom = min(height, top + TRANSPOSE_ROWS)
+        strip = img.crop((0, top, width, bottom)).transpose(method)
+        out.paste(strip, {ops.FLIP_LEFT_RIGHT: (0, top),
+                          ops.ROTATE_90: (top, 0),
+                          ops.ROTATE_270: (height - bottom, 0)}.get(
+                              method, (0, height - bottom)))
+        if pacer is not None:
+            pacer()
+    return out

@@ -1,8 +1,9 @@
-"""pacing.py, the download child's CPU pacer: its arithmetic on a fake
+"""pacing.py, the helper children's CPU pacer: its arithmetic on a fake
 clock (no timing here), and the quota it finds in a cgroup tree."""
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 
@@ -147,3 +148,38 @@ def test_pillow_decodes_and_encodes_block_by_block(monkeypatch):
     assert pacer.calls - decoded >= len(out.getvalue()) // (4 * 1920)
     assert pacer.calls - decoded > 10
     assert out.getvalue() == expected.getvalue()
+
+
+def test_the_resize_runs_in_paced_strips():
+    """The shrink's resize, strip by strip: the same picture as one resize
+    (a stray rounding difference at most), the pacer after every strip."""
+    from PIL import Image
+
+    from tests.testbed.camera_server import quadrant_image
+    src = Image.frombytes("RGB", (960, 540), random.Random(3).randbytes(
+        960 * 540 * 3))
+    resample = Image.Resampling.BILINEAR
+    for img, size in ((src, (607, 341)), (quadrant_image((333, 217)),
+                                          (301, 150))):
+        pacer = Counter()
+        out = pacing.resize(img, size, resample, Image, pacer)
+        whole = img.resize(size, resample).tobytes()
+        assert out.size == size and out.mode == img.mode
+        assert pacer.calls == -(-size[1] // pacing.RESIZE_ROWS)
+        differing = sum(a != b for a, b in zip(out.tobytes(), whole))
+        assert differing <= len(whole) // 1000
+    assert pacing.resize(src, (100, 50), resample, Image).size == (100, 50)
+
+
+@pytest.mark.parametrize("method", ["FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM",
+                                    "ROTATE_90", "ROTATE_180", "ROTATE_270"])
+def test_transposes_run_in_paced_strips(method):
+    from PIL import Image
+    img = Image.frombytes("RGB", (333, 217), random.Random(5).randbytes(
+        333 * 217 * 3))
+    op = getattr(Image.Transpose, method)
+    pacer = Counter()
+    out = pacing.transpose(img, op, Image, pacer)
+    assert out.size == img.transpose(op).size
+    assert out.tobytes() == img.transpose(op).tobytes()        # the same
+    assert pacer.calls == -(-217 // pacing.TRANSPOSE_ROWS)
