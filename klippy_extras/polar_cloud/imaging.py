@@ -42,7 +42,7 @@ _spec = importlib.util.spec_from_file_location(
     "polar_cloud_pacing", os.path.join(os.path.dirname(SCRIPT), "pacing.py"))
 pacing = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pacing)
-PACER = pacing.start() if __name__ == "__main__" else None
+PACER = pacing.start(ticks=True) if __name__ == "__main__" else None
 
 import dataclasses  # noqa: E402
 import io  # noqa: E402

@@ -23,7 +23,9 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -31,6 +33,7 @@ from typing import Optional
 QUOTA_SHARE = .25       # of the cgroup's quota, when it has one
 MAX_SHARE = .5          # of one core, without a quota
 MAX_BURST = .002        # the most CPU time spent at once, seconds
+TICK = .0005            # tick(): a call of the pacer every 0.5 ms
 CGROUP_ROOTS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu",
                 "/sys/fs/cgroup")
 
@@ -95,6 +98,8 @@ class CpuPacer:
         self.cpu = time.process_time()
         self.slept = 0.
         self.calls = 0
+        self.tick = 0.          # the interval of tick(), while it runs
+        self._busy = False
     @classmethod
     def for_this_process(cls) -> CpuPacer:
         quota = cgroup_quota()
@@ -104,6 +109,9 @@ class CpuPacer:
         share = min(MAX_SHARE, cores * QUOTA_SHARE)
         return cls(share, min(MAX_BURST, share * period))
     def __call__(self) -> None:
+        if self._busy:          # tick()'s signal in the middle of a call
+            return
+        self._busy = True
         self.calls += 1
         wall, cpu = time.monotonic(), time.process_time()
         self.tokens = min(self.burst, self.tokens + (wall - self.wall)
@@ -112,7 +120,12 @@ class CpuPacer:
         if self.tokens < 0.:
             pause = -self.tokens / self.share
             self.slept += pause
+            if self.tick:       # no ticks while asleep
+                signal.setitimer(signal.ITIMER_REAL, 0.)
             time.sleep(pause)
+            if self.tick:
+                signal.setitimer(signal.ITIMER_REAL, self.tick, self.tick)
+        self._busy = False
 
 
 class PacedImports:
@@ -131,11 +144,31 @@ def pace_imports(pacer: CpuPacer) -> None:
     sys.meta_path.insert(0, PacedImports(pacer))
 
 
-def start() -> CpuPacer:
-    """Pace this process from now on: its imports, and every call of the
-    pacer returned."""
+def tick(pacer: CpuPacer, interval: float = TICK) -> None:
+    """Also call the pacer every interval of wall time (SIGALRM; Python
+    runs the handler between bytecodes, so a module's body or a long
+    stretch of Python is cut too; not a single call into C).  ITIMER_PROF
+    would count CPU time, but only at the kernel's tick, every 4 ms.
+    Interrupted system calls are retried (PEP 475).  Stopped at exit: a
+    SIGALRM after Python has put back the default handler would kill it."""
+    signal.signal(signal.SIGALRM, lambda _signum, _frame: pacer())
+    atexit.register(stop_ticks, pacer)
+    pacer.tick = interval
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+
+
+def stop_ticks(pacer: CpuPacer) -> None:
+    pacer.tick = 0.
+    signal.setitimer(signal.ITIMER_REAL, 0.)
+
+
+def start(ticks: bool = False) -> CpuPacer:
+    """Pace this process from now on: its imports, every call of the
+    pacer returned, and with ticks every TICK of wall time."""
     pacer = CpuPacer.for_this_process()
     pace_imports(pacer)
+    if ticks:
+        tick(pacer)
     return pacer
 
 

@@ -183,3 +183,21 @@ def test_transposes_run_in_paced_strips(method):
     assert out.size == img.transpose(op).size
     assert out.tobytes() == img.transpose(op).tobytes()        # the same
     assert pacer.calls == -(-217 // pacing.TRANSPOSE_ROWS)
+
+
+def test_ticks_call_the_pacer_in_a_stretch_of_python():
+    """tick(): the pacer runs every 0.5 ms of wall time while Python runs,
+    in the middle of a function that never calls it."""
+    import signal
+    import time
+    before = signal.getsignal(signal.SIGALRM)
+    pacer = pacing.CpuPacer(share=1., burst=1.)
+    try:
+        pacing.tick(pacer)
+        end = time.monotonic() + .05
+        while time.monotonic() < end:
+            pass
+    finally:
+        pacing.stop_ticks(pacer)
+        signal.signal(signal.SIGALRM, before)
+    assert pacer.calls >= 10        # about 100
