@@ -17,8 +17,11 @@
 # is none), measured after each piece of work and before each module it
 # imports.  A single long call into C (an RSA signature) is not cut, only
 # followed by a pause as long as it asks for; Pillow's decoders and
-# encoders are fed in small blocks, paced after each (pace_pillow).  It
-# imports nothing from its package: a child loads it before anything else.
+# encoders are fed in small blocks, paced after each (pace_pillow), its
+# resizes and transposes run in strips (resize, transpose), and the
+# imaging child also calls the pacer on a 0.5 ms wall-clock tick (tick).
+# It imports nothing from its package: a child loads it before anything
+# else.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
