@@ -165,6 +165,15 @@ def stop_ticks(pacer: CpuPacer) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.)
 
 
+def leave(code: int) -> None:
+    """Exit without the interpreter's teardown (freeing every module is
+    about 10 ms of CPU once Pillow and requests are loaded, and nothing
+    paces it), stdout and stderr flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def start(ticks: bool = False) -> CpuPacer:
     """Pace this process from now on: its imports, every call of the
     pacer returned, and with ticks every TICK of wall time."""
