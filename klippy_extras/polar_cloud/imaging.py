@@ -2,9 +2,9 @@
 # and re-encode a JPEG
 #
 # Runs as a short-lived child process at idle CPU priority, never inside
-# klippy: Pillow holds the GIL for parts of its work, and reading a 2 MB
-# frame in Python takes it thousands of times, which would make klippy's
-# reactor late.  imagingchild.py starts it as
+# klippy (Pillow holds the GIL for parts of its work), and paces its CPU
+# time from its first import on (pacing.py: Pillow's decoding, encoding
+# and resizing in small pieces).  imagingchild.py starts it as
 #
 #     python /path/to/imaging.py
 #
@@ -27,14 +27,29 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
-import math
+import importlib.util
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional
+
+SCRIPT = os.path.abspath(__file__)
+if __name__ == "__main__":
+    # Run by path: the package's other modules must not shadow anything
+    # Pillow imports.  pacing.py (by its path: no package in the child)
+    # paces the child from here on, its imports too
+    sys.path[:] = [p for p in sys.path
+                   if os.path.abspath(p or ".") != os.path.dirname(SCRIPT)]
+_spec = importlib.util.spec_from_file_location(
+    "polar_cloud_pacing", os.path.join(os.path.dirname(SCRIPT), "pacing.py"))
+pacing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pacing)
+PACER = pacing.start(ticks=True) if __name__ == "__main__" else None
+
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 MAX_PIXELS = 3840 * 2160
 # Shrinking: JPEG size relative to quality 85, roughly, for typical frames
@@ -53,10 +68,8 @@ EXIT_CANNOT_SHRINK = 4      # maps to SnapshotError
 EXIT_NO_PILLOW = 5          # Pillow is not installed for this Python
 EXIT_BAD_REQUEST = 6        # the header on stdin is unusable (a bug)
 
-SCRIPT = os.path.abspath(__file__)
 
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Transform:
     """What to do with the picture (options.CameraOptions fits too)."""
     flip_horizontal: bool = False
@@ -64,7 +77,7 @@ class Transform:
     rotation: int = 0           # clockwise, like the front-ends
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Fetch:
     """Where and how the child gets the frame (imagingchild.py's limits)."""
     url: str
@@ -73,8 +86,7 @@ class Fetch:
     deadline: float             # seconds for the whole answer
     max_bytes: int
     chunk: int = 64 * 1024
-    # The proxy to fetch through (imagingchild.py asks netpolicy; "":
-    # directly, as for a camera on the LAN)
+    # The proxy (imagingchild.py asks netpolicy); "": none (a LAN camera)
     proxy: str = dataclasses.field(default="", repr=False)
 
 
@@ -102,10 +114,12 @@ class BadRequest(ImagingError):
 def pillow():
     """PIL.Image, or raise NoPillow."""
     try:
-        from PIL import Image
+        from PIL import Image, ImageFile
     except ImportError as e:
         raise NoPillow("Pillow is not installed (%s)"
                        % (str(e)[:80] or e.__class__.__name__,)) from None
+    if PACER is not None:
+        pacing.pace_pillow(Image, ImageFile, PACER)
     return Image
 
 
@@ -116,13 +130,12 @@ def needs_transform(opts: Any) -> bool:
 def _transform(img, Image, opts: Any):
     ops = getattr(Image, "Transpose", Image)
     if opts.flip_horizontal:
-        img = img.transpose(ops.FLIP_LEFT_RIGHT)
+        img = pacing.transpose(img, ops.FLIP_LEFT_RIGHT, Image, PACER)
     if opts.flip_vertical:
-        img = img.transpose(ops.FLIP_TOP_BOTTOM)
-    if opts.rotation:
-        # Pillow's ROTATE_* turn counter-clockwise
-        img = img.transpose({90: ops.ROTATE_270, 180: ops.ROTATE_180,
-                             270: ops.ROTATE_90}[opts.rotation])
+        img = pacing.transpose(img, ops.FLIP_TOP_BOTTOM, Image, PACER)
+    if opts.rotation:   # Pillow's ROTATE_* turn counter-clockwise
+        img = pacing.transpose(img, {90: ops.ROTATE_270, 180: ops.ROTATE_180,
+                                     270: ops.ROTATE_90}[opts.rotation], Image, PACER)
     return img
 
 
@@ -154,7 +167,7 @@ def _shrink(img, limit: int, Image, at85: float = 0.) -> Optional[bytes]:
                 size = (int(img.width * factor), int(img.height * factor))
                 if min(size) < MIN_SIDE:
                     return None
-                img = img.resize(size, resample, reducing_gap=2.)
+                img = pacing.resize(img, size, resample, Image, PACER)
         out = _encode(img, quality)
         if len(out) <= limit:
             return out
@@ -254,8 +267,6 @@ def request_error(exc: Exception) -> str:
 
 def fetch(spec: Fetch) -> bytes:
     """One frame from the camera's snapshot URL, or raise BadJpeg."""
-    import time
-
     import requests
     deadline = time.monotonic() + spec.deadline
     buf = bytearray()
@@ -272,12 +283,13 @@ def fetch(spec: Fetch) -> bytes:
                     raise BadJpeg("HTTP %d" % (resp.status_code,))
                 ctype = resp.headers.get("content-type", "").lower()
                 if ctype.startswith("multipart/"):
-                    raise BadJpeg("snapshot_url serves a video stream, not"
-                                  " a snapshot")
+                    raise BadJpeg("snapshot_url serves a video stream, not a snapshot")
                 length = resp.headers.get("content-length", "")
                 if length.isdigit() and int(length) > spec.max_bytes:
                     raise BadJpeg("snapshot larger than %d MB" % (too_big,))
                 for chunk in resp.iter_content(spec.chunk):
+                    if PACER is not None:
+                        PACER()
                     buf += chunk
                     if len(buf) > spec.max_bytes:
                         raise BadJpeg("snapshot larger than %d MB; is"
@@ -384,8 +396,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # Run by path, the script's folder comes first on sys.path: the
-    # package's other modules must not shadow anything Pillow imports
-    here = os.path.dirname(SCRIPT)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    sys.exit(main())
+    pacing.leave(main())

@@ -1,4 +1,5 @@
-# CPU pacing for a helper child process (fetcher.py)
+# CPU pacing for a helper child process (fetcher.py, keyhelper.py,
+# imaging.py)
 #
 # A child at idle priority (SCHED_IDLE) never delays klippy while the
 # CPU has time to spare.  Where klippy and the processes it starts share a
@@ -10,18 +11,24 @@
 # idle priority made klippy's reactor 8 ms late at the 99th percentile;
 # the same CPU time spread out at 10 % in slices of 0.5 ms, not at all.
 #
-# So a helper child (fetcher.py, keyhelper.py) keeps its
+# So a helper child (fetcher.py, keyhelper.py, imaging.py) keeps its
 # CPU time (user and system) to a share of one core, in short slices: a
 # quarter of its group's quota when there is one (half a core when there
 # is none), measured after each piece of work and before each module it
 # imports.  A single long call into C (an RSA signature) is not cut, only
-# followed by a pause as long as it asks for.  It imports nothing from its
-# package: a child loads it before anything else.
+# followed by a pause as long as it asks for; Pillow's decoders and
+# encoders are fed in small blocks, paced after each (pace_pillow), its
+# resizes and transposes run in strips (resize, transpose), and the
+# imaging child also calls the pacer on a 0.5 ms wall-clock tick (tick).
+# It imports nothing from its package: a child loads it before anything
+# else.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -29,6 +36,7 @@ from typing import Optional
 QUOTA_SHARE = .25       # of the cgroup's quota, when it has one
 MAX_SHARE = .5          # of one core, without a quota
 MAX_BURST = .002        # the most CPU time spent at once, seconds
+TICK = .0005            # tick(): a call of the pacer every 0.5 ms
 CGROUP_ROOTS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu",
                 "/sys/fs/cgroup")
 
@@ -92,6 +100,9 @@ class CpuPacer:
         self.wall = time.monotonic()
         self.cpu = time.process_time()
         self.slept = 0.
+        self.calls = 0
+        self.tick = 0.          # the interval of tick(), while it runs
+        self._busy = False
     @classmethod
     def for_this_process(cls) -> CpuPacer:
         quota = cgroup_quota()
@@ -101,6 +112,10 @@ class CpuPacer:
         share = min(MAX_SHARE, cores * QUOTA_SHARE)
         return cls(share, min(MAX_BURST, share * period))
     def __call__(self) -> None:
+        if self._busy:          # tick()'s signal in the middle of a call
+            return
+        self._busy = True
+        self.calls += 1
         wall, cpu = time.monotonic(), time.process_time()
         self.tokens = min(self.burst, self.tokens + (wall - self.wall)
                           * self.share) - (cpu - self.cpu)
@@ -108,7 +123,12 @@ class CpuPacer:
         if self.tokens < 0.:
             pause = -self.tokens / self.share
             self.slept += pause
+            if self.tick:       # no ticks while asleep
+                signal.setitimer(signal.ITIMER_REAL, 0.)
             time.sleep(pause)
+            if self.tick:
+                signal.setitimer(signal.ITIMER_REAL, self.tick, self.tick)
+        self._busy = False
 
 
 class PacedImports:
@@ -127,9 +147,123 @@ def pace_imports(pacer: CpuPacer) -> None:
     sys.meta_path.insert(0, PacedImports(pacer))
 
 
-def start() -> CpuPacer:
-    """Pace this process from now on: its imports, and every call of the
-    pacer returned."""
+def tick(pacer: CpuPacer, interval: float = TICK) -> None:
+    """Also call the pacer every interval of wall time (SIGALRM; Python
+    runs the handler between bytecodes, so a module's body or a long
+    stretch of Python is cut too; not a single call into C).  ITIMER_PROF
+    would count CPU time, but only at the kernel's tick, every 4 ms.
+    Interrupted system calls are retried (PEP 475).  Stopped at exit: a
+    SIGALRM after Python has put back the default handler would kill it."""
+    signal.signal(signal.SIGALRM, lambda _signum, _frame: pacer())
+    atexit.register(stop_ticks, pacer)
+    pacer.tick = interval
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+
+
+def stop_ticks(pacer: CpuPacer) -> None:
+    pacer.tick = 0.
+    signal.setitimer(signal.ITIMER_REAL, 0.)
+
+
+def leave(code: int) -> None:
+    """Exit without the interpreter's teardown (freeing every module is
+    about 10 ms of CPU once Pillow and requests are loaded, and nothing
+    paces it), stdout and stderr flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def start(ticks: bool = False) -> CpuPacer:
+    """Pace this process from now on: its imports, every call of the
+    pacer returned, and with ticks every TICK of wall time."""
     pacer = CpuPacer.for_this_process()
     pace_imports(pacer)
+    if ticks:
+        tick(pacer)
     return pacer
+
+
+# Pillow (the imaging child): its decoders and encoders work in a Python
+# loop over calls into C, one per block of compressed bytes; in blocks of
+# 4 kB each call is a fraction of a millisecond (a 1080p frame's decode is
+# tens of milliseconds in one 64 kB block's calls otherwise)
+PILLOW_BLOCK = 4096
+
+
+class PacedCodec:
+    """A Pillow decoder or encoder that calls the pacer after each block."""
+
+    def __init__(self, codec, pacer):
+        self._codec = codec
+        self._pacer = pacer
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+    def decode(self, data):
+        try:
+            return self._codec.decode(data)
+        finally:
+            self._pacer()
+    def encode(self, bufsize):
+        try:
+            return self._codec.encode(bufsize)
+        finally:
+            self._pacer()
+
+
+def pace_pillow(Image, ImageFile, pacer, block: int = PILLOW_BLOCK) -> None:
+    """Every image Pillow opens or saves from now on, decoded and encoded
+    block by block with the pacer between blocks (saved to a file object
+    without a file descriptor: the blocks go through Python)."""
+    if getattr(Image._getdecoder, "paced", False):
+        return
+    getdecoder, getencoder = Image._getdecoder, Image._getencoder
+
+    def paced_decoder(*args, **kwargs):
+        return PacedCodec(getdecoder(*args, **kwargs), pacer)
+
+    def paced_encoder(*args, **kwargs):
+        return PacedCodec(getencoder(*args, **kwargs), pacer)
+    paced_decoder.paced = paced_encoder.paced = True
+    Image._getdecoder, Image._getencoder = paced_decoder, paced_encoder
+    ImageFile.MAXBLOCK = block      # also each new image's decodermaxblock
+
+
+RESIZE_ROWS = 16        # output rows per call into C
+
+
+def resize(img, size: tuple[int, int], resample, Image,
+           pacer: Optional[CpuPacer] = None):
+    """img.resize in strips of rows, paced between them: at once, a 1080p
+    frame's resize is milliseconds of CPU in one call."""
+    out = Image.new(img.mode, size)
+    scale = img.height / size[1]
+    for top in range(0, size[1], RESIZE_ROWS):
+        rows = min(RESIZE_ROWS, size[1] - top)
+        out.paste(img.resize((size[0], rows), resample, box=(
+            0, top * scale, img.width, (top + rows) * scale)), (0, top))
+        if pacer is not None:
+            pacer()
+    return out
+
+
+TRANSPOSE_ROWS = 32     # source rows per call into C
+
+
+def transpose(img, method, Image, pacer: Optional[CpuPacer] = None):
+    """img.transpose(method) in strips of rows, paced between them (the
+    same pixels: each strip lands where the whole picture's rows would)."""
+    ops = getattr(Image, "Transpose", Image)
+    width, height = img.size
+    turned = method in (ops.ROTATE_90, ops.ROTATE_270)
+    out = Image.new(img.mode, (height, width) if turned else img.size)
+    for top in range(0, height, TRANSPOSE_ROWS):
+        bottom = min(height, top + TRANSPOSE_ROWS)
+        strip = img.crop((0, top, width, bottom)).transpose(method)
+        out.paste(strip, {ops.FLIP_LEFT_RIGHT: (0, top),
+                          ops.ROTATE_90: (top, 0),
+                          ops.ROTATE_270: (height - bottom, 0)}.get(
+                              method, (0, height - bottom)))
+        if pacer is not None:
+            pacer()
+    return out

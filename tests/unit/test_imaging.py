@@ -131,3 +131,32 @@ def test_imaging_child_priority():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, check=True)
     assert done.stdout.split() == ["True", "19"]
+
+
+def test_imaging_child_paces_itself_and_gives_the_same_jpeg(tmp_path):
+    """The child paces its CPU time (pacing.py): the pacer runs for every
+    block of a 1080p frame's decode and encode; the JPEG is the one the
+    same work gives unpaced."""
+    data = noisy_jpeg((1920, 1080))
+    expected = imaging.process_jpeg(data, 150000, imaging.Transform(), Image)
+    out = tmp_path / "frame.jpg"
+    stdin = imagingchild.request(150000, imaging.Transform(), out=str(out))
+    # imaging.py as its own __main__, then a look at its pacer
+    code = ("import os, sys\n"
+            "def leave(code):\n"           # pacing.leave's os._exit
+            "    raise SystemExit(code)\n"
+            "os._exit = leave\n"
+            "script = sys.argv[1]\n"
+            "g = {'__name__': '__main__', '__file__': script}\n"
+            "try:\n"
+            "    exec(compile(open(script).read(), script, 'exec'), g)\n"
+            "except SystemExit as e:\n"
+            "    sys.stderr.write('exit %s\\n' % (e.code,))\n"
+            "sys.stderr.write('calls %d\\n' % (g['PACER'].calls,))\n")
+    done = subprocess.run([sys.executable, "-c", code, imaging.SCRIPT],
+                          input=stdin + data, capture_output=True, timeout=60)
+    exit_line, calls_line = done.stderr.decode().splitlines()
+    assert exit_line == "exit 0"
+    assert out.read_bytes() == expected
+    assert len(expected) <= 150000 and decode(expected).width < 1920
+    assert int(calls_line.split()[1]) > len(data) // 4096

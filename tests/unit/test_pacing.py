@@ -1,6 +1,9 @@
-"""pacing.py, the download child's CPU pacer: its arithmetic on a fake
+"""pacing.py, the helper children's CPU pacer: its arithmetic on a fake
 clock (no timing here), and the quota it finds in a cgroup tree."""
 from __future__ import annotations
+
+import io
+import random
 
 import pytest
 
@@ -108,3 +111,93 @@ def test_a_v2_quota_and_none(tmp_path, monkeypatch):
     assert pacing.cgroup_quota() is None
     pacer = pacing.CpuPacer.for_this_process()
     assert (pacer.share, pacer.burst) == (pacing.MAX_SHARE, pacing.MAX_BURST)
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+    def __call__(self):
+        self.calls += 1
+
+
+def test_pillow_decodes_and_encodes_block_by_block(monkeypatch):
+    """The imaging child's Pillow: the pacer runs after every block of a
+    1080p frame's decode and encode, and the pictures are the same."""
+    from PIL import Image, ImageFile
+
+    from tests.testbed.camera_server import noisy_jpeg
+    data = noisy_jpeg((1920, 1080))
+    plain = Image.open(io.BytesIO(data))
+    plain.load()
+    expected = io.BytesIO()
+    plain.save(expected, "JPEG", quality=85)
+    # restored after the test: pace_pillow replaces them
+    for name in ("_getdecoder", "_getencoder"):
+        monkeypatch.setattr(Image, name, getattr(Image, name))
+    monkeypatch.setattr(ImageFile, "MAXBLOCK", ImageFile.MAXBLOCK)
+    pacer = Counter()
+    pacing.pace_pillow(Image, ImageFile, pacer)
+    pacing.pace_pillow(Image, ImageFile, pacer)         # once is enough
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert pacer.calls >= len(data) // pacing.PILLOW_BLOCK
+    assert img.tobytes() == plain.tobytes()
+    decoded, out = pacer.calls, io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    # an encoder's block is at least 4 bytes per pixel of a row
+    assert pacer.calls - decoded >= len(out.getvalue()) // (4 * 1920)
+    assert pacer.calls - decoded > 10
+    assert out.getvalue() == expected.getvalue()
+
+
+def test_the_resize_runs_in_paced_strips():
+    """The shrink's resize, strip by strip: the same picture as one resize
+    (a stray rounding difference at most), the pacer after every strip."""
+    from PIL import Image
+
+    from tests.testbed.camera_server import quadrant_image
+    src = Image.frombytes("RGB", (960, 540), random.Random(3).randbytes(
+        960 * 540 * 3))
+    resample = Image.Resampling.BILINEAR
+    for img, size in ((src, (607, 341)), (quadrant_image((333, 217)),
+                                          (301, 150))):
+        pacer = Counter()
+        out = pacing.resize(img, size, resample, Image, pacer)
+        whole = img.resize(size, resample).tobytes()
+        assert out.size == size and out.mode == img.mode
+        assert pacer.calls == -(-size[1] // pacing.RESIZE_ROWS)
+        differing = sum(a != b for a, b in zip(out.tobytes(), whole))
+        assert differing <= len(whole) // 1000
+    assert pacing.resize(src, (100, 50), resample, Image).size == (100, 50)
+
+
+@pytest.mark.parametrize("method", ["FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM",
+                                    "ROTATE_90", "ROTATE_180", "ROTATE_270"])
+def test_transposes_run_in_paced_strips(method):
+    from PIL import Image
+    img = Image.frombytes("RGB", (333, 217), random.Random(5).randbytes(
+        333 * 217 * 3))
+    op = getattr(Image.Transpose, method)
+    pacer = Counter()
+    out = pacing.transpose(img, op, Image, pacer)
+    assert out.size == img.transpose(op).size
+    assert out.tobytes() == img.transpose(op).tobytes()        # the same
+    assert pacer.calls == -(-217 // pacing.TRANSPOSE_ROWS)
+
+
+def test_ticks_call_the_pacer_in_a_stretch_of_python():
+    """tick(): the pacer runs every 0.5 ms of wall time while Python runs,
+    in the middle of a function that never calls it."""
+    import signal
+    import time
+    before = signal.getsignal(signal.SIGALRM)
+    pacer = pacing.CpuPacer(share=1., burst=1.)
+    try:
+        pacing.tick(pacer)
+        end = time.monotonic() + .05
+        while time.monotonic() < end:
+            pass
+    finally:
+        pacing.stop_ticks(pacer)
+        signal.signal(signal.SIGALRM, before)
+    assert pacer.calls >= 10        # about 100
