@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import imaging
+from . import pacing
 
 log = logging.getLogger("polar_cloud")
 
@@ -127,7 +127,7 @@ class Children:
         with proc:
             try:
                 if not idle:
-                    imaging.lower_priority(proc.pid)
+                    pacing.lower_priority(proc.pid)
                 out, err = self._wait(proc, timeout)
             finally:
                 if proc.poll() is None:     # a timeout, a stop or a bug

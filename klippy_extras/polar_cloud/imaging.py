@@ -354,25 +354,12 @@ def output_path(raw: bytes) -> str:
     return out if isinstance(out, str) and os.path.isabs(out) else ""
 
 
-def lower_priority(pid: int = 0) -> None:
-    """Idle CPU priority: run only when nothing else wants the CPU."""
-    try:
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
-    try:
-        # Also, or instead where SCHED_IDLE is missing: the lowest nice
-        os.setpriority(os.PRIO_PROCESS, pid, 19)
-    except (OSError, AttributeError):
-        pass
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:200] or "error"
 
 
 def main() -> int:
-    lower_priority()
+    pacing.lower_priority()
     raw = sys.stdin.buffer.read()
     try:
         limit, opts, data, spec = parse_request(raw)

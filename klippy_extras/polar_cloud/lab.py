@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Optional
 
-from .identity import IdentityError, ensure_state_dir, read_json, write_json
+from .statefiles import StateFileError, ensure_state_dir, read_json, write_json
 
 log = logging.getLogger("polar_cloud")
 
@@ -52,8 +52,8 @@ class LabWorkflow:
         try:
             data = read_json(self.path)
             if data is not None and not isinstance(data, dict):
-                raise IdentityError("%s is not an object" % (self.path,))
-        except IdentityError as e:
+                raise StateFileError("%s is not an object" % (self.path,))
+        except StateFileError as e:
             # Unreadable: the safe side is a plate nobody confirmed
             log.warning("polar_cloud: %s; the build plate counts as not"
                         " cleared", e)
@@ -70,7 +70,7 @@ class LabWorkflow:
                 ensure_state_dir(os.path.dirname(self.path))
                 write_json(self.path, {"plate_clear": self.plate_clear,
                                        "next_print": self.next_print})
-            except (OSError, IdentityError) as e:
+            except (OSError, StateFileError) as e:
                 log.warning("polar_cloud: cannot save %s: %s", LAB_FILE, e)
         self.session.publish()
     # Watching the printer

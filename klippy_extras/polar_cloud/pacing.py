@@ -1,5 +1,5 @@
-# CPU pacing for a helper child process (fetcher.py, keyhelper.py,
-# imaging.py)
+# How a helper child process (fetcher.py, keyhelper.py, imaging.py)
+# spends CPU: at idle priority (lower_priority), and paced
 #
 # A child at idle priority (SCHED_IDLE) never delays klippy while the
 # CPU has time to spare.  Where klippy and the processes it starts share a
@@ -86,6 +86,19 @@ def cgroup_quota() -> Optional[tuple[float, float]]:
                 directory = os.path.dirname(directory)
             break
     return best
+
+
+def lower_priority(pid: int = 0) -> None:
+    """Idle CPU priority: run only when nothing else wants the CPU."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+    try:
+        # Also, or instead where SCHED_IDLE is missing: the lowest nice
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except (OSError, AttributeError):
+        pass
 
 
 class CpuPacer:

@@ -38,7 +38,7 @@ from tests.testbed.helpers import (
     thread_names,
     wait_online_again,
 )
-from tests.testbed.klippy import KlippyError
+from tests.testbed.klippy import REPO, KlippyError
 
 RESTARTS = {"ci": (10, 5), "full": (50, 20)}
 
@@ -459,22 +459,26 @@ def test_report_survives_a_drop_right_after_it_was_received(k, sim):
 
 # ------------------------------------------------- klippy stopped (R23)
 
+HELPER_CHILDREN = ("imaging.py", "keyhelper.py", "fetcher.py")
+
+
 def polar_children() -> list[str]:
-    """Processes of ours that could outlive klippy: the key helper and the
-    snapshot worker (both are children of klippy)."""
+    """This checkout's helper children that could outlive klippy (the
+    key, image and download children), wherever they were reparented;
+    other checkouts' tests on the same machine are not counted."""
+    ours = os.path.join(str(REPO), "")
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/%s/cmdline" % (pid,), "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode("utf-8",
-                                                               "replace")
+                args = f.read().decode("utf-8", "replace").split("\0")
         except OSError:
             continue
-        if "polar_cloud/imaging.py" in cmdline \
-                or "cryptography.hazmat" in cmdline:
-            found.append("%s %s" % (pid, cmdline[:80]))
+        if any(arg.startswith(ours) and arg.endswith(HELPER_CHILDREN)
+               for arg in args):
+            found.append("%s %s" % (pid, " ".join(args)[:80]))
     return found
 
 

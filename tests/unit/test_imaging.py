@@ -123,8 +123,8 @@ def test_imaging_script_bad_header_and_no_pillow():
 def test_imaging_child_priority():
     code = ("import os, sys\n"
             "sys.path.insert(0, %r)\n"
-            "import imaging\n"
-            "imaging.lower_priority()\n"
+            "import pacing\n"
+            "pacing.lower_priority()\n"
             "print(os.sched_getscheduler(0) == os.SCHED_IDLE,"
             " os.getpriority(os.PRIO_PROCESS, 0))\n"
             % (os.path.dirname(imaging.SCRIPT),))
