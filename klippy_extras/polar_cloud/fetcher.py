@@ -379,4 +379,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    pacing.leave(main())    # no teardown of ssl and http.client: unpaced CPU
