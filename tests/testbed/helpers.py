@@ -67,11 +67,7 @@ def proc_stats(pid: int) -> ProcStats:
 def fd_kinds(pid: int) -> dict[str, int]:
     """Open file descriptors by kind: socket, pipe, file, other."""
     kinds: dict[str, int] = {}
-    for fd in os.listdir("/proc/%d/fd" % (pid,)):
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-        except OSError:
-            continue
+    for target in fd_targets(pid):
         kind = ("socket" if target.startswith("socket:") else "pipe"
                 if target.startswith("pipe:") else "file"
                 if target.startswith("/") else "other")
@@ -122,9 +118,14 @@ def poll_until(check: Callable[[], object], timeout: float = 30.,
 
 
 def fd_targets(pid: int) -> list[str]:
-    """What the process's file descriptors point to (socket:[...], paths)."""
+    """What the process's file descriptors point to (socket:[...], paths);
+    none once the process is gone (a child may exit while we look)."""
     targets = []
-    for fd in os.listdir("/proc/%d/fd" % (pid,)):
+    try:
+        fds = os.listdir("/proc/%d/fd" % (pid,))
+    except (FileNotFoundError, ProcessLookupError):
+        return targets
+    for fd in fds:
         try:
             targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
         except OSError:
