@@ -112,9 +112,8 @@ class Download:
             raise DownloadError("download failed: no Python interpreter")
         try:
             with children.input_file(self.request.encode()) as stdin:
-                code, out, err = self.children.run(
-                    [sys.executable, "-I", FETCHER], TOTAL_TIMEOUT,
-                    "the job download", stdin=stdin)
+                code, out, err = self.children.run_helper(
+                    FETCHER, [], TOTAL_TIMEOUT, stdin=stdin)
         except children.ChildStopped:
             raise DownloadError("download aborted") from None
         except children.ChildTimeout:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -45,9 +44,8 @@ def run_crypto(op: str, data: bytes) -> dict:
     kids = children.Children(threading.Event())
     try:
         with children.input_file(data) as stdin:
-            code, out, err = kids.run(
-                [sys.executable, "-I", KEY_HELPER, op], CRYPTO_TIMEOUT,
-                "the key helper", stdin=stdin)
+            code, out, err = kids.run_helper(KEY_HELPER, [op],
+                                             CRYPTO_TIMEOUT, stdin=stdin)
     except children.ChildTimeout:
         raise IdentityError("the key helper took too long") from None
     except (children.ChildError, children.ChildStopped) as e:

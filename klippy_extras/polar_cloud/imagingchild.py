@@ -70,8 +70,8 @@ def run_imaging(kids: children.Children,
     if not sys.executable:
         raise children.ChildError("no Python interpreter to run it")
     with children.input_file(request) as stdin:
-        code, out, err = kids.run([sys.executable, IMAGING_SCRIPT],
-                                  IMAGING_TIMEOUT, "image work", stdin=stdin)
+        code, out, err = kids.run_helper(IMAGING_SCRIPT, [],
+                                         IMAGING_TIMEOUT, stdin=stdin)
     fetched = FETCHED_RE.search(err)
     return (code, out, _last_line(err),
             int(fetched.group(1)) if fetched else 0)

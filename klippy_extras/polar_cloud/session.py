@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
+from . import children
 from . import link as links
 from .auth import Auth
 from .backoff import Backoff
@@ -177,6 +178,7 @@ class CloudSession(CloudConnection):
     def _run(self) -> None:
         try:
             take_over(self)
+            children.start_host()
             self._startup()
         except Exception:
             log.exception("polar_cloud: start-up failed")

@@ -134,22 +134,33 @@ def fd_targets(pid: int) -> list[str]:
 
 
 def children_running(pid: int, script: str) -> list[int]:
-    """The pids of the process's children whose command line names
-    script (the module's helper children: fetcher.py, imaging.py...)."""
-    found = []
+    """The pids of the process's helper children running script
+    (fetcher.py, imaging.py, keyhelper.py: forked by its helper host,
+    named polar_<script> there; or started by it directly, ffmpeg)."""
+    procs: dict[int, tuple[int, str, bytes]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % (entry,)) as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
+                stat = f.read()
             with open("/proc/%s/cmdline" % (entry,), "rb") as f:
                 cmdline = f.read()
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
-        if ppid == pid and script.encode() in cmdline:
-            found.append(int(entry))
-    return found
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        try:
+            ppid = int(stat.rpartition(")")[2].split()[1])
+        except (ValueError, IndexError):
+            continue
+        procs[int(entry)] = (ppid, comm, cmdline)
+    hosts = {p for p, (ppid, _comm, cmdline) in procs.items()
+             if ppid == pid and b"helperhost.py" in cmdline}
+    forked = ("polar_" + script.removesuffix(".py"))[:15]
+    return sorted(p for p, (ppid, comm, cmdline) in procs.items()
+                  if (ppid == pid and p not in hosts
+                      and script.encode() in cmdline)
+                  or (ppid in hosts and comm == forked))
 
 
 class StateHistory(ObjectSubscription):

@@ -13,7 +13,7 @@ import pytest
 
 from klippy_extras.polar_cloud import download
 from tests.testbed.fileserver import FileServer
-from tests.testbed.helpers import poll_until
+from tests.testbed.helpers import children_running, poll_until
 
 BODY = b"G28\nG1 X10 Y10\n"
 FILENAME = "x_polar-j1.gcode"
@@ -56,15 +56,9 @@ def sockets_to(port: int) -> int:
 
 def fetchers(dl) -> list[int]:
     """The pids of the download's running children that run fetcher.py."""
-    pids = []
-    for proc in list(dl.children.procs):
-        try:
-            with open("/proc/%d/cmdline" % (proc.pid,), "rb") as f:
-                if b"fetcher.py" in f.read():
-                    pids.append(proc.pid)
-        except OSError:
-            pass
-    return pids
+    if not dl.children.tasks:
+        return []
+    return children_running(os.getpid(), "fetcher.py")
 
 
 def test_a_download_ends_in_its_file_with_nothing_left(tmp_path):
@@ -77,7 +71,7 @@ def test_a_download_ends_in_its_file_with_nothing_left(tmp_path):
     assert (tmp_path / FILENAME).read_bytes() == BODY
     assert {t.name for t in threading.enumerate()
             if t.name.startswith("polar_cloud")} <= before
-    assert dl.children.procs == set()
+    assert dl.children.tasks == set()
 
 
 @pytest.mark.parametrize("behaviour", ["drip_body", "drip_headers"])

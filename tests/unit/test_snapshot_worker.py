@@ -21,7 +21,6 @@ from klippy_extras.polar_cloud.snapshot_worker import SnapshotResult
 from tests.testbed.camera_server import (
     BLUE,
     GREEN,
-    NO_PILLOW,
     RED,
     WHITE,
     decode,
@@ -385,10 +384,11 @@ def test_manual_snapshot_without_url(env, noisy):
     assert sim.upload_attempts == []
 
 
-def test_without_pillow(env, monkeypatch):
+def test_without_pillow(env, monkeypatch, tmp_path):
     # Pillow missing for klippy's Python: the child process says so
     sim, camera_server = env
-    monkeypatch.setenv("PYTHONPATH", NO_PILLOW)
+    monkeypatch.setattr(imagingchild, "IMAGING_SCRIPT",
+                        without_pillow(tmp_path))
     run = Runner(options(camera_server))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -405,6 +405,16 @@ def test_without_pillow(env, monkeypatch):
     run.cam.set_slot(make_slot(sim))
     assert "incomplete JPEG" in run.run().error
     assert sim.upload_attempts == []
+
+
+def without_pillow(tmp_path) -> str:
+    """imaging.py run where Pillow cannot be imported."""
+    script = tmp_path / "imaging_without_pillow.py"
+    script.write_text("import runpy, sys\n"
+                      "sys.modules['PIL'] = None\n"
+                      "runpy.run_path(%r, run_name='__main__')\n"
+                      % (imagingchild.imaging.SCRIPT,))
+    return str(script)
 
 
 def fake_imaging(tmp_path, body):
@@ -489,6 +499,8 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
     chrt.chmod(0o755)
     monkeypatch.setattr(children, "_idle_prefix", lambda: [str(chrt)])
     monkeypatch.setattr(children, "_use_chrt", True)
+    host = children.HelperHost(children.HELPERS)
+    monkeypatch.setattr(children, "HOST", host)
     run = Runner(options(camera_server, flip_vertical=True))
     slot = make_slot(sim)
     run.cam.set_slot(slot)
@@ -500,7 +512,8 @@ def test_without_sched_idle_the_child_still_runs_at_nice_19(
     assert children._use_chrt is False
     lines = [r.getMessage() for r in caplog.records if "chrt" in r.getMessage()]
     assert lines == ["polar_cloud: chrt: failed to set pid 0's policy:"
-                     " Operation not permitted; image work runs at nice 19"]
+                     " Operation not permitted; helpers run at nice 19"]
+    host.stop()
 
 
 def test_stop_joins_the_worker(env, monkeypatch):
