@@ -120,6 +120,7 @@ class HelperHost:
         self.lock = threading.Lock()
         self.proc: Optional[subprocess.Popen] = None
         self.control: Optional[socket.socket] = None
+        self.env: dict[str, str] = {}
     def start(self) -> None:
         """Start it now, from a thread that may wait (its warm-up)."""
         with self.lock:
@@ -132,8 +133,6 @@ class HelperHost:
                cwd: Optional[str]) -> tuple[socket.socket, int, int]:
         """Fork script in the host: (the task's socket, the child's stdout,
         its stderr).  Raises ChildError."""
-        header = json.dumps({"script": os.path.abspath(script),
-                             "args": args, "cwd": cwd}).encode()
         for attempt in (1, 2):
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -142,6 +141,9 @@ class HelperHost:
             try:
                 with self.lock:
                     self._ensure()
+                    header = json.dumps({
+                        "script": os.path.abspath(script), "args": args,
+                        "cwd": cwd, "env": self._env_changes()}).encode()
                     self.control.sendmsg(
                         [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                     fds)])
@@ -160,6 +162,14 @@ class HelperHost:
                     os.close(fd)
                 theirs.close()
         raise AssertionError("not reached")
+    def _env_changes(self) -> dict[str, Optional[str]]:
+        """What changed in klippy's environment since the host started: a
+        helper sees the environment of the moment, as if started then."""
+        now = dict(os.environ)
+        changes: dict[str, Optional[str]] = {
+            k: v for k, v in now.items() if self.env.get(k) != v}
+        changes.update((k, None) for k in self.env if k not in now)
+        return changes
     def _ensure(self) -> None:
         global _use_chrt
         if self.proc is not None and self.proc.poll() is None:
@@ -180,6 +190,7 @@ class HelperHost:
                                          socket.SOCK_SEQPACKET)
         args = [sys.executable, "-I", HOST_SCRIPT,
                 str(theirs.fileno())] + self.scripts
+        self.env = dict(os.environ)
         try:
             proc = subprocess.Popen(idle + args, pass_fds=(theirs.fileno(),),
                                     stdin=subprocess.DEVNULL,

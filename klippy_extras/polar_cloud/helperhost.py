@@ -11,7 +11,8 @@
 #
 # children.HelperHost starts it as `python -I helperhost.py FD SCRIPT...`,
 # FD one end of a SOCK_SEQPACKET socket pair.  Each message on it is a
-# task: a JSON header {"script" (its path), "args", "cwd"} with four
+# task: a JSON header {"script" (its path), "args", "cwd", "env" (what
+# changed in klippy's environment since the host started)} with four
 # descriptors (the child's stdin, stdout and stderr, and the task's own
 # socket).  On the task socket the host says "pid N" once the child runs
 # and "exit C" once it reaped it (C as subprocess gives it); klippy's end
@@ -88,6 +89,11 @@ def run_child(host: int, path: str, code, header: dict,
         os._exit(1)
     name = "polar_" + os.path.basename(path)[:-3]
     prctl(PR_SET_NAME, name[:15].encode())
+    for name, value in (header.get("env") or {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if header.get("cwd"):
         os.chdir(header["cwd"])
     sys.argv = [path] + [str(a) for a in header.get("args", [])]

@@ -459,26 +459,47 @@ def test_report_survives_a_drop_right_after_it_was_received(k, sim):
 
 # ------------------------------------------------- klippy stopped (R23)
 
-HELPER_CHILDREN = ("imaging.py", "keyhelper.py", "fetcher.py")
+HELPER_SCRIPTS = ("helperhost.py", "imaging.py", "keyhelper.py",
+                  "fetcher.py")
+
+
+def cmdline(pid: str) -> list[str]:
+    try:
+        with open("/proc/%s/cmdline" % (pid,), "rb") as f:
+            return f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+
+
+def parent(pid: str) -> str:
+    try:
+        with open("/proc/%s/stat" % (pid,)) as f:
+            return f.read().rpartition(")")[2].split()[1]
+    except (OSError, IndexError):
+        return ""
 
 
 def polar_children() -> list[str]:
-    """This checkout's helper children that could outlive klippy (the
-    key, image and download children), wherever they were reparented;
-    other checkouts' tests on the same machine are not counted."""
+    """This checkout's helper processes (the helper host and the key,
+    image and download children it forks) that outlived their klippy:
+    their parent is none of ours any more (not this test, not a klippy,
+    not a helper host), they were reparented.  Other checkouts' tests on
+    the same machine are not counted."""
     ours = os.path.join(str(REPO), "")
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            with open("/proc/%s/cmdline" % (pid,), "rb") as f:
-                args = f.read().decode("utf-8", "replace").split("\0")
-        except OSError:
+        args = cmdline(pid)
+        if not any(arg.startswith(ours) and arg.endswith(HELPER_SCRIPTS)
+                   for arg in args):
             continue
-        if any(arg.startswith(ours) and arg.endswith(HELPER_CHILDREN)
-               for arg in args):
-            found.append("%s %s" % (pid, " ".join(args)[:80]))
+        ppid = parent(pid)
+        parent_args = " ".join(cmdline(ppid))
+        if ppid == str(os.getpid()) or "klippy.klippy" in parent_args \
+                or "helperhost.py" in parent_args:
+            continue
+        found.append("%s %s" % (pid, " ".join(args)[:80]))
     return found
 
 
