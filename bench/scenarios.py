@@ -298,6 +298,27 @@ class Bench:
         lat = probe_stats(base)[0]
         self.r.lateness.setdefault((key, "base"), Lateness()).add(lat)
 
+    def base_job_window(self, base: Klippy, key: str, content: bytes,
+                        seconds: float, start_after: float) -> None:
+        """The baseline's side of a cloud job, added to `key`: the same
+        file copied into its G-code folder by another process (this one,
+        outside any budget), then printed, in a window as long as the
+        module's, the print starting as late in it."""
+        probe_reset(base)
+        t0 = time.monotonic()
+        path = base.gcodes_dir / "bench_job.gcode"
+        path.write_bytes(content)
+        time.sleep(max(0., start_after - (time.monotonic() - t0)))
+        sub = base.subscribe_objects({"print_stats": ["state"]})
+        base.gcode("SDCARD_PRINT_FILE FILENAME=bench_job.gcode")
+        sub.wait_for(lambda s: s["print_stats"]["state"] == "printing", 60)
+        sub.close()
+        time.sleep(max(0., seconds - (time.monotonic() - t0)))
+        lat = probe_stats(base)[0]
+        self.r.lateness.setdefault((key, "base"), Lateness()).add(lat)
+        self.end_print(base)
+        path.unlink()
+
     def wait_status(self, k: Klippy, since: float, predicate,
                     timeout: float = 30.):
         return self.sim.wait_event("status", predicate, since=since,
@@ -379,17 +400,9 @@ class Bench:
             with RssSampler(k.pid) as sampler:
                 self.sim.push_print(k.serial, job_id, job_name="bench",
                                     gcode_url=url)
-                sub.wait_for(lambda s, j=job_id: s["print_stats"]["state"]
-                             == "printing" and s["print_stats"][
-                                 "filename"].endswith("_polar-%s.gcode" % j),
-                             300)
+                lat, t_req, t_start = self.job_timing(k, sub, job_id, name,
+                                                      300)
             peak = max([status_kb(k.pid, "VmHWM")] + sampler.samples)
-            lat, transitions, _ready = probe_stats(k)
-            sub.close()
-            t_req = min(t for t, n in self.bed.file_hits if n == name)
-            t_start = transition_time(transitions, "print_state",
-                                      r"^printing .*_polar-%s\.gcode$"
-                                      % job_id)
             total.add(lat)
             self.r.download.append({
                 "seconds": t_start - t_req, "push_to_start": t_start - t_push,
@@ -399,8 +412,24 @@ class Bench:
                 % (i, t_start - t_req, size / 1e6 / (t_start - t_req),
                    peak - rss0))
             self.cancel_job(k, job_id, name)
-            self.base_window(base, "download", lat.seconds)
+            self.base_job_window(base, "download", content, lat.seconds,
+                                 t_start - t_push)
         self.r.lateness[("download", "polar")] = total
+
+    def job_timing(self, k: Klippy, sub, job_id: str, name: str,
+                   timeout: float) -> tuple[Lateness, float, float]:
+        """Once the pushed job prints: the reactor's lateness meanwhile,
+        when its file was asked for, and when printing began."""
+        sub.wait_for(lambda s: s["print_stats"]["state"] == "printing"
+                     and s["print_stats"]["filename"].endswith(
+                         "_polar-%s.gcode" % job_id), timeout)
+        lat, transitions, _ready = probe_stats(k)
+        sub.close()
+        t_req = min(t for t, n in self.bed.file_hits if n == name)
+        t_start = transition_time(transitions, "print_state",
+                                  r"^printing .*_polar-%s\.gcode$"
+                                  % job_id)
+        return lat, t_req, t_start
 
     def cancel_job(self, k: Klippy, job_id: str, name: str) -> None:
         """Cancel a cloud job, wait for its report, forget its files."""
@@ -432,22 +461,15 @@ class Bench:
             t_push = time.monotonic()
             self.sim.push_print(k.serial, job_id, job_name="bench",
                                 gcode_url=url)
-            sub.wait_for(lambda s, j=job_id: s["print_stats"]["state"]
-                         == "printing" and s["print_stats"][
-                             "filename"].endswith("_polar-%s.gcode" % j), 120)
-            lat, transitions, _ready = probe_stats(k)
-            sub.close()
-            t_req = min(t for t, n in self.bed.file_hits if n == name)
-            t_start = transition_time(transitions, "print_state",
-                                      r"^printing .*_polar-%s\.gcode$"
-                                      % job_id)
+            lat, t_req, t_start = self.job_timing(k, sub, job_id, name, 120)
             total.add(lat)
             self.r.paced.append({"push_to_start": t_start - t_push,
                                  "req_to_start": t_start - t_req})
             say("paced download %d: printing %.2f s after the print"
                 % (i, t_start - t_push))
             self.cancel_job(k, job_id, name)
-            self.base_window(base, "paced", lat.seconds)
+            self.base_job_window(base, "paced", content, lat.seconds,
+                                 t_start - t_push)
         self.r.lateness[("paced", "polar")] = total
 
     def outside_download(self, k: Klippy) -> None:

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import array
+import gc
 import importlib
 import importlib.util
 import json
@@ -153,6 +154,10 @@ class Host:
             if not events and self.warm_up:
                 self.pacer()
                 self.warm(self.warm_up.pop(0))
+                # What is loaded stays out of the collector's sight: a
+                # child's first full collection would otherwise touch
+                # (and copy) every page of it at once, in one unpaced call
+                gc.freeze()
     def warm(self, name: str) -> None:
         if os.path.isabs(name):
             self.code(name)
@@ -258,6 +263,7 @@ def main() -> None:
     pacing.lower_priority()
     prctl(PR_SET_NAME, b"polar_helpers")
     host = Host(control, sys.argv[2:], pacing.CpuPacer.for_this_process())
+    gc.freeze()
     say(control, "ready")
     host.serve()
 
