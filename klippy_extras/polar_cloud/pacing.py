@@ -20,6 +20,8 @@
 # encoders are fed in small blocks, paced after each (pace_pillow), its
 # resizes and transposes run in strips (resize, transpose), and the
 # imaging child also calls the pacer on a 0.5 ms wall-clock tick (tick).
+# The one thing a child cannot pace, the interpreter's own start, is paid
+# once per klippy by the helper host that forks them (helperhost.py).
 # It imports nothing from its package: a child loads it before anything
 # else.
 #
