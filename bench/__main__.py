@@ -176,6 +176,11 @@ def memory_rows(r: Results) -> list[Row]:
         rows.append(Row("klippy RSS", "after each cycle (MB)", " ".join(
             "%.1f" % (v / 1024.) for v in polar), " ".join(
             "%.1f" % (v / 1024.) for v in base), "", "", None))
+    if r.host_kb and r.host_kb[0]:
+        rows.append(Row("helper host", "klippy's child process that forks the"
+                        " helpers, after the cycles: Pss (anonymous)",
+                        "%s (%s)" % (mb(r.host_kb[0]), mb(r.host_kb[1])),
+                        "", "", "", None))
     if r.agent_rss_kb:
         rows.append(Row("peer", "a separate agent process: bare `python -c"
                         " 'import socketio, requests, cryptography'`,"

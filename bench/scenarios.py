@@ -116,6 +116,7 @@ class Results:
     rss_cycles: dict = field(default_factory=lambda: {"base": [],
                                                       "polar": []})
     rss_start: dict = field(default_factory=dict)
+    host_kb: tuple = ()     # the helper host's (Pss, anonymous), kB
     anon_end: dict = field(default_factory=dict)
     agent_anon_kb: int = 0
     activity: dict = field(default_factory=dict)
@@ -123,6 +124,26 @@ class Results:
     storm_attempts: int = 0
     snapshots: int = 0
     notes: list = field(default_factory=list)
+
+
+def helper_host_kb(klippy_pid: int) -> tuple[int, int]:
+    """(Pss, anonymous) in kB of klippy's helper host (helperhost.py, a
+    child process of klippy for its lifetime); (0, 0) without one."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % (entry,)) as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open("/proc/%s/cmdline" % (entry,), "rb") as f:
+                is_host = b"helperhost.py" in f.read()
+            if ppid != klippy_pid or not is_host:
+                continue
+            with open("/proc/%s/smaps_rollup" % (entry,)) as f:
+                fields = dict(line.split()[:2] for line in f
+                              if line.startswith(("Pss:", "Anonymous:")))
+            return int(fields["Pss:"]), int(fields["Anonymous:"])
+        except (OSError, ValueError, IndexError, KeyError):
+            continue
+    return 0, 0
 
 
 def say(text: str) -> None:
@@ -698,6 +719,8 @@ class Bench:
                 sub.close()
             self.r.rss_cycles[who].append(rss_kb(k.pid))
             self.r.anon_end[who] = anon_kb(k.pid)
+            if who == "polar":
+                self.r.host_kb = helper_host_kb(k.pid)
             say("%s: cycle %d RSS %d kB" % (who, c + 1,
                                             self.r.rss_cycles[who][-1]))
         if who == "polar":

@@ -5,9 +5,9 @@
 # its first line could pace anything; under a CPU quota shared with klippy
 # that made klippy's reactor up to 10 ms late at each snapshot and
 # download.  The host pays that start once, when the session starts, then
-# loads (paced) what the helpers import and compiles their scripts; a
-# helper is then a fork that runs its script from the first instruction,
-# paced by the script itself.
+# loads (paced) the small modules every helper imports and compiles their
+# scripts; a helper is then a fork that runs its script from the first
+# instruction, paced by the script itself.
 #
 # children.HelperHost starts it as `python -I helperhost.py FD SCRIPT...`,
 # FD one end of a SOCK_SEQPACKET socket pair.  Each message on it is a
@@ -38,10 +38,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_HEADER = 65536
 MAX_FDS = 4
-PRELOAD = ("base64", "ctypes", "dataclasses", "hashlib", "http.client",
-           "io", "json", "logging", "math", "shutil", "ssl", "struct",
-           "tempfile", "types", "urllib.parse", "warnings", "zlib",
-           "PIL.Image", "PIL.ImageFile", "PIL.JpegImagePlugin")
+# Small and used by every helper (about 5 MB in all with the interpreter);
+# ssl, http.client, Pillow and cryptography would be 11 MB more, resident
+# for klippy's lifetime: each helper imports those itself, paced
+PRELOAD = ("base64", "ctypes", "io", "json", "math", "selectors", "socket",
+           "struct", "types", "warnings", "zlib")
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 
 
@@ -164,7 +165,7 @@ class Host:
             return
         try:
             importlib.import_module(name)
-        except Exception:   # Pillow missing: imaging.py says so itself
+        except Exception:   # the helper that needs it says so itself
             pass
     def code(self, path: str):
         """A script compiled once (klippy's helpers are compiled while
