@@ -134,26 +134,27 @@ class HelperHost:
         """Fork script in the host: (the task's socket, the child's stdout,
         its stderr).  Raises ChildError."""
         for attempt in (1, 2):
+            with self.lock:
+                self._ensure()      # raises before anything is opened
+                control = self.control
+                header = json.dumps({
+                    "script": os.path.abspath(script), "args": args,
+                    "cwd": cwd, "env": self._env_changes()}).encode()
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             task, theirs = socket.socketpair()
             fds = array.array("i", [stdin, out_w, err_w, theirs.fileno()])
             try:
-                with self.lock:
-                    self._ensure()
-                    header = json.dumps({
-                        "script": os.path.abspath(script), "args": args,
-                        "cwd": cwd, "env": self._env_changes()}).encode()
-                    self.control.sendmsg(
-                        [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    fds)])
+                control.sendmsg([header], [(socket.SOL_SOCKET,
+                                            socket.SCM_RIGHTS, fds)])
                 return task, out_r, err_r
             except OSError as e:
                 for fd in (out_r, err_r):
                     os.close(fd)
                 task.close()
                 with self.lock:
-                    self._forget()
+                    if self.control is control:
+                        self._forget()
                 if attempt == 2:
                     raise ChildError("the helper host: %s"
                                      % (e.strerror or e,)) from None

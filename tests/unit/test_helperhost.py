@@ -136,3 +136,20 @@ def test_an_unknown_script_is_refused(host, tmp_path):
     kids = children.Children(threading.Event(), h)
     with pytest.raises(children.ChildError, match="no such helper"):
         kids.run_helper(str(tmp_path / "missing.py"), [], 30.)
+
+
+def test_a_host_that_cannot_start_costs_nothing_each_time(tmp_path,
+                                                          monkeypatch):
+    """A host that dies at once (a broken install): every helper asked
+    for gets a clear error, and no descriptor is left behind each time."""
+    broken = tmp_path / "helperhost.py"
+    broken.write_text("import sys\nsys.stderr.write('broken host\\n')\n"
+                      "sys.exit(1)\n")
+    monkeypatch.setattr(children, "HOST_SCRIPT", str(broken))
+    host = children.HelperHost([])
+    kids = children.Children(threading.Event(), host)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(children.ChildError, match="broken host"):
+            kids.run_helper(str(tmp_path / "any.py"), [], 30.)
+    assert len(os.listdir("/proc/self/fd")) == before
