@@ -44,6 +44,7 @@ from bench.harness import (
 )
 from tests.testbed.camera_server import noisy_jpeg
 from tests.testbed.gcode_files import demo_print
+from tests.testbed.helpers import helper_hosts, process_table
 from tests.testbed.klippy import FLAVOURS, REPO, Klippy
 
 MB = 1024 * 1024
@@ -129,19 +130,13 @@ class Results:
 def helper_host_kb(klippy_pid: int) -> tuple[int, int]:
     """(Pss, anonymous) in kB of klippy's helper host (helperhost.py, a
     child process of klippy for its lifetime); (0, 0) without one."""
-    for entry in os.listdir("/proc"):
+    for pid in helper_hosts(klippy_pid, process_table()):
         try:
-            with open("/proc/%s/stat" % (entry,)) as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            with open("/proc/%s/cmdline" % (entry,), "rb") as f:
-                is_host = b"helperhost.py" in f.read()
-            if ppid != klippy_pid or not is_host:
-                continue
-            with open("/proc/%s/smaps_rollup" % (entry,)) as f:
+            with open("/proc/%d/smaps_rollup" % (pid,)) as f:
                 fields = dict(line.split()[:2] for line in f
                               if line.startswith(("Pss:", "Anonymous:")))
             return int(fields["Pss:"]), int(fields["Anonymous:"])
-        except (OSError, ValueError, IndexError, KeyError):
+        except (OSError, ValueError, KeyError):
             continue
     return 0, 0
 

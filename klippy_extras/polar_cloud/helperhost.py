@@ -91,11 +91,11 @@ def run_child(host: int, path: str, code, header: dict,
         os._exit(1)
     name = "polar_" + os.path.basename(path)[:-3]
     prctl(PR_SET_NAME, name[:15].encode())
-    for name, value in (header.get("env") or {}).items():
+    for key, value in (header.get("env") or {}).items():
         if value is None:
-            os.environ.pop(name, None)
+            os.environ.pop(key, None)
         else:
-            os.environ[name] = value
+            os.environ[key] = value
     if header.get("cwd"):
         os.chdir(header["cwd"])
     sys.argv = [path] + [str(a) for a in header.get("args", [])]

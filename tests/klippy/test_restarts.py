@@ -33,6 +33,8 @@ from tests.testbed.helpers import (
     polar_lines,
     poll_until,
     proc_stats,
+    process_table,
+    runs,
     send_marker,
     settle,
     thread_names,
@@ -463,22 +465,6 @@ HELPER_SCRIPTS = ("helperhost.py", "imaging.py", "keyhelper.py",
                   "fetcher.py")
 
 
-def cmdline(pid: str) -> list[str]:
-    try:
-        with open("/proc/%s/cmdline" % (pid,), "rb") as f:
-            return f.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
-
-
-def parent(pid: str) -> str:
-    try:
-        with open("/proc/%s/stat" % (pid,)) as f:
-            return f.read().rpartition(")")[2].split()[1]
-    except (OSError, IndexError):
-        return ""
-
-
 def polar_children() -> list[str]:
     """This checkout's helper processes (the helper host and the key,
     image and download children it forks) that outlived their klippy:
@@ -486,20 +472,17 @@ def polar_children() -> list[str]:
     not a helper host), they were reparented.  Other checkouts' tests on
     the same machine are not counted."""
     ours = os.path.join(str(REPO), "")
+    procs = process_table()
     found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        args = cmdline(pid)
+    for pid, proc in procs.items():
         if not any(arg.startswith(ours) and arg.endswith(HELPER_SCRIPTS)
-                   for arg in args):
+                   for arg in proc.args):
             continue
-        ppid = parent(pid)
-        parent_args = " ".join(cmdline(ppid))
-        if ppid == str(os.getpid()) or "klippy.klippy" in parent_args \
-                or "helperhost.py" in parent_args:
+        parent = procs.get(proc.ppid)
+        if proc.ppid == os.getpid() or parent is not None and (
+                runs(parent, "klippy.klippy") or runs(parent, "helperhost.py")):
             continue
-        found.append("%s %s" % (pid, " ".join(args)[:80]))
+        found.append("%d %s" % (pid, " ".join(proc.args)[:80]))
     return found
 
 

@@ -133,11 +133,17 @@ def fd_targets(pid: int) -> list[str]:
     return targets
 
 
-def children_running(pid: int, script: str) -> list[int]:
-    """The pids of the process's helper children running script
-    (fetcher.py, imaging.py, keyhelper.py: forked by its helper host,
-    named polar_<script> there; or started by it directly, ffmpeg)."""
-    procs: dict[int, tuple[int, str, bytes]] = {}
+@dataclass(frozen=True)
+class Proc:
+    ppid: int
+    comm: str           # /proc/PID/comm: a forked helper's polar_<script>
+    args: list[str]     # the command line
+
+
+def process_table() -> dict[int, Proc]:
+    """Every process readable in /proc, by pid (one that ends while we
+    look is left out)."""
+    procs: dict[int, Proc] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -145,22 +151,36 @@ def children_running(pid: int, script: str) -> list[int]:
             with open("/proc/%s/stat" % (entry,)) as f:
                 stat = f.read()
             with open("/proc/%s/cmdline" % (entry,), "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        try:
+                args = f.read().decode("utf-8", "replace").split("\0")
             ppid = int(stat.rpartition(")")[2].split()[1])
-        except (ValueError, IndexError):
+        except (OSError, ValueError, IndexError):
             continue
-        procs[int(entry)] = (ppid, comm, cmdline)
-    hosts = {p for p, (ppid, _comm, cmdline) in procs.items()
-             if ppid == pid and b"helperhost.py" in cmdline}
+        procs[int(entry)] = Proc(ppid, stat[stat.find("(") + 1:
+                                            stat.rfind(")")], args)
+    return procs
+
+
+def runs(proc: Proc, script: str) -> bool:
+    return any(script in arg for arg in proc.args)
+
+
+def helper_hosts(pid: int, procs: dict[int, Proc]) -> set[int]:
+    """The process's helper host (helperhost.py), a set of at most one."""
+    return {p for p, proc in procs.items()
+            if proc.ppid == pid and runs(proc, "helperhost.py")}
+
+
+def children_running(pid: int, script: str) -> list[int]:
+    """The pids of the process's helper children running script
+    (fetcher.py, imaging.py, keyhelper.py: forked by its helper host,
+    named polar_<script> there; or started by it directly, ffmpeg)."""
+    procs = process_table()
+    hosts = helper_hosts(pid, procs)
     forked = ("polar_" + script.removesuffix(".py"))[:15]
-    return sorted(p for p, (ppid, comm, cmdline) in procs.items()
-                  if (ppid == pid and p not in hosts
-                      and script.encode() in cmdline)
-                  or (ppid in hosts and comm == forked))
+    return sorted(p for p, proc in procs.items()
+                  if (proc.ppid == pid and p not in hosts
+                      and runs(proc, script))
+                  or (proc.ppid in hosts and proc.comm == forked))
 
 
 class StateHistory(ObjectSubscription):
