@@ -34,7 +34,8 @@ POLL = .5               # how often a wait looks at the stop event
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOST_SCRIPT = os.path.join(HERE, "helperhost.py")
 HELPERS = [os.path.join(HERE, name)
-           for name in ("fetcher.py", "imaging.py", "keyhelper.py")]
+           for name in ("fetcher.py", "imaging.py", "keyhelper.py",
+                        "uploader.py")]
 HOST_START_TIMEOUT = 30.    # a Python start on a busy Pi
 REAP_TIMEOUT = 5.           # a killed child reaped by the host
 _use_chrt = True
@@ -89,6 +90,16 @@ def _end_task(task: socket.socket) -> None:
     except OSError:
         pass
     task.close()
+
+
+def read_answer(out: bytes) -> dict:
+    """A helper's answer: its last line, a JSON object; {} for anything else."""
+    lines = out.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return result if isinstance(result, dict) else {}
 
 
 def input_file(data: bytes):

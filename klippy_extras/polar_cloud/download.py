@@ -15,7 +15,6 @@
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -36,16 +35,6 @@ FETCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 def part_name(filename: str) -> str:
     """A hidden temporary name of one download's own."""
     return ".%s.%s.part" % (filename, secrets.token_hex(4))
-
-
-def read_answer(out: bytes) -> dict:
-    """The child's one JSON line; {} for anything else."""
-    lines = out.strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        return {}
-    return result if isinstance(result, dict) else {}
 
 
 class Download:
@@ -121,7 +110,7 @@ class Download:
         except children.ChildError as e:
             raise DownloadError("download failed: cannot start it (%s)"
                                 % (e,)) from None
-        result = read_answer(out)
+        result = children.read_answer(out)
         if not result and not self._aborted():
             lines = err.strip().splitlines() or [""]
             log.warning("polar_cloud: the download process ended (exit"

@@ -26,29 +26,10 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: the package's modules load under a package name of
-    # their own, without its __init__ (klippy's side), and the package's
-    # folder stays off sys.path (its modules must not shadow the standard
-    # library's).  From its first import on, the child paces its CPU time.
-    import types
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-    _package = types.ModuleType("polar_cloud_child")
-    _package.__path__ = [HERE]
-    sys.modules[_package.__name__] = _package
-    __package__ = _package.__name__
-    from . import pacing
-    PACER = pacing.start()
-    _parent = os.getppid()
-    try:
-        # Dies with the klippy thread waiting for it, even a klippy that
-        # crashed: no download goes on that nobody will rename or remove
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)   # PDEATHSIG, SIGKILL
-    except (OSError, AttributeError, ImportError):
-        pass
-    if os.getppid() != _parent:
-        sys.exit(1)
+    # Run as a script: pacing.py, found next to it, makes it a child
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pacing
+    PACER = pacing.as_child(globals())
 else:
     PACER = None
 

@@ -258,6 +258,10 @@ def request_error(exc: Exception) -> str:
     if isinstance(exc, requests.ReadTimeout) or (
             exc.args and isinstance(exc.args[0], ReadTimeoutError)):
         return "no answer (read timeout)"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS failed%s" % (" (certificate verify failed)" if
+                                 "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                                 else "")
     if isinstance(exc, requests.ConnectionError):
         return "connection failed"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):

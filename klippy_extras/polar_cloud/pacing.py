@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+import types
 from typing import Optional
 
 QUOTA_SHARE = .25       # of the cgroup's quota, when it has one
@@ -196,6 +197,35 @@ def start(ticks: bool = False) -> CpuPacer:
     pace_imports(pacer)
     if ticks:
         tick(pacer)
+    return pacer
+
+
+CHILD_PACKAGE = "polar_cloud_child"
+
+
+def as_child(script: dict, ticks: bool = False) -> CpuPacer:
+    """For a helper script run by its path (fetcher.py, uploader.py), with
+    its globals: the folder's modules load under a package name of their
+    own, without its __init__ (klippy's side), and the folder goes off
+    sys.path (its modules must not shadow the standard library's).  The
+    child is paced from here on, and dies with the klippy thread that
+    waits for it, even a klippy that crashed."""
+    here = os.path.dirname(os.path.abspath(script["__file__"]))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    package = types.ModuleType(CHILD_PACKAGE)
+    package.__path__ = [here]
+    sys.modules[CHILD_PACKAGE] = package
+    sys.modules[CHILD_PACKAGE + ".pacing"] = sys.modules[__name__]
+    script["__package__"] = CHILD_PACKAGE
+    pacer = start(ticks)
+    parent = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)   # PDEATHSIG, SIGKILL
+    except (OSError, AttributeError, ImportError):
+        pass
+    if os.getppid() != parent:
+        sys.exit(1)
     return pacer
 
 

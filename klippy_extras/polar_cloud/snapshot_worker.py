@@ -1,19 +1,18 @@
 # One snapshot, on its own short-lived worker thread: the imaging child
 # fetches, checks, transforms and shrinks the frame (imagingchild.py), the
-# JPEG is uploaded (uploads.py), and the result goes back to the camera
-# (camera.py), which keeps the schedule and the state.
+# upload child uploads the JPEG (uploadchild.py), and the result goes
+# back to the camera (camera.py), which keeps the schedule and the state.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from . import children, imaging, imagingchild
+from . import children, imaging, imagingchild, uploadchild
 from .imagingchild import CameraError, SnapshotError, fetch_spec, run_imaging
-from .uploads import URL_EXPIRED, UploadError, UploadSlot, post_form
+from .uploads import URL_EXPIRED, UploadError, UploadSlot
 
 log = logging.getLogger("polar_cloud")
 
@@ -118,9 +117,10 @@ class SnapshotWorker:
                                 % (e,)) from None
     def _upload(self, slot: UploadSlot, image: bytes) -> int:
         try:
-            return post_form(slot, "image.jpg", io.BytesIO(image), len(image),
-                             self.camera.allow_loopback_http, self.camera.stop_event,
-                             self.camera.ca_file)
+            return uploadchild.upload(
+                self.camera.children, slot, "image.jpg",
+                self.camera.allow_loopback_http, self.camera.ca_file,
+                data=image)
         except UploadError as e:
             if e.drop_slot:
                 self.camera.drop_slot(slot)

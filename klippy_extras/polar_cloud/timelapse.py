@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import camera, children, cloud_status, protocol, render, uploads
+from . import camera, children, cloud_status, protocol, render, uploadchild, uploads
 from .frames import FrameStore, Stopped, capture
 from .options import TimelapseOptions
 from .worker import Worker, contained
@@ -342,10 +342,9 @@ class Timelapse:
         self._advance(time.monotonic())
     def _upload(self, job_id: str, path: str, slot: uploads.UploadSlot):
         try:
-            return uploads.post_file(slot, UPLOAD_NAME, path,
-                                     self.session.loopback_test_server(),
-                                     self.stop_event,
-                                     self.session.options.ca_file)
+            return uploadchild.upload(self.children, slot, UPLOAD_NAME,
+                                      self.session.loopback_test_server(),
+                                      self.session.options.ca_file, path=path)
         except uploads.UploadError as e:
             return e
     @contained()
