@@ -23,6 +23,7 @@ from bench.cgroup import CpuBudget
 from tests.testbed.camera_server import CameraServer
 from tests.testbed.klippy import REPO, Klippy, link_extra
 from tests.testbed.polarsim import PolarSim
+from tests.testbed.tlsproxy import TlsProxy, make_certs
 
 EXTRA = REPO / "klippy_extras" / "polar_cloud"
 # POLAR_BENCH_EXTRA=<dir>: measure a candidate copy of the module instead,
@@ -254,9 +255,10 @@ def dwell_gcode(ms: int = 300, count: int = 2) -> bytes:
 
 # --------------------------------------------------------------- klippys
 
-def polar_section(sim: PolarSim, cam: CameraServer | None,
+def polar_section(sim: PolarSim, cam: CameraServer | None, ca_file: str,
                   **options) -> str:
-    lines = ["[%s]" % (NAME,), "server_url: %s" % (sim.url,)]
+    lines = ["[%s]" % (NAME,), "server_url: %s" % (sim.url,),
+             "ca_file: %s" % (ca_file,)]
     if cam is None:
         lines.append("webcam_enabled: False")
     else:
@@ -301,6 +303,12 @@ class Bed:
         link_extra(FLAVOUR, PROBE, "reactor_probe")
         self.sim = PolarSim().start()
         self.sim.add_account(EMAIL, PIN)
+        # Job files and S3 over HTTPS, as the real ones: the TLS work
+        # (context, CA bundle, handshake, decryption) is part of the cost
+        certs = make_certs(self.root / "certs")
+        self.ca_file = certs["ca"]["cert"]
+        self.tls = TlsProxy(("127.0.0.1", self.sim.port), certs["good"]).start()
+        self.sim.public_url = self.tls.url
         self.cam = CameraServer().start()
         self.file_hits: list[tuple[float, str]] = []
         hit = self.sim.rec.hit
@@ -339,7 +347,7 @@ class Bed:
     def use_camera(self, on: bool) -> None:
         """The polar klippy's config (takes effect at its next start)."""
         self.polar.extra_cfg = "[reactor_probe]\n" + polar_section(
-            self.sim, self.cam if on else None)
+            self.sim, self.cam if on else None, self.ca_file)
 
     def start(self, k: Klippy) -> float:
         """Start k (simulated MCU first); return the klippy launch time."""
@@ -376,6 +384,7 @@ class Bed:
             k.stop()
         self.unconstrain()
         self.cam.stop()
+        self.tls.stop()
         self.sim.stop()
         if not self.keep:
             import shutil

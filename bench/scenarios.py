@@ -64,7 +64,7 @@ opts = options.CameraOptions(enabled=True, snapshot_url=cfg["snapshot_url"])
 done = threading.Event()
 results = []
 cam = camera.Camera(opts, True, threading.Event(),
-                    lambda r: (results.append(r), done.set()))
+                    lambda r: (results.append(r), done.set()), cfg["ca_file"])
 cam.set_slot(camera.UploadSlot("idle", "", cfg["url"], cfg["fields"],
                                time.monotonic() + 3600, 1000000,
                                "image/jpeg"))
@@ -125,6 +125,31 @@ class Results:
     storm_attempts: int = 0
     snapshots: int = 0
     notes: list = field(default_factory=list)
+    # (scenario, who) -> {"process", "reactor", thread name: ms}
+    threads: dict = field(default_factory=dict)
+
+
+def add_thread_cpu(r: Results, key: str, who: str, k: Klippy) -> None:
+    """klippy's CPU time since the probe's reset, by thread, added to
+    r.threads[(key, who)]."""
+    res = k.call("reactor_probe/cpu")
+    total = r.threads.setdefault((key, who), {})
+    for name, ms in [("process", res["process"]), ("reactor", res["reactor"])
+                     ] + sorted(res["threads"].items()):
+        if name != "MainThread":
+            total[name] = total.get(name, 0.) + ms
+
+
+def thread_notes(r: Results) -> list[str]:
+    notes = []
+    for (key, who), ms in sorted(r.threads.items()):
+        others = ", ".join("%s %.0f" % (name, v) for name, v in ms.items()
+                           if name not in ("process", "reactor") and v >= 1.)
+        notes.append("%s, %s klippy: CPU %.0f ms, of which the reactor %.0f"
+                     " (threads alive at the end: %s)" % (
+                         key, who, ms["process"], ms["reactor"],
+                         others or "none over 1 ms"))
+    return notes
 
 
 def helper_host_kb(klippy_pid: int) -> tuple[int, int]:
@@ -174,6 +199,7 @@ class Bench:
         self.idle_and_printing()
         self.polar_plain()
         self.polar_camera()
+        self.r.notes += thread_notes(self.r)
         return self.r
 
     # ---------------------------------------------------------- start-up
@@ -312,6 +338,7 @@ class Bench:
         probe_reset(base)
         time.sleep(seconds)
         lat = probe_stats(base)[0]
+        add_thread_cpu(self.r, key, "base", base)
         self.r.lateness.setdefault((key, "base"), Lateness()).add(lat)
 
     def base_job_window(self, base: Klippy, key: str, content: bytes,
@@ -331,6 +358,7 @@ class Bench:
         sub.close()
         time.sleep(max(0., seconds - (time.monotonic() - t0)))
         lat = probe_stats(base)[0]
+        add_thread_cpu(self.r, key, "base", base)
         self.r.lateness.setdefault((key, "base"), Lateness()).add(lat)
         self.end_print(base)
         path.unlink()
@@ -418,6 +446,7 @@ class Bench:
                                     gcode_url=url)
                 lat, t_req, t_start = self.job_timing(k, sub, job_id, name,
                                                       300)
+            add_thread_cpu(self.r, "download", "polar", k)
             peak = max([status_kb(k.pid, "VmHWM")] + sampler.samples)
             total.add(lat)
             self.r.download.append({
@@ -478,6 +507,7 @@ class Bench:
             self.sim.push_print(k.serial, job_id, job_name="bench",
                                 gcode_url=url)
             lat, t_req, t_start = self.job_timing(k, sub, job_id, name, 120)
+            add_thread_cpu(self.r, "paced", "polar", k)
             total.add(lat)
             self.r.paced.append({"push_to_start": t_start - t_push,
                                  "req_to_start": t_start - t_req})
@@ -498,7 +528,8 @@ class Bench:
         script = (
             "import os, sys, requests\n"
             "for _ in range(int(sys.argv[3])):\n"
-            "    with requests.get(sys.argv[1], stream=True) as r, "
+            "    with requests.get(sys.argv[1], stream=True,"
+            " verify=sys.argv[4]) as r, "
             "open(sys.argv[2], 'wb') as f:\n"
             "        for chunk in r.iter_content(64 * 1024):\n"
             "            f.write(chunk)\n"
@@ -508,7 +539,7 @@ class Bench:
         probe_reset(k)
         proc = subprocess.Popen([str(FLAVOURS["klipper"].python), "-c",
                                  script, url, str(dest),
-                                 str(self.plan.downloads)])
+                                 str(self.plan.downloads), self.bed.ca_file])
         renice(proc.pid)        # it stands for an agent on the printer host
         if proc.wait():
             raise RuntimeError("the outside download failed")
@@ -525,7 +556,8 @@ class Bench:
         form = self.sim.http.issue_form("BENCH", "idle", None, 3600,
                                         1_000_000, "image/jpeg")
         cfg = {"snapshot_url": self.bed.cam.snapshot_url,
-               "url": self.sim.url + "/upload", "fields": form.fields,
+               "url": self.bed.tls.url + "/upload", "fields": form.fields,
+               "ca_file": self.bed.ca_file,
                "seconds": self.durations["snapshot"], "rate": SNAPSHOT_RATE}
         say("base: %.0f s of snapshots by a separate process"
             % (cfg["seconds"],))
@@ -645,6 +677,7 @@ class Bench:
                     time.sleep(max(0., span[0] + 1. / SNAPSHOT_RATE
                                    - time.monotonic()))
             lat = probe_stats(k)[0]
+            add_thread_cpu(self.r, "snapshot", "polar", k)
             during.add(lat.within(mine))
             spans += mine
             self.base_window(base, "snapshot", lat.seconds)

@@ -20,6 +20,10 @@ Webhooks endpoints (the bench reads them through klippy's API socket):
                            reactor, when it looks idle),
                            "transitions": [[mono, what, value], ...]}
     reactor_probe/reset   start a new window (samples and transitions)
+    reactor_probe/cpu     klippy's CPU time since the last reset, in ms:
+                          {"process", "reactor" (this thread), "threads":
+                          {name: ms} of the threads alive now (a thread
+                          that ended is in "process" only)}
 
 Imports nothing from klippy, so it loads in every flavour.  Not part of the
 product: only bench/ links it into klippy.
@@ -30,10 +34,28 @@ from __future__ import annotations
 import array
 import base64
 import gc
+import os
+import threading
 import time
 
 MAX_SAMPLES = 2_000_000     # about 2.7 hours at 5 ms
 MAX_TRANSITIONS = 100_000
+
+
+def thread_cpu() -> dict:
+    """CPU time (ns) of each thread of this process alive now, by the
+    thread's name (C threads, klippy's serial queue: by their id)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/schedstat" % (tid,)) as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        name = names.get(int(tid), "C thread")
+        out[name] = out.get(name, 0) + ns
+    return out
 
 
 class ReactorProbe:
@@ -61,6 +83,12 @@ class ReactorProbe:
         webhooks = self.printer.lookup_object("webhooks")
         webhooks.register_endpoint("reactor_probe/stats", self._handle_stats)
         webhooks.register_endpoint("reactor_probe/reset", self._handle_reset)
+        webhooks.register_endpoint("reactor_probe/cpu", self._handle_cpu)
+        self.cpu_start = self._cpu()
+
+    @staticmethod
+    def _cpu():
+        return time.process_time(), time.thread_time(), thread_cpu()
 
     def _handle_ready(self):
         self.ready_mono = time.monotonic()
@@ -117,7 +145,17 @@ class ReactorProbe:
             "transitions": list(self.transitions),
             "gc": list(self.gc_runs)})
 
+    def _handle_cpu(self, web_request):
+        process, reactor, threads = self._cpu()
+        process0, reactor0, threads0 = self.cpu_start
+        web_request.send({
+            "process": (process - process0) * 1e3,
+            "reactor": (reactor - reactor0) * 1e3,
+            "threads": {name: (ns - threads0.get(name, 0)) / 1e6
+                        for name, ns in threads.items()}})
+
     def _handle_reset(self, web_request):
+        self.cpu_start = self._cpu()
         self.samples = array.array("f")
         self.times = array.array("d")
         self.transitions = []
