@@ -474,6 +474,12 @@ class Bench:
         t_start = transition_time(transitions, "print_state",
                                   r"^printing .*_polar-%s\.gcode$"
                                   % job_id)
+        worst = sorted(zip(lat.samples, lat.due), reverse=True)[:3]
+        self.r.notes.append(
+            "job %s: the latest reactor ticks %s, in seconds from the file"
+            " request (printing at %+.2f s)" % (
+                job_id, ", ".join("%.1f ms at %+.2f" % (ms, due - t_req)
+                                  for ms, due in worst), t_start - t_req))
         return lat, t_req, t_start
 
     def cancel_job(self, k: Klippy, job_id: str, name: str) -> None:

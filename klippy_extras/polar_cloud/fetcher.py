@@ -190,7 +190,8 @@ class Fetch:
         https = parts.scheme == "https"
         options = {}
         if https:
-            options["context"] = netpolicy.tls_context(self.req.ca_file)
+            options["context"] = netpolicy.tls_context(self.req.ca_file,
+                                                       self.pace)
         port = parts.port or DEFAULT_PORTS[parts.scheme]
         if proxy is None:
             return _connection_class(https)(

@@ -42,7 +42,10 @@ MAX_FDS = 4
 # ssl, http.client, Pillow and cryptography would be 11 MB more, resident
 # for klippy's lifetime: each helper imports those itself, paced
 PRELOAD = ("base64", "ctypes", "io", "json", "math", "selectors", "socket",
-           "struct", "types", "warnings", "zlib")
+           "struct", "types", "warnings", "zlib",
+           # OpenSSL's libraries and their start: one call into C each (6
+           # and 3 ms of CPU) that no pacer could cut, paid once here
+           "_hashlib", "_ssl")
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 
 

@@ -26,7 +26,9 @@ if __name__ == "__main__" and not __package__:
     # Run as a script: pacing.py, found next to it, makes it a child
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import pacing
-    pacing.as_child(globals(), ticks=True)
+    PACER = pacing.as_child(globals(), ticks=True)
+else:
+    PACER = None
 
 import io  # noqa: E402
 import json  # noqa: E402
@@ -48,7 +50,8 @@ def request(slot: UploadSlot, filename: str, size: int,
 
 def _upload(header: dict, stdin: BinaryIO) -> int:
     slot = UploadSlot(**header["slot"])
-    args = (header["allow_loopback"], threading.Event(), header["ca_file"])
+    args = (header["allow_loopback"], threading.Event(), header["ca_file"],
+            PACER)
     if header["path"]:
         return post_file(slot, header["filename"], header["path"], *args)
     data = stdin.read(header["size"])

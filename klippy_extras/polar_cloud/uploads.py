@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 from . import imaging, inbound, netpolicy, protocol
 from .netpolicy import check_resolved, check_url
@@ -184,9 +184,11 @@ class FormBody:
 
 def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
               allow_loopback: bool, stop: threading.Event,
-              ca_file: str = "") -> int:
+              ca_file: str = "", pace: Optional[Callable[[], None]] = None,
+              ) -> int:
     """POST fileobj (size bytes) to the slot's URL as an S3 POST-policy
-    form; the HTTP status on success, else UploadError."""
+    form; the HTTP status on success, else UploadError.  pace: the upload
+    child's pacer, for its TLS context (netpolicy.tls_context)."""
     import requests
     if stop.is_set():
         raise UploadError("stopped", counts=False)
@@ -210,7 +212,9 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
     body = FormBody(slot.fields, filename, slot.content_type, fileobj, size,
                     stop)
     try:
-        with netpolicy.requests_session(proxy, ca_file) as http:
+        with netpolicy.requests_session(
+                proxy, ca_file,
+                pace if slot.url.startswith("https:") else None) as http:
             resp = http.post(slot.url, data=body, headers={
                 "Content-Type": body.content_type()},
                 timeout=UPLOAD_TIMEOUT, allow_redirects=False, stream=True)
@@ -241,7 +245,8 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
 
 def post_file(slot: UploadSlot, filename: str, path: str,
               allow_loopback: bool, stop: threading.Event,
-              ca_file: str = "") -> int:
+              ca_file: str = "", pace: Optional[Callable[[], None]] = None,
+              ) -> int:
     """post_form for a file on disk, streamed from it."""
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below)
@@ -251,4 +256,4 @@ def post_file(slot: UploadSlot, filename: str, path: str,
     with f:
         size = os.fstat(f.fileno()).st_size
         return post_form(slot, filename, f, size, allow_loopback, stop,
-                         ca_file)
+                         ca_file, pace)

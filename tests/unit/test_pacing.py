@@ -201,3 +201,47 @@ def test_ticks_call_the_pacer_in_a_stretch_of_python():
         pacing.stop_ticks(pacer)
         signal.signal(signal.SIGALRM, before)
     assert pacer.calls >= 10        # about 100
+
+
+def test_the_share_gives_way_while_the_group_is_throttled(
+        tmp_path, monkeypatch, clock):
+    fake_cgroup(tmp_path, monkeypatch, "0::/klipper\n",
+                {"klipper/cpu.max": "1500 5000",
+                 "klipper/cpu.stat": "nr_periods 10\nnr_throttled 2\n"})
+    stat = tmp_path / "cgroup" / "klipper" / "cpu.stat"
+    pacer = pacing.CpuPacer.for_this_process()
+    full = pacer.share
+    assert full == pytest.approx(.3 * pacing.QUOTA_SHARE)
+
+    def look(throttled: int) -> float:
+        stat.write_text("nr_periods 99\nnr_throttled %d\n" % (throttled,))
+        clock.wall += pacing.LOOK_EVERY
+        pacer()
+        return pacer.share
+    assert look(3) == pytest.approx(max(full / 2, full * pacing.MIN_SHARE))
+    for n in range(4, 20):
+        look(n)
+    assert pacer.share == pytest.approx(full * pacing.MIN_SHARE)
+    assert look(19) == pytest.approx(full * (pacing.MIN_SHARE
+                                             + pacing.GROWTH))
+    # Not read again before LOOK_EVERY has passed
+    stat.write_text("nr_throttled 50\n")
+    pacer()
+    assert pacer.share == pytest.approx(full * (pacing.MIN_SHARE
+                                                + pacing.GROWTH))
+    for _ in range(100):
+        look(50)
+    assert pacer.share == pytest.approx(full)
+
+
+def test_without_a_quota_the_share_stays(tmp_path, monkeypatch, clock):
+    fake_cgroup(tmp_path, monkeypatch, "0::/user.slice\n",
+                {"user.slice/cpu.max": "max 100000",
+                 "user.slice/cpu.stat": "nr_throttled 1\n"})
+    stat = tmp_path / "cgroup" / "user.slice" / "cpu.stat"
+    pacer = pacing.CpuPacer.for_this_process()
+    for n in range(2, 12):
+        stat.write_text("nr_throttled %d\n" % (n,))
+        clock.wall += pacing.LOOK_EVERY
+        pacer()
+    assert pacer.share == pacing.MAX_SHARE
