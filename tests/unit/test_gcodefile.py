@@ -149,6 +149,11 @@ def test_sniffer_decides_early_and_skips_thumbnails():
 ])
 def test_slicer_estimate(text, seconds):
     assert gcodefile.parse_slicer_estimate(text) == seconds
+    # Within a file: moves around it, and the same words first where they
+    # are not at a line's start (no estimate)
+    moves = "G1 X1 Y1 ; TIME: 5\n" * 2000
+    assert gcodefile.parse_slicer_estimate(
+        moves + "G1 X0 " + text + moves + text + moves) == seconds
 
 
 @pytest.mark.parametrize("text", [
