@@ -1,8 +1,9 @@
 # Upload URLs from Polar Cloud (getUrlResponse) and the S3 POST-policy
 # upload they allow: snapshots (camera.py) and timelapses (timelapse.py)
 #
-# parse_url_response is pure; post_form runs on a worker thread and
-# streams the file, so a timelapse of megabytes is never held in memory.
+# parse_url_response is pure (klippy's side); post_form runs in the upload
+# child (uploader.py) and streams the file, so a timelapse of megabytes
+# is never held in memory.
 # Presigned URLs and their policy fields are secrets: they never reach
 # the log.
 #
