@@ -34,19 +34,24 @@ import selectors
 import signal
 import socket
 import sys
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_HEADER = 65536
 MAX_FDS = 4
-# Small and used by every helper (about 5 MB in all with the interpreter);
-# ssl, http.client, Pillow and cryptography would be 11 MB more, resident
-# for klippy's lifetime: each helper imports those itself, paced
+# Small and used by every helper (about 5 MB in all with the interpreter,
+# and 2.5 MB for ssl and the CA bundle's TLS context, see Trust);
+# http.client, Pillow and cryptography would be 10 MB more, resident for
+# klippy's lifetime: each helper imports those itself, paced
 PRELOAD = ("base64", "ctypes", "io", "json", "math", "selectors", "socket",
            "struct", "types", "warnings", "zlib",
            # OpenSSL's libraries and their start: one call into C each (6
            # and 3 ms of CPU) that no pacer could cut, paid once here
-           "_hashlib", "_ssl")
+           "_hashlib", "_ssl", "ssl")
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+# netpolicy.tls_context takes the trusted CAs from here
+TRUST_MODULE = "polar_cloud_trust"
+PEM_END = "-----END CERTIFICATE-----"
 
 
 def load_pacing():
@@ -57,10 +62,15 @@ def load_pacing():
     return module
 
 
+_libc = []     # opened once, by the host: 0.3 ms a time
+
+
 def prctl(option: int, value) -> None:
     try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(option, value)
+        if not _libc:
+            import ctypes
+            _libc.append(ctypes.CDLL(None, use_errno=True).prctl)
+        _libc[0](option, value)
     except (OSError, AttributeError, ImportError):
         pass
 
@@ -129,6 +139,55 @@ def say(sock: socket.socket, text: str) -> None:
         pass
 
 
+def certifi_bundle() -> str:
+    """certifi's cacert.pem (requests' CA bundle), found without importing
+    certifi: that is importlib.resources, 13 ms and 1 MB more."""
+    spec = importlib.util.find_spec("certifi")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        path = os.path.join(folder, "cacert.pem")
+        if os.path.isfile(path):
+            return path
+    raise ImportError("certifi's cacert.pem not found")
+
+
+class Trust:
+    """certifi's CA bundle in a TLS context, loaded here a certificate at
+    a time, for every helper that speaks TLS: loading it in each was
+    about 20 ms of CPU, in calls into C of 1 to 2 ms that no pacer can
+    cut.  Forked helpers find it in sys.modules[TRUST_MODULE] (context
+    and bundle, the file it was loaded from) once it is complete."""
+
+    def __init__(self):
+        self.module = types.ModuleType(TRUST_MODULE)
+        self.module.context, self.module.bundle = None, ""
+        sys.modules[TRUST_MODULE] = self.module
+        self.context = None
+        self.pending: list[str] = []
+    def step(self) -> bool:
+        """One certificate's work; False once there is nothing left."""
+        if self.context is None:
+            try:
+                import ssl
+                bundle = certifi_bundle()
+                with open(bundle, encoding="ascii", errors="replace") as f:
+                    pem = f.read()
+            except (ImportError, OSError):
+                return False    # each helper loads what it finds itself
+            self.module.bundle = bundle
+            self.pending = [c + PEM_END for c in pem.split(PEM_END)
+                            if "-----BEGIN CERTIFICATE-----" in c]
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            return True
+        if self.pending:
+            try:
+                self.context.load_verify_locations(cadata=self.pending.pop())
+            except ValueError:
+                pass    # not a certificate after all (SSLError is one)
+            return True
+        self.module.context = self.context
+        return False
+
+
 class Host:
     def __init__(self, control: socket.socket, scripts: list[str],
                  pacer):
@@ -139,7 +198,7 @@ class Host:
         # What the helpers import, loaded here, and their scripts
         # compiled, a step at a time while the host has nothing else to
         # do (a helper wanted first does not wait): a fork starts with both
-        self.warm_up = list(PRELOAD) + scripts
+        self.warm_up: list = list(PRELOAD) + scripts + [Trust().step]
         self.selector = selectors.DefaultSelector()
         self.running: dict[int, socket.socket] = {}
         self.wakeup_r, wakeup_w = os.pipe()
@@ -157,19 +216,25 @@ class Host:
                 key.data(key.fileobj)
             if not events and self.warm_up:
                 self.pacer()
-                self.warm(self.warm_up.pop(0))
+                if not self.warm(self.warm_up[0]):
+                    self.warm_up.pop(0)
                 # What is loaded stays out of the collector's sight: a
                 # child's first full collection would otherwise touch
                 # (and copy) every page of it at once, in one unpaced call
                 gc.freeze()
-    def warm(self, name: str) -> None:
-        if os.path.isabs(name):
-            self.code(name)
-            return
+    def warm(self, step) -> bool:
+        """One step of the warm-up: a module, a script or a function; True
+        if that step wants another turn."""
+        if callable(step):
+            return step()
+        if os.path.isabs(step):
+            self.code(step)
+            return False
         try:
-            importlib.import_module(name)
+            importlib.import_module(step)
         except Exception:   # the helper that needs it says so itself
             pass
+        return False
     def code(self, path: str):
         """A script compiled once (klippy's helpers are compiled while
         idle; a test's scripts when asked for)."""
@@ -266,7 +331,9 @@ def main() -> None:
     pacing = load_pacing()
     pacing.lower_priority()
     prctl(PR_SET_NAME, b"polar_helpers")
-    host = Host(control, sys.argv[2:], pacing.CpuPacer.for_this_process())
+    pacer = pacing.CpuPacer.for_this_process()
+    pacing.pace_imports(pacer)
+    host = Host(control, sys.argv[2:], pacer)
     gc.freeze()
     say(control, "ready")
     host.serve()

@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Callable, Optional
 
-from . import netpolicy
+from . import netpolicy, tlstrust
 from .httpget import get_body
 
 log = logging.getLogger("polar_cloud")
@@ -55,7 +55,7 @@ def matching(makes: list[str], text: str) -> list[str]:
 def fetch(url: str, machine_type: str, ca_file: str = "") -> list[str]:
     """On a helper thread: the list, or an exception.  Through the proxy
     netpolicy names, trusting ca_file besides the usual CAs."""
-    with netpolicy.requests_session(netpolicy.proxy_for(url),
+    with tlstrust.requests_session(netpolicy.proxy_for(url),
                                     ca_file) as http:
         body = get_body(http, url, TIMEOUT, MAX_BYTES, "the answer",
                         params={"filter": machine_type.lower()},

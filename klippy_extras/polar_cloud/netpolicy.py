@@ -1,4 +1,4 @@
-# How the module reaches the network: proxies and the certificates trusted
+# How the module reaches the network: proxies, and the URLs it accepts
 #
 # Schools and companies often let the internet through an HTTP proxy
 # only, set for services in the environment as HTTPS_PROXY (and
@@ -23,11 +23,10 @@ import ipaddress
 import logging
 import re
 import socket
-import ssl
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 DEFAULT_PROXY_PORT = 80
 # Names a proxy cannot know: this host and the LAN's multicast DNS
@@ -213,76 +212,6 @@ def proxy_failure(host: str, proxy: Proxy, exc: BaseException) -> str:
     """The error text for a connection through a proxy."""
     return "cannot reach %s through proxy %s: %s" % (
         host, proxy.shown, failure_reason(exc) or exc.__class__.__name__)
-
-
-# Certificates
-
-PEM_CERT_RE = re.compile(
-    r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-CERTS_AT_ONCE = 4
-
-
-def default_ca_certs() -> str:
-    """requests' CA bundle (certifi's), without importing requests."""
-    try:
-        import certifi
-    except ImportError:
-        from requests.certs import where
-        return where()
-    return certifi.where()
-
-
-def tls_context(ca_file: str = "",
-                pace: Optional[Callable[[], None]] = None) -> ssl.SSLContext:
-    """Verifying TLS for downloads and uploads: the usual CA bundle, and
-    the CAs in ca_file too (a private cloud, a TLS-inspecting proxy).
-
-    With pace (a helper child's pacer) the CAs are loaded a few at a
-    time, paced between: the bundle at once is about 20 ms of CPU in one
-    call, which under a CPU quota is klippy's share of several periods."""
-    if pace is None:
-        ctx = ssl.create_default_context(cafile=default_ca_certs())
-        if ca_file:
-            ctx.load_verify_locations(cafile=ca_file)
-        return ctx
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)     # verifies host and chain
-    for path in filter(None, (default_ca_certs(), ca_file)):
-        with open(path, encoding="ascii", errors="replace") as f:
-            certs = PEM_CERT_RE.findall(f.read())
-        if not certs:           # its own error, or DER
-            ctx.load_verify_locations(cafile=path)
-        for i in range(0, len(certs), CERTS_AT_ONCE):
-            ctx.load_verify_locations(
-                cadata="\n".join(certs[i:i + CERTS_AT_ONCE]))
-            pace()
-    return ctx
-
-
-def requests_session(proxy: Optional[Proxy], ca_file: str = "",
-                     pace: Optional[Callable[[], None]] = None):
-    """A requests Session that goes through proxy (or directly: the
-    environment is not read again) and trusts ca_file besides the usual
-    CAs; with pace, its TLS context is made paced (tls_context)."""
-    import requests
-    from requests.adapters import HTTPAdapter
-
-    class TrustingAdapter(HTTPAdapter):
-        # requests' documented way to verify with an SSLContext of one's own
-        context = tls_context(ca_file, pace) if ca_file or pace else None
-        def build_connection_pool_key_attributes(self, request, verify,
-                                                 cert=None):
-            host, pool = super().build_connection_pool_key_attributes(
-                request, verify, cert)
-            pool["ssl_context"] = self.context
-            return host, pool
-
-    http_session = requests.Session()
-    http_session.trust_env = False
-    if proxy is not None:
-        http_session.proxies = {"http": proxy.url, "https": proxy.url}
-    if ca_file or pace:
-        http_session.mount("https://", TrustingAdapter())
-    return http_session
 
 
 # URLs the cloud sends: downloads and uploads

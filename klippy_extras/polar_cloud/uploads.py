@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Optional
 
-from . import imaging, inbound, netpolicy, protocol
+from . import imaging, inbound, netpolicy, protocol, tlstrust
 from .netpolicy import check_resolved, check_url
 
 KINDS = ("idle", "printing", "timelapse")
@@ -189,7 +189,7 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
               ) -> int:
     """POST fileobj (size bytes) to the slot's URL as an S3 POST-policy
     form; the HTTP status on success, else UploadError.  pace: the upload
-    child's pacer, for its TLS context (netpolicy.tls_context)."""
+    child's pacer, for its TLS context (tlstrust.tls_context)."""
     import requests
     if stop.is_set():
         raise UploadError("stopped", counts=False)
@@ -213,7 +213,7 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
     body = FormBody(slot.fields, filename, slot.content_type, fileobj, size,
                     stop)
     try:
-        with netpolicy.requests_session(
+        with tlstrust.requests_session(
                 proxy, ca_file,
                 pace if slot.url.startswith("https:") else None) as http:
             resp = http.post(slot.url, data=body, headers={

@@ -21,6 +21,10 @@ elif what == "fds":
           len(os.listdir("/proc/self/fd")))
 elif what == "sched":
     print(os.sched_getscheduler(0), os.getpriority(0, 0))
+elif what == "trust":
+    trust = sys.modules.get("polar_cloud_trust")
+    if trust is not None and trust.context is not None:
+        print(len(trust.context.get_ca_certs()), trust.bundle)
 elif what == "fail":
     sys.stderr.write("broken\\n")
     sys.exit(3)
@@ -69,6 +73,19 @@ def test_helpers_run_at_idle_priority(host):
     _code, out, _err = run(host, "sched")
     policy, nice = out.split()
     assert int(policy) == getattr(os, "SCHED_IDLE", -1) or int(nice) == 19
+
+
+def test_helpers_get_the_ca_bundle_loaded_once_by_the_host(host):
+    from klippy_extras.polar_cloud import tlstrust
+    found = []
+
+    def loaded():
+        _code, out, _err = run(host, "trust")
+        found[:] = out.decode().split()
+        return found
+    # The host loads it a certificate at a time while it has nothing to do
+    poll_until(loaded, timeout=30)
+    assert int(found[0]) > 50 and found[1] == tlstrust.default_ca_certs()
 
 
 def test_the_time_limit_kills_the_helper(host):

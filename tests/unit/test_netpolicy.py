@@ -2,13 +2,10 @@
 send for downloads and uploads, and signed URLs kept out of the logs."""
 import logging
 import socket
-import ssl
 
 import pytest
 
 from klippy_extras.polar_cloud import netpolicy
-from tests.testbed.fileserver import FileServer
-from tests.testbed.tlsproxy import make_certs
 
 
 @pytest.mark.parametrize("url,loopback_ok,ok", [
@@ -76,24 +73,3 @@ def test_signed_url_queries_stay_out_of_urllib3_log_lines(caplog):
         logger.debug('"GET %s HTTP/1.1" 200', "/x.gcode?X-Amz-Signature=s3cr3t")
     assert "s3cr3t" not in caplog.text
     assert "/x.gcode?..." in caplog.text
-
-
-def test_a_paced_tls_context_trusts_the_same_cas(tmp_path_factory):
-    certs = make_certs(tmp_path_factory.mktemp("certs"))
-    calls = []
-    paced = netpolicy.tls_context(certs["ca"]["cert"], lambda: calls.append(1))
-    whole = netpolicy.tls_context(certs["ca"]["cert"])
-    names = [{c["serialNumber"] for c in ctx.get_ca_certs()}
-             for ctx in (paced, whole)]
-    assert names[0] == names[1] and len(names[0]) > 50
-    # A few certificates at a time, the pacer called after each few
-    assert len(calls) >= len(names[0]) // netpolicy.CERTS_AT_ONCE
-    assert paced.verify_mode == ssl.CERT_REQUIRED and paced.check_hostname
-    with FileServer(b"ok", cert=certs["good"]) as srv, \
-            socket.create_connection(("127.0.0.1", srv.port)) as raw, \
-            paced.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        assert tls.version()
-    not_pem = tmp_path_factory.mktemp("bad") / "ca.pem"
-    not_pem.write_text("no certificate here\n")
-    with pytest.raises(ssl.SSLError):
-        netpolicy.tls_context(str(not_pem), lambda: None)
