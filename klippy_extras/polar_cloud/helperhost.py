@@ -190,10 +190,11 @@ class Trust:
 
 class Host:
     def __init__(self, control: socket.socket, scripts: list[str],
-                 pacer):
+                 pacer, paced_imports=None):
         self.control = control
         self.host_pid = os.getpid()
         self.pacer = pacer
+        self.paced_imports = paced_imports
         self.codes: dict[tuple, object] = {}
         # What the helpers import, loaded here, and their scripts
         # compiled, a step at a time while the host has nothing else to
@@ -276,6 +277,11 @@ class Host:
         pid = os.fork()
         if pid == 0:
             try:
+                # A child paces itself: the host's pacer, called at the
+                # child's imports, would count all the child's CPU since
+                # its last call (a download's: a pause of minutes)
+                if self.paced_imports in sys.meta_path:
+                    sys.meta_path.remove(self.paced_imports)
                 run_child(self.host_pid, path, code, header, fds)
             finally:
                 os._exit(70)
@@ -332,8 +338,7 @@ def main() -> None:
     pacing.lower_priority()
     prctl(PR_SET_NAME, b"polar_helpers")
     pacer = pacing.CpuPacer.for_this_process()
-    pacing.pace_imports(pacer)
-    host = Host(control, sys.argv[2:], pacer)
+    host = Host(control, sys.argv[2:], pacer, pacing.pace_imports(pacer))
     gc.freeze()
     say(control, "ready")
     host.serve()

@@ -209,8 +209,10 @@ class PacedImports:
         return None
 
 
-def pace_imports(pacer: CpuPacer) -> None:
-    sys.meta_path.insert(0, PacedImports(pacer))
+def pace_imports(pacer: CpuPacer) -> PacedImports:
+    finder = PacedImports(pacer)
+    sys.meta_path.insert(0, finder)
+    return finder
 
 
 def tick(pacer: CpuPacer, interval: float = TICK) -> None:

@@ -21,6 +21,9 @@ elif what == "fds":
           len(os.listdir("/proc/self/fd")))
 elif what == "sched":
     print(os.sched_getscheduler(0), os.getpriority(0, 0))
+elif what == "finders":
+    print(" ".join(getattr(f, "__name__", type(f).__name__)
+                   for f in sys.meta_path))
 elif what == "trust":
     trust = sys.modules.get("polar_cloud_trust")
     if trust is not None and trust.context is not None:
@@ -73,6 +76,13 @@ def test_helpers_run_at_idle_priority(host):
     _code, out, _err = run(host, "sched")
     policy, nice = out.split()
     assert int(policy) == getattr(os, "SCHED_IDLE", -1) or int(nice) == 19
+
+
+def test_the_hosts_import_pacer_stays_in_the_host(host):
+    # It would count the child's CPU since its last call: a download's
+    # first import after the transfer paused it for minutes
+    _code, out, _err = run(host, "finders")
+    assert "PacedImports" not in out.decode() and "PathFinder" in out.decode()
 
 
 def test_helpers_get_the_ca_bundle_loaded_once_by_the_host(host):
