@@ -35,17 +35,15 @@ if __name__ == "__main__" and not __package__:
 else:
     PACER = None
 
-import base64  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
-from . import netpolicy, tlstrust  # noqa: E402
+from . import netpolicy, pinned, tlstrust  # noqa: E402
 from .gcodefile import UTF8_BOM, GcodeSniffer  # noqa: E402
 
 if PACER is not None:
@@ -58,7 +56,6 @@ CHUNK = 64 * 1024
 # needs more than this (bench/: 200 MB at 300 MB/s added 2-3 ms to the
 # reactor's p99 lateness, at 64 MB/s nothing measurable)
 MAX_RATE = 64 * 1024 * 1024
-CONNECT_TIMEOUT = 15.
 READ_TIMEOUT = 30.
 MAX_REDIRECTS = 3
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
@@ -66,8 +63,6 @@ FREE_SPACE_MARGIN = 64 * 1024 * 1024
 # bytes
 SYNC_EVERY = 16 * CHUNK
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-DEFAULT_PORTS = {"http": 80, "https": 443}
-Address = netpolicy.Address
 
 
 class DownloadError(Exception):
@@ -103,56 +98,6 @@ class Request:
         return req
 
 
-def connect(addresses: list[Address], timeout: float) -> socket.socket:
-    """A connection to the first of the checked addresses that answers."""
-    error: OSError = OSError("no address to connect to")
-    for family, sockaddr in addresses:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as e:
-            sock.close()
-            error = e
-        except BaseException:
-            sock.close()
-            raise
-    raise error
-
-
-def _connection_class(https: bool):
-    """http.client connections to the checked addresses only: the
-    destination's, or the proxy's with a CONNECT tunnel through it
-    (imported late: klippy loads this module too, for its types)."""
-    import http.client
-
-    base = http.client.HTTPSConnection if https else http.client.HTTPConnection
-
-    class PinnedConnection(base):
-        # The name stays the host (directly) or the tunnel's host: the
-        # Host header, SNI and the certificate check use it; only the
-        # peer address is pinned
-        def __init__(self, host, port, addresses, **kw):
-            super().__init__(host, port, timeout=CONNECT_TIMEOUT, **kw)
-            self.addresses = addresses
-            self.reached = False        # the destination, not the proxy
-        def connect(self):
-            self.sock = connect(self.addresses, CONNECT_TIMEOUT)
-            if self._tunnel_host:
-                self._tunnel()
-            self.reached = True
-            if https:
-                self.sock = self._context.wrap_socket(
-                    self.sock, server_hostname=self._tunnel_host or self.host)
-            self.sock.settimeout(READ_TIMEOUT)
-    return PinnedConnection
-
-
-def _request_target(parts: urllib.parse.SplitResult) -> str:
-    return (parts.path or "/") + ("?" + parts.query if parts.query else "")
-
-
 class Fetch:
     """One download into the request's temporary file, on the child's
     only thread.  Failures raise DownloadError and remove the file."""
@@ -171,46 +116,17 @@ class Fetch:
             except OSError:
                 pass
             raise
-    def _checked_addresses(self, host: str, port: int) -> list[Address]:
-        """One lookup, every address checked: the download connects to
-        these only, never to a second lookup's answer (DNS rebinding)."""
-        try:
-            addresses = netpolicy.resolve(host, port)
-        except OSError as e:
-            raise DownloadError("cannot resolve %s: %s" % (host, e)) from e
-        problem = netpolicy.refused_address(addresses, self.req.allow_loopback)
-        if problem:
-            raise DownloadError("refused download URL: %s" % (problem,))
-        return addresses
-    def _proxy_addresses(self, host: str,
-                         proxy: netpolicy.Proxy) -> list[Address]:
-        """The proxy's addresses (the administrator's choice: a LAN address
-        is fine), from one lookup."""
-        try:
-            return netpolicy.resolve(proxy.host, proxy.port)
-        except OSError as e:
-            raise DownloadError(netpolicy.proxy_failure(host, proxy, e)) \
-                from e
     def _connection(self, parts: urllib.parse.SplitResult,
                     proxy: Optional[netpolicy.Proxy]):
-        https = parts.scheme == "https"
-        options = {}
-        if https:
-            options["context"] = tlstrust.tls_context(self.req.ca_file,
-                                                       self.pace)
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-        if proxy is None:
-            return _connection_class(https)(
-                parts.hostname, port,
-                self._checked_addresses(parts.hostname, port), **options)
-        conn = _connection_class(https)(
-            proxy.host, proxy.port,
-            self._proxy_addresses(parts.hostname, proxy), **options)
-        auth = proxy.basic_auth()
-        conn.set_tunnel(parts.hostname, port, headers={
-            "Proxy-Authorization": "Basic " + base64.b64encode(
-                auth.encode("utf-8")).decode("ascii")} if auth else None)
-        return conn
+        context = None
+        if parts.scheme == "https":
+            context = tlstrust.tls_context(self.req.ca_file, self.pace)
+        try:
+            return pinned.connection(parts, proxy, self.req.allow_loopback,
+                                     context, READ_TIMEOUT)
+        except pinned.Unreachable as e:
+            raise DownloadError("refused download URL: %s" % (e,)
+                                if e.refused else str(e)) from e
     def _request(self, url: str):
         """One GET, to an address checked for the URL's host or through
         the proxy for the URL."""
@@ -229,7 +145,7 @@ class Fetch:
                                 " a proxy")
         conn = self._connection(parts, proxy)
         try:
-            conn.request("GET", _request_target(parts),
+            conn.request("GET", pinned.request_target(parts),
                          headers={"Accept-Encoding": "identity"})
             resp = conn.getresponse()
         except BaseException as e:

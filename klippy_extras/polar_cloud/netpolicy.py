@@ -7,8 +7,9 @@
 # the Socket.IO link (link.py), job downloads (jobs.py), snapshot uploads
 # and the webcam fetch (camera.py, imaging.py).  Loopback and LAN
 # addresses never go through a proxy.  The URLs the cloud sends for
-# downloads and uploads must name public addresses (check_url,
-# check_resolved), and a direct connection goes to the address checked.
+# downloads and uploads must name public addresses (check_url, and
+# refused_address once resolved), and a direct connection goes to the
+# address checked (pinned.py).
 # Through a proxy the proxy resolves the destination's name; the module
 # does no lookup of its own for it.
 #
@@ -278,15 +279,6 @@ def refused_address(addresses: list[Address], allow_loopback: bool) -> str:
         if not _address_is_public(addr):
             return "the address is not public"
     return ""
-
-
-def check_resolved(host: str, allow_loopback: bool) -> str:
-    """After DNS: refuse names that resolve to private addresses."""
-    try:
-        addresses = resolve(host, 0)
-    except OSError as e:
-        return "cannot resolve %s: %s" % (host, e)
-    return refused_address(addresses, allow_loopback)
 
 
 # Signed URLs carry a secret in their query

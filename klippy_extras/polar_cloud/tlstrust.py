@@ -81,17 +81,16 @@ def tls_context(ca_file: str = "",
     return ctx
 
 
-def requests_session(proxy: Optional[Proxy], ca_file: str = "",
-                     pace: Optional[Callable[[], None]] = None):
+def requests_session(proxy: Optional[Proxy], ca_file: str = ""):
     """A requests Session that goes through proxy (or directly: the
     environment is not read again) and trusts ca_file besides the usual
-    CAs; with pace, its TLS context is made paced (tls_context)."""
+    CAs (makes.py, on a thread of klippy's)."""
     import requests
     from requests.adapters import HTTPAdapter
 
     class TrustingAdapter(HTTPAdapter):
         # requests' documented way to verify with an SSLContext of one's own
-        context = tls_context(ca_file, pace) if ca_file or pace else None
+        context = tls_context(ca_file) if ca_file else None
         def build_connection_pool_key_attributes(self, request, verify,
                                                  cert=None):
             host, pool = super().build_connection_pool_key_attributes(
@@ -103,6 +102,6 @@ def requests_session(proxy: Optional[Proxy], ca_file: str = "",
     http_session.trust_env = False
     if proxy is not None:
         http_session.proxies = {"http": proxy.url, "https": proxy.url}
-    if ca_file or pace:
+    if ca_file:
         http_session.mount("https://", TrustingAdapter())
     return http_session

@@ -19,8 +19,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Optional
 
-from . import imaging, inbound, netpolicy, protocol, tlstrust
-from .netpolicy import check_resolved, check_url
+from . import inbound, netpolicy, pinned, protocol, tlstrust
+from .netpolicy import check_url
 
 KINDS = ("idle", "printing", "timelapse")
 # What each kind of upload carries, and its default
@@ -29,7 +29,7 @@ CONTENT_TYPES = {
     "printing": (re.compile(r"image/p?jpe?g"), "image/jpeg"),
     "timelapse": (re.compile(r"video/mp4"), "video/mp4"),
 }
-UPLOAD_TIMEOUT = (10., 30.)
+UPLOAD_TIMEOUT = 30.          # each read and write
 UPLOAD_MARGIN = 5.          # a URL this close to its expiry is not used
 URL_EXPIRED = "upload URL expired"
 S3_CODE_RE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
@@ -188,9 +188,10 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
               ca_file: str = "", pace: Optional[Callable[[], None]] = None,
               ) -> int:
     """POST fileobj (size bytes) to the slot's URL as an S3 POST-policy
-    form; the HTTP status on success, else UploadError.  pace: the upload
-    child's pacer, for its TLS context (tlstrust.tls_context)."""
-    import requests
+    form, on a connection to an address checked for its host or through
+    the proxy (pinned.py); the HTTP status on success, else UploadError.
+    pace: the upload child's pacer, called after each block sent and
+    while its TLS context loads."""
     if stop.is_set():
         raise UploadError("stopped", counts=False)
     if time.monotonic() >= slot.expires_at - UPLOAD_MARGIN:
@@ -198,41 +199,36 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
     if slot.max_size and size > slot.max_size:
         raise UploadError("%d bytes are more than the %d the cloud allows"
                           % (size, slot.max_size), drop_slot=True)
-    host = urllib.parse.urlsplit(slot.url).hostname or ""
+    parts = urllib.parse.urlsplit(slot.url)
     try:
         proxy = netpolicy.proxy_for(slot.url)
     except netpolicy.ProxyError as e:
         raise UploadError("upload failed: %s" % (e,)) from None
-    # Through a proxy the proxy resolves the name (parse_url_response has
-    # refused private literal addresses)
-    problem = "" if proxy is not None \
-        else check_resolved(host, allow_loopback)
-    if problem:
-        raise UploadError("refused upload URL: %s" % (problem,),
-                          drop_slot=True)
+    context = None
+    if parts.scheme == "https":
+        context = tlstrust.tls_context(ca_file, pace)
+    try:
+        conn = pinned.connection(parts, proxy, allow_loopback, context,
+                                 UPLOAD_TIMEOUT)
+    except pinned.Unreachable as e:
+        if e.refused:
+            raise UploadError("refused upload URL: %s" % (e,),
+                              drop_slot=True) from None
+        raise UploadError("upload failed: %s" % (e,)) from None
     body = FormBody(slot.fields, filename, slot.content_type, fileobj, size,
                     stop)
     try:
-        with tlstrust.requests_session(
-                proxy, ca_file,
-                pace if slot.url.startswith("https:") else None) as http:
-            resp = http.post(slot.url, data=body, headers={
-                "Content-Type": body.content_type()},
-                timeout=UPLOAD_TIMEOUT, allow_redirects=False, stream=True)
-            with resp:
-                status = resp.status_code
-                head = b""
-                if status not in (200, 201, 204):
-                    head = next(resp.iter_content(4096), b"")
-    except requests.exceptions.ProxyError as e:
-        raise UploadError("upload failed: %s" % (
-            netpolicy.proxy_failure(host, proxy, e),)) from None
-    except (requests.RequestException, OSError) as e:
+        status, head = _send(conn, parts, body, pace or (lambda: None))
+    except (OSError, ValueError) as e:      # HTTPException is a ValueError
         if stop.is_set():
             raise UploadError("stopped", counts=False) from None
-        reason = imaging.request_error(e) if isinstance(
-            e, requests.RequestException) else (e.strerror or str(e))
-        raise UploadError("upload failed: %s" % (reason,)) from None
+        if proxy is not None and not conn.reached:
+            raise UploadError("upload failed: %s" % (netpolicy.proxy_failure(
+                parts.hostname or "", proxy, e),)) from None
+        raise UploadError("upload failed: %s" % (pinned.failure(e),)) \
+            from None
+    finally:
+        conn.close()
     if status in (200, 201, 204):
         return status
     match = S3_CODE_RE.search(head)
@@ -242,6 +238,23 @@ def post_form(slot: UploadSlot, filename: str, fileobj: BinaryIO, size: int,
     raise UploadError("upload refused: HTTP %d%s"
                       % (status, " " + code if code else ""), status=status,
                       drop_slot=status in (400, 403))
+
+
+def _send(conn, parts: urllib.parse.SplitResult, body: FormBody,
+          pace: Callable[[], None]) -> tuple[int, bytes]:
+    """The request, block by block; the status and, for a failure, the
+    start of the answer (S3's error code)."""
+    conn.putrequest("POST", pinned.request_target(parts),
+                    skip_accept_encoding=True)
+    conn.putheader("Content-Type", body.content_type())
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    for block in body:
+        conn.send(block)
+        pace()
+    resp = conn.getresponse()
+    head = b"" if resp.status in (200, 201, 204) else resp.read(4096)
+    return resp.status, head
 
 
 def post_file(slot: UploadSlot, filename: str, path: str,

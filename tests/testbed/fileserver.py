@@ -74,14 +74,22 @@ class FileServer(TcpServer):
                 if not data:
                     return
                 head += data
-            self._record(head, sni)
+            length = self._record(head, sni)
+            # A request's body (an upload's form) is read, then dropped
+            body = len(head) - head.index(b"\r\n\r\n") - 4
+            while body < length:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                body += len(data)
             self._respond(conn)
         except (OSError, ssl.SSLError):
             self.client_gone.set()
         finally:
             conn.close()
 
-    def _record(self, head: bytes, sni: Optional[str]) -> None:
+    def _record(self, head: bytes, sni: Optional[str]) -> int:
+        """The request noted; its body's length."""
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
         for line in lines[1:]:
@@ -90,6 +98,8 @@ class FileServer(TcpServer):
         with self._lock:
             self.requests.append({"path": lines[0].split(" ")[1],
                                   "host": headers.get("host"), "sni": sni})
+        length = headers.get("content-length", "")
+        return int(length) if length.isdigit() else 0
 
     def _respond(self, conn: socket.socket) -> None:
         if self.behaviour == "ok":

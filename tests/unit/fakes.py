@@ -13,6 +13,7 @@ import configparser
 import math
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -596,3 +597,25 @@ def timelapse_response(**changes):
             "fields": {"key": "a/b.mp4", "Policy": "cG9s"}}
     data.update(changes)
     return {k: v for k, v in data.items() if v is not KeyError}
+
+
+# The name the test certificates (tests.testbed.tlsproxy.make_certs) are for
+NAME = "polar.example.com"
+
+
+def fake_dns(monkeypatch, answers: list[list[str]]) -> list[str]:
+    """NAME resolves to answers[0] on the first lookup, answers[1] on the
+    second, ... (the last repeats): a name that rebinds between lookups.
+    Returns the list of lookups made."""
+    real = socket.getaddrinfo
+    calls: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kw):
+        if host != NAME:
+            return real(host, port, *args, **kw)
+        addrs = answers[min(len(calls), len(answers) - 1)]
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                 (addr, int(port or 0))) for addr in addrs]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return calls

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import pytest
 
 from klippy_extras.polar_cloud import fetcher
 from tests.testbed.fileserver import FileServer
 from tests.testbed.tlsproxy import make_certs
+from tests.unit.fakes import NAME, fake_dns
 
-NAME = "polar.example.com"      # the name the test certificates are for
 BODY = b"G28\nG1 X10 Y10\n"
 PART = ".x_polar-j1.gcode.0123abcd.part"
 
@@ -31,24 +30,6 @@ def request(url, dest, allow_loopback=True, **kw) -> fetcher.Request:
 
 def fetch(url, dest, **kw) -> dict:
     return fetcher.answer(request(url, dest, **kw).encode(), lambda: None)
-
-
-def fake_dns(monkeypatch, answers: list[list[str]]) -> list[str]:
-    """NAME resolves to answers[0] on the first lookup, answers[1] on the
-    second, ... (the last repeats): a name that rebinds between lookups.
-    Returns the list of lookups made."""
-    real = socket.getaddrinfo
-    calls: list[str] = []
-
-    def getaddrinfo(host, port, *args, **kw):
-        if host != NAME:
-            return real(host, port, *args, **kw)
-        addrs = answers[min(len(calls), len(answers) - 1)]
-        calls.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
-                 (addr, int(port or 0))) for addr in addrs]
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return calls
 
 
 def test_a_download_lands_in_its_part_file_only(tmp_path):
