@@ -20,7 +20,7 @@
 # frame) the JPEG is written to that file instead, complete or not at all
 # (a temporary file renamed into place).  On failure it exits with one of
 # the EXIT_* codes and writes one short line to stderr.  Pillow and
-# requests are imported only when there is work to do: klippy imports
+# camerafetch.py are loaded only when there is work to do: klippy imports
 # this file for its constants, as extras.polar_cloud.imaging, without
 # loading either.
 #
@@ -38,17 +38,28 @@ if __name__ == "__main__":
     # paces the child from here on, its imports too
     sys.path[:] = [p for p in sys.path
                    if os.path.abspath(p or ".") != os.path.dirname(SCRIPT)]
-_spec = importlib.util.spec_from_file_location(
-    "polar_cloud_pacing", os.path.join(os.path.dirname(SCRIPT), "pacing.py"))
-pacing = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pacing)
+
+
+def load_sibling(name: str):
+    """A standard-library-only module next to this file, by its path (the
+    child has no package)."""
+    key = "polar_cloud_" + name
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            key, os.path.join(os.path.dirname(SCRIPT), name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
+pacing = load_sibling("pacing")
 PACER = pacing.start(ticks=True) if __name__ == "__main__" else None
 
 import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 MAX_PIXELS = 3840 * 2160
@@ -248,65 +259,19 @@ def fit_without_pillow(data: bytes, limit: int, opts: Any) -> bytes:
 
 # Fetching (in the child too)
 
-def request_error(exc: Exception) -> str:
-    """A requests exception in a few plain words."""
-    import requests
-    from urllib3.exceptions import ReadTimeoutError
-    if isinstance(exc, requests.ConnectTimeout):
-        return "no answer (connect timeout)"
-    # A timeout while reading the body comes wrapped in a ConnectionError
-    if isinstance(exc, requests.ReadTimeout) or (
-            exc.args and isinstance(exc.args[0], ReadTimeoutError)):
-        return "no answer (read timeout)"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS failed%s" % (" (certificate verify failed)" if
-                                 "CERTIFICATE_VERIFY_FAILED" in str(exc)
-                                 else "")
-    if isinstance(exc, requests.ConnectionError):
-        return "connection failed"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "incomplete answer"
-    return exc.__class__.__name__
-
-
 def fetch(spec: Fetch) -> bytes:
-    """One frame from the camera's snapshot URL, or raise BadJpeg."""
-    import requests
-    deadline = time.monotonic() + spec.deadline
-    buf = bytearray()
-    too_big = spec.max_bytes >> 20
+    """One frame from the camera's snapshot URL (camerafetch.py), or raise
+    BadJpeg."""
+    camerafetch = load_sibling("camerafetch")
     try:
-        with requests.Session() as http:
-            http.trust_env = False          # the parent decided
-            if spec.proxy:
-                http.proxies = {"http": spec.proxy, "https": spec.proxy}
-            http.max_redirects = 3
-            with http.get(spec.url, stream=True, timeout=(
-                    spec.connect_timeout, spec.read_timeout)) as resp:
-                if resp.status_code != 200:
-                    raise BadJpeg("HTTP %d" % (resp.status_code,))
-                ctype = resp.headers.get("content-type", "").lower()
-                if ctype.startswith("multipart/"):
-                    raise BadJpeg("snapshot_url serves a video stream, not a snapshot")
-                length = resp.headers.get("content-length", "")
-                if length.isdigit() and int(length) > spec.max_bytes:
-                    raise BadJpeg("snapshot larger than %d MB" % (too_big,))
-                for chunk in resp.iter_content(spec.chunk):
-                    if PACER is not None:
-                        PACER()
-                    buf += chunk
-                    if len(buf) > spec.max_bytes:
-                        raise BadJpeg("snapshot larger than %d MB; is"
-                                      " snapshot_url a stream?" % (too_big,))
-                    if time.monotonic() > deadline:
-                        raise BadJpeg("the camera is too slow")
-    except requests.RequestException as e:
-        raise BadJpeg(request_error(e)) from None
+        buf = camerafetch.fetch(spec, PACER or (lambda: None))
+    except camerafetch.FetchFailed as e:
+        raise BadJpeg(str(e)) from None
     if not buf:
         raise BadJpeg("empty answer")
     if not buf.startswith(JPEG_SOI):
         raise BadJpeg("the answer is not a JPEG image")
-    return bytes(buf)
+    return buf
 
 
 # The script

@@ -5,10 +5,14 @@ snapshot uploads to a cloud whose name only the proxy can resolve; the
 local webcam stays direct.  Credentials in the proxy URL never show."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
+import ssl
+import sys
 import threading
+import types
 
 import pytest
 
@@ -211,6 +215,31 @@ def test_a_download_goes_through_the_proxy(env, tmp_path, certs, files,
     target = "%s:%d" % (CLOUD, files.port)
     poll_until(lambda: ("CONNECT", target, 200) in squid.log(), 10,
                "the proxy's log")
+
+
+@needs_squid
+def test_a_camera_service_goes_through_the_proxy(monkeypatch, certs, files,
+                                                 squid):
+    # A camera on the internet (imagingchild.fetch_spec asked netpolicy),
+    # its TLS checked with the CAs the helper host loaded
+    from klippy_extras.polar_cloud import camerafetch, imaging
+    trust = types.ModuleType(camerafetch.TRUST_MODULE)
+    trust.context = ssl.create_default_context(cafile=certs["ca"]["cert"])
+    monkeypatch.setitem(sys.modules, camerafetch.TRUST_MODULE, trust)
+    spec = imaging.Fetch(files.url(host=CLOUD), 5., 5., 10., 1 << 20,
+                         proxy=squid.url_with(USER, QUOTED_PASSWORD))
+    before = len(files.requests)
+    assert camerafetch.fetch(spec, lambda: None) == files.body
+    assert files.requests[before:] == [{
+        "path": "/x.gcode", "sni": CLOUD,
+        "host": "%s:%d" % (CLOUD, files.port)}]
+    poll_until(lambda: ("CONNECT", "%s:%d" % (CLOUD, files.port), 200)
+               in squid.log(), 10, "the proxy's log")
+    # Without the proxy's password: its refusal, in plain words
+    spec = dataclasses.replace(spec, proxy=squid.url)
+    with pytest.raises(camerafetch.FetchFailed, match=re.escape(
+            "the proxy refused (407 Proxy Authentication Required)")):
+        camerafetch.fetch(spec, lambda: None)
 
 
 @needs_squid

@@ -12,6 +12,8 @@ Behaviours:
   drip_body    full headers (Content-Length: body + 1 MB), then one byte
                of the body per `interval`, until the client goes away
   drip_headers the status line, then one byte of a header per `interval`
+`redirects` ({path: location}) answers those paths with a 302 first;
+`headers` keeps each request's headers (lower-case names).
 TLS: pass `cert` (a make_certs() entry); the SNI the client sent is
 recorded.  Threaded and blocking, like tlsproxy.
 """
@@ -31,8 +33,11 @@ class FileServer(TcpServer):
 
     def __init__(self, body: bytes = b"G28\n", behaviour: str = "ok",
                  interval: float = 0.2, host: str = "127.0.0.1",
-                 port: int = 0, cert: Optional[dict] = None) -> None:
+                 port: int = 0, cert: Optional[dict] = None,
+                 redirects: Optional[dict[str, str]] = None) -> None:
         super().__init__(host, port)
+        self.redirects = dict(redirects or {})
+        self.headers: list[dict] = []
         self.body = body
         self.behaviour = behaviour
         self.interval = interval
@@ -74,7 +79,7 @@ class FileServer(TcpServer):
                 if not data:
                     return
                 head += data
-            length = self._record(head, sni)
+            length, path = self._record(head, sni)
             # A request's body (an upload's form) is read, then dropped
             body = len(head) - head.index(b"\r\n\r\n") - 4
             while body < length:
@@ -82,24 +87,31 @@ class FileServer(TcpServer):
                 if not data:
                     return
                 body += len(data)
+            if path in self.redirects:
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: %s\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                             % (self.redirects[path].encode(),))
+                return
             self._respond(conn)
         except (OSError, ssl.SSLError):
             self.client_gone.set()
         finally:
             conn.close()
 
-    def _record(self, head: bytes, sni: Optional[str]) -> int:
-        """The request noted; its body's length."""
+    def _record(self, head: bytes, sni: Optional[str]) -> tuple[int, str]:
+        """The request noted; its body's length and its path."""
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        path = lines[0].split(" ")[1]
         with self._lock:
-            self.requests.append({"path": lines[0].split(" ")[1],
-                                  "host": headers.get("host"), "sni": sni})
+            self.requests.append({"path": path, "host": headers.get("host"),
+                                  "sni": sni})
+            self.headers.append(headers)
         length = headers.get("content-length", "")
-        return int(length) if length.isdigit() else 0
+        return (int(length) if length.isdigit() else 0), path
 
     def _respond(self, conn: socket.socket) -> None:
         if self.behaviour == "ok":
