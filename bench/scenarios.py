@@ -615,7 +615,18 @@ class Bench:
         self.sim.set_fault("refuse_connections", False)
         self.r.lateness[("storm", "polar")] = lat
         self.r.lateness[("storm", "base")] = probe_stats(base)[0]
-        self.r.storm_attempts = len(self.sim.connection_attempts(since=t0))
+        attempts = self.sim.connection_attempts(since=t0)
+        self.r.storm_attempts = len(attempts)
+        for who, late in (("polar", lat), ("base", self.r.lateness[
+                ("storm", "base")])):
+            worst = sorted(zip(late.samples, late.due), reverse=True)[:3]
+            self.r.notes.append(
+                "storm, %s klippy: the latest reactor ticks %s, in seconds"
+                " from the storm's start (connection attempts at %s)" % (
+                    who, ", ".join("%.1f ms at %+.2f" % (ms, due - t0)
+                                   for ms, due in worst),
+                    " ".join("%+.2f" % (t - t0) for t in attempts)))
+        say("storm started at monotonic %.4f" % (t0,))
 
     # ---------------------------------------------------- polar, camera
     def polar_camera(self) -> None:
