@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from klippy_extras.polar_cloud import keyhelper
 from klippy_extras.polar_cloud.identity import KEY_HELPER
@@ -47,6 +47,35 @@ def test_not_an_rsa_private_key_exits_with_its_own_code(pem):
     with pytest.raises(SystemExit) as exited:
         keyhelper.load(pem)
     assert exited.value.code == keyhelper.BAD_KEY_EXIT
+
+
+def damaged(pem: str, **change) -> bytes:
+    """The key with some of its private numbers changed (written without
+    OpenSSL's check, as a damaged file would be)."""
+    numbers = serialization.load_pem_private_key(
+        pem.encode(), None).private_numbers()
+    fields = {name: getattr(numbers, name) for name in (
+        "p", "q", "d", "dmp1", "dmq1", "iqmp")}
+    fields.update(change)
+    key = rsa.RSAPrivateNumbers(
+        public_numbers=numbers.public_numbers, **fields).private_key(
+            unsafe_skip_rsa_key_validation=True)
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def test_a_key_whose_numbers_disagree_exits_with_its_own_code(pair):
+    numbers = serialization.load_pem_private_key(
+        pair["private"].encode(), None).private_numbers()
+    for change in ({"dmp1": numbers.dmp1 ^ 2}, {"dmq1": numbers.dmq1 + 2},
+                   {"iqmp": numbers.iqmp ^ 4}, {"d": numbers.d ^ 8},
+                   {"p": numbers.q, "q": numbers.p}):
+        with pytest.raises(SystemExit) as exited:
+            keyhelper.load(damaged(pair["private"], **change))
+        assert exited.value.code == keyhelper.BAD_KEY_EXIT, change
+    assert keyhelper.consistent(keyhelper.load(damaged(
+        pair["private"])).private_numbers())
 
 
 def test_run_as_identity_py_runs_it(pair):
