@@ -190,11 +190,12 @@ class Trust:
 
 class Host:
     def __init__(self, control: socket.socket, scripts: list[str],
-                 pacer, paced_imports=None):
+                 pacing, pacer):
         self.control = control
         self.host_pid = os.getpid()
+        self.pacing = pacing
         self.pacer = pacer
-        self.paced_imports = paced_imports
+        self.paced_imports = pacing.pace_imports(pacer)
         self.codes: dict[tuple, object] = {}
         # What the helpers import, loaded here, and their scripts
         # compiled, a step at a time while the host has nothing else to
@@ -282,6 +283,10 @@ class Host:
                 # its last call (a download's: a pause of minutes)
                 if self.paced_imports in sys.meta_path:
                     sys.meta_path.remove(self.paced_imports)
+                # Paced on ticks until its script paces itself: its first
+                # milliseconds are copies of the pages it writes to,
+                # unpaced they spent a 30 % quota's period at once
+                self.pacing.tick(self.pacer.renewed())
                 run_child(self.host_pid, path, code, header, fds)
             finally:
                 os._exit(70)
@@ -338,7 +343,7 @@ def main() -> None:
     pacing.lower_priority()
     prctl(PR_SET_NAME, b"polar_helpers")
     pacer = pacing.CpuPacer.for_this_process()
-    host = Host(control, sys.argv[2:], pacer, pacing.pace_imports(pacer))
+    host = Host(control, sys.argv[2:], pacing, pacer)
     gc.freeze()
     say(control, "ready")
     host.serve()

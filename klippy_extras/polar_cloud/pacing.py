@@ -162,6 +162,12 @@ class CpuPacer:
         pacer.group = group
         pacer.throttled = times_throttled(group)
         return pacer
+    def renewed(self) -> CpuPacer:
+        """A pacer with these limits whose clocks start now: a forked
+        child's (its CPU time counts from the fork)."""
+        pacer = CpuPacer(self.full_share, self.burst)
+        pacer.group, pacer.throttled = self.group, self.throttled
+        return pacer
     def _adapt(self, wall: float) -> None:
         """Under a quota: each time the group was throttled, halve the
         share (down to MIN_SHARE of it); while it was not, grow it back

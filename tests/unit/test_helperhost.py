@@ -24,6 +24,10 @@ elif what == "sched":
 elif what == "finders":
     print(" ".join(getattr(f, "__name__", type(f).__name__)
                    for f in sys.meta_path))
+elif what == "ticking":
+    import signal
+    print(signal.getitimer(signal.ITIMER_REAL)[1],
+          callable(signal.getsignal(signal.SIGALRM)))
 elif what == "trust":
     trust = sys.modules.get("polar_cloud_trust")
     if trust is not None and trust.context is not None:
@@ -83,6 +87,11 @@ def test_the_hosts_import_pacer_stays_in_the_host(host):
     # first import after the transfer paused it for minutes
     _code, out, _err = run(host, "finders")
     assert "PacedImports" not in out.decode() and "PathFinder" in out.decode()
+
+
+def test_a_helper_is_paced_on_ticks_from_its_first_line(host):
+    _code, out, _err = run(host, "ticking")
+    assert out.split() == [b"0.0005", b"True"]
 
 
 def test_helpers_get_the_ca_bundle_loaded_once_by_the_host(host):
