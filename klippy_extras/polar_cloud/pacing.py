@@ -133,19 +133,16 @@ def lower_priority(pid: int = 0) -> None:
 
 
 class CpuPacer:
-    """Keep this process's CPU time (or a thread's, by its clock) below
-    `share` of one core: a bucket of at most `burst` seconds, refilled at
-    `share`; when it runs dry, sleep until it is even again.  Call it
-    after each piece of work."""
+    """Keep this process's CPU time below `share` of one core: a bucket of
+    at most `burst` seconds, refilled at `share`; when it runs dry, sleep
+    until it is even again.  Call it after each piece of work."""
 
-    def __init__(self, share: float, burst: float, clock=None, sleep=None):
+    def __init__(self, share: float, burst: float):
         self.share = share
         self.burst = burst
         self.tokens = burst
-        self.clock = clock or time.process_time
-        self.sleep = sleep or time.sleep
         self.wall = time.monotonic()
-        self.cpu = self.clock()
+        self.cpu = time.process_time()
         self.slept = 0.
         self.calls = 0
         self.tick = 0.          # the interval of tick(), while it runs
@@ -164,17 +161,6 @@ class CpuPacer:
         pacer = cls(share, min(MAX_BURST, share * period))
         pacer.group = group
         pacer.throttled = times_throttled(group)
-        return pacer
-    @classmethod
-    def for_this_thread(cls, sleep) -> Optional[CpuPacer]:
-        """Under a quota, a pacer of the calling thread's CPU time with a
-        helper's share (a thread of klippy's own that does a connection's
-        or a job's work in bursts); None without a quota."""
-        process = cls.for_this_process()
-        if not process.group:
-            return None
-        pacer = cls(process.share, process.burst, time.thread_time, sleep)
-        pacer.group, pacer.throttled = process.group, process.throttled
         return pacer
     def renewed(self) -> CpuPacer:
         """A pacer with these limits whose clocks start now: a forked
@@ -201,7 +187,7 @@ class CpuPacer:
             return
         self._busy = True
         self.calls += 1
-        wall, cpu = time.monotonic(), self.clock()
+        wall, cpu = time.monotonic(), time.process_time()
         self._adapt(wall)
         self.tokens = min(self.burst, self.tokens + (wall - self.wall)
                           * self.share) - (cpu - self.cpu)
@@ -211,7 +197,7 @@ class CpuPacer:
             self.slept += pause
             if self.tick:       # no ticks while asleep
                 signal.setitimer(signal.ITIMER_REAL, 0.)
-            self.sleep(pause)
+            time.sleep(pause)
             if self.tick:
                 signal.setitimer(signal.ITIMER_REAL, self.tick, self.tick)
         self._busy = False

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from . import children, pacing
+from . import children
 from . import link as links
 from .auth import Auth
 from .backoff import Backoff
@@ -75,9 +75,6 @@ class CloudSession(CloudConnection):
         self.snapshot_lock = threading.Lock()
         self.latest_sample: Optional[dict] = None
         self.missing: list[str] = []
-        # Under a CPU quota shared with klippy's reactor, the session
-        # thread's bursts (a connection, a job's start) are paced too
-        self.pacer: Optional[pacing.CpuPacer] = None
         self._init_connection(options.server_url)
         # Collaborators; each registers the cloud events it owns
         self._handlers = {links.CALL: self._call, links.LINK: self._link_news,
@@ -180,7 +177,6 @@ class CloudSession(CloudConnection):
     # The supervisor
     def _run(self) -> None:
         try:
-            self.pacer = pacing.CpuPacer.for_this_thread(self.stop_event.wait)
             take_over(self)
             children.start_host()
             self._startup()
@@ -215,8 +211,6 @@ class CloudSession(CloudConnection):
         if item is not None:
             self._handle(*item)
         self._tick(time.monotonic())
-        if self.pacer is not None:
-            self.pacer()
     def _startup(self) -> None:
         self.lab.load()
         if self.missing:

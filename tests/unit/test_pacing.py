@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import random
-import threading
-import time
 
 import pytest
 
@@ -113,40 +111,6 @@ def test_a_v2_quota_and_none(tmp_path, monkeypatch):
     assert pacing.cgroup_quota() is None
     pacer = pacing.CpuPacer.for_this_process()
     assert (pacer.share, pacer.burst) == (pacing.MAX_SHARE, pacing.MAX_BURST)
-
-
-def test_a_threads_pacer_counts_that_threads_cpu_and_only_under_a_quota(
-        tmp_path, monkeypatch):
-    fake_cgroup(tmp_path, monkeypatch, "0::/user.slice\n",
-                {"user.slice/cpu.max": "max 100000"})
-    assert pacing.CpuPacer.for_this_thread(time.sleep) is None
-    fake_cgroup(tmp_path, monkeypatch, "0::/klipper\n",
-                {"klipper/cpu.max": "1500 5000"})
-    slept = []
-    pacer = pacing.CpuPacer.for_this_thread(slept.append)
-    assert pacer.share == pytest.approx(.3 * pacing.QUOTA_SHARE)
-    # Another thread's CPU time is not this thread's
-    spun = []
-
-    def spin():
-        start = time.thread_time()
-        sum(range(3_000_000))
-        spun.append(time.thread_time() - start)
-    spinner = threading.Thread(target=spin)
-    pacer()
-    slept.clear()
-    spinner.start()
-    spinner.join()
-    pacer()
-    assert sum(slept) < .5 * spun[0] / pacer.share
-    # This thread's own burst is paid for by a pause, in its sleep
-    slept.clear()
-    start = time.thread_time()
-    sum(range(1_000_000))
-    spent = time.thread_time() - start
-    pacer()
-    assert len(slept) == 1
-    assert slept[0] >= (spent - pacer.burst) / pacer.share
 
 
 class Counter:
