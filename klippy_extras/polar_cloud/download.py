@@ -28,6 +28,11 @@ from .fetcher import DownloadError, Request
 log = logging.getLogger("polar_cloud")
 
 TOTAL_TIMEOUT = 3600.
+# The child's exit is one to two milliseconds of the kernel's CPU; under a
+# CPU quota shared with klippy, the print's start right after it (klippy
+# opening the file, the session's report) throttled the group twice in a
+# row.  A job does not mind starting a tenth of a second later.
+SETTLE_AFTER_EXIT = .1
 FETCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "fetcher.py")
 
@@ -71,6 +76,7 @@ class Download:
         size = 0
         try:
             size = self._download()
+            self.cancelled.wait(SETTLE_AFTER_EXIT)
         except DownloadError as e:
             error = str(e)
         except Exception as e:
