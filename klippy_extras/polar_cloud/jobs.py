@@ -29,6 +29,11 @@ log = logging.getLogger("polar_cloud")
 JOB_FILE = "job.json"
 SEEN_LIMIT = 100
 FINAL_REPORTS = 3
+# klippy's own start of a print (the file opened, the first moves queued)
+# is milliseconds of CPU right after SDCARD_PRINT_FILE answers; under a
+# CPU quota the job's save and status on top of it throttled the group
+# twice in a row.  They wait it out.
+PRINT_START_SETTLE = .1
 PAUSE_RESUME = "pause-resume"      # the G-code queue's key for both
 
 
@@ -230,8 +235,10 @@ class JobManager:
                                  % (shown_id(job_id), error), error=True)
             self.finish("canceled", None)
             return
-        job.phase = "printing"
         job.start_mono = time.monotonic()
+        if self.session.stop_event.wait(PRINT_START_SETTLE):
+            return      # klippy is going: the next one finds "starting"
+        job.phase = "printing"
         self.save()
         self.session.console("Polar Cloud: printing job '%s'" % (job.filename,))
         self.session.status_now()

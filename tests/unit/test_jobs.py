@@ -2,6 +2,8 @@
 to cloud prints (a fake session).  The download worker:
 test_jobs_download.py; file names: test_jobnames.py; the sniffer and
 the slicer's estimate: test_gcodefile.py."""
+import json
+
 import pytest
 
 from klippy_extras.polar_cloud import jobnames, jobs, protocol
@@ -70,6 +72,37 @@ def test_print_starts_a_download(manager, tmp_path, payload, job_id, url):
     assert download.filename == manager.job.filename
     assert "/" not in download.filename
     assert download.filename.endswith(jobnames.job_file_token(job_id) + ".gcode")
+
+
+class RecordingStop:
+    """The session's stop_event, recording what the job file says while
+    print_started waits on it."""
+    def __init__(self, path):
+        self.path, self.seen = path, []
+    def wait(self, timeout):
+        with open(self.path) as f:
+            self.seen.append((timeout, json.load(f)["job"]["phase"]))
+        return False
+    def is_set(self):
+        return False
+
+
+def test_a_started_print_is_saved_and_reported_after_klippy_started_it(
+        manager, tmp_path):
+    """klippy's own start of the print comes first (its CPU burst); the
+    job's save and status wait PRINT_START_SETTLE for it."""
+    manager.handle_print(
+        {"jobId": "j1", "gcodeFile": GCODE_URL, "serialNumber": "KL1"},
+        ready_snap(tmp_path))
+    manager.download_done("j1", "", 10)
+    stop = manager.session.stop_event = RecordingStop(manager.job_path)
+    requests = manager.session.status_requests
+    manager.print_started("j1", True, "")
+    assert stop.seen == [(jobs.PRINT_START_SETTLE, "starting")]
+    assert manager.job.phase == "printing"
+    with open(manager.job_path) as f:
+        assert json.load(f)["job"]["phase"] == "printing"
+    assert manager.session.status_requests == requests + 1
 
 
 def test_odd_job_id_survives_a_restart_with_its_file(manager, tmp_path):
