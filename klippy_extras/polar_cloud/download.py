@@ -28,11 +28,13 @@ from .fetcher import DownloadError, Request
 log = logging.getLogger("polar_cloud")
 
 TOTAL_TIMEOUT = 3600.
-# The child's exit is one to two milliseconds of the kernel's CPU; under a
-# CPU quota shared with klippy, the print's start right after it (klippy
-# opening the file, the session's report) throttled the group twice in a
-# row.  A job does not mind starting a tenth of a second later.
-SETTLE_AFTER_EXIT = .1
+# The child's fork and exit are each one to two milliseconds of CPU;
+# under a CPU quota shared with klippy, the job's acceptance right before
+# the fork (its state saved, the console, the status) and the print's
+# start right after the exit (klippy opening the file) throttled the group
+# twice in a row.  A tenth of a second apart they do not, and a job does
+# not mind starting that much later.
+SETTLE = .1
 FETCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "fetcher.py")
 
@@ -75,8 +77,9 @@ class Download:
         error = ""
         size = 0
         try:
+            self.cancelled.wait(SETTLE)
             size = self._download()
-            self.cancelled.wait(SETTLE_AFTER_EXIT)
+            self.cancelled.wait(SETTLE)
         except DownloadError as e:
             error = str(e)
         except Exception as e:

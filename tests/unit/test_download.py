@@ -74,6 +74,36 @@ def test_a_download_ends_in_its_file_with_nothing_left(tmp_path):
     assert dl.children.tasks == set()
 
 
+class SettleRecorder:
+    """The download's cancelled event, recording at each wait whether the
+    file was asked for and whether it is in place."""
+    def __init__(self, event, server, path):
+        self.event, self.server, self.path, self.seen = event, server, path, []
+    def wait(self, timeout):
+        self.seen.append((timeout, len(self.server.requests),
+                          os.path.exists(self.path)))
+        return self.event.is_set()
+    def __getattr__(self, name):
+        return getattr(self.event, name)
+
+
+def test_the_child_starts_and_the_job_goes_on_a_moment_apart(tmp_path):
+    """SETTLE before the fork (after the job's acceptance) and after the
+    child's exit (before klippy's print start)."""
+    with FileServer(BODY) as srv:
+        results: list = []
+        dl = download.Download(srv.url(), str(tmp_path), FILENAME, 1 << 30,
+                               True, threading.Event(),
+                               lambda err, size: results.append((err, size)))
+        dl.cancelled = SettleRecorder(dl.cancelled, srv,
+                                      str(tmp_path / FILENAME))
+        dl.start()
+        finished(dl)
+        assert results == [("", len(BODY))]
+        assert dl.cancelled.seen == [(download.SETTLE, 0, False),
+                                     (download.SETTLE, 1, True)]
+
+
 @pytest.mark.parametrize("behaviour", ["drip_body", "drip_headers"])
 def test_the_child_downloads_and_cancel_kills_it(tmp_path, behaviour):
     with FileServer(BODY, behaviour) as srv:
