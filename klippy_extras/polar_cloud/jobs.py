@@ -314,7 +314,12 @@ class JobManager:
         same_file = snap.get("filename") == job.filename
         if same_file and state == "complete":
             self.finish("completed", snap)
-        elif not same_file or state in ("cancelled", "error", "standby"):
+        elif same_file and state == "standby":
+            # Loaded, not started yet: virtual_sdcard starts the print on
+            # its next timer, after SDCARD_PRINT_FILE has answered (a reset
+            # clears the file name)
+            return
+        elif not same_file or state in ("cancelled", "error"):
             # cancelled, failed, reset, or replaced by another print
             self.finish("canceled", snap)
     def finish(self, state: str, snap: Optional[dict]) -> None:

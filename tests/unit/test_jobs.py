@@ -105,6 +105,26 @@ def test_a_started_print_is_saved_and_reported_after_klippy_started_it(
     assert manager.session.status_requests == requests + 1
 
 
+def test_a_loaded_file_not_yet_started_is_not_a_cancel(manager, tmp_path):
+    """SDCARD_PRINT_FILE answers before virtual_sdcard's timer starts the
+    print: a sample in between shows the file in standby.  A reset (no
+    file) or another file is a cancel."""
+    manager.handle_print(
+        {"jobId": "j1", "gcodeFile": GCODE_URL, "serialNumber": "KL1"},
+        ready_snap(tmp_path))
+    manager.download_done("j1", "", 10)
+    manager.print_started("j1", True, "")
+    later = manager.job.start_mono + 1.
+    loaded = {"klippy_state": "ready", "print_state": "standby",
+              "filename": manager.job.filename, "mono": later}
+    manager.watch(loaded)
+    assert manager.job.phase == "printing"
+    manager.watch(dict(loaded, print_state="printing"))
+    assert manager.job.phase == "printing"
+    manager.watch(dict(loaded, filename=""))
+    assert manager.job.phase == "done" and manager.job.final_code == 0
+
+
 def test_odd_job_id_survives_a_restart_with_its_file(manager, tmp_path):
     job_id = "job 7/ä"
     manager.handle_print({"jobId": job_id, "jobName": "Cube",
